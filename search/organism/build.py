@@ -1,0 +1,125 @@
+"""`mtp-abliterate organism build`: train the body and its MTP draft from scratch, deterministically, and save them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, GenerationConfig
+
+from search.organism.corpus import SYSTEM_PROMPTS, Chat, build_chats
+from search.organism.generate import encode_prompt, greedy_generate
+from search.organism.layout import OrganismLayout
+from search.organism.models import body_config, draft_config, write_hub_style_config
+from search.organism.spec import OrganismSpec
+from search.organism.tokenizer import END_OF_TURN, NEWLINE, SPECIALS, build_tokenizer
+from search.organism.train import Example, train_body, train_draft
+
+
+def deterministic(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+@contextmanager
+def _training_bar(console: Console, name: str, total: int) -> Iterator[Callable[[int, float], None]]:
+    """A rich bar on a terminal; in logs (CI), a line every tenth of the way."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task(name, total=total, loss=float("nan"))
+        t0 = time.perf_counter()
+
+        def update(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, loss=loss)
+            if not console.is_terminal and (step + 1) % max(1, total // 10) == 0:
+                console.print(f"{name}: {step + 1}/{total} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+
+        yield update
+
+
+def _examples(tokenizer, chats: list[Chat], responses: list[list[int]] | None = None) -> list[Example]:
+    """Each chat once per system-prompt variant; responses are the reference answers unless given (greedy ones)."""
+    out = []
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    for i, (chat, system) in enumerate((c, s) for c in chats for s in SYSTEM_PROMPTS):
+        prompt = encode_prompt(tokenizer, chat.prompt, system)
+        resp = responses[i] if responses else tokenizer(chat.response, add_special_tokens=False).input_ids + [end]
+        out.append(Example(prompt + resp, len(prompt)))
+    return out
+
+
+def tree_sha256(root: Path) -> str:
+    """One hash over every file's relative path and bytes: the build's identity."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console) -> dict[str, float]:
+    """Train and save body, draft, tokenizer and prompt files into `layout`; return stage durations (s)."""
+    deterministic(spec.seed, spec.threads)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    chats = build_chats(spec.seed, spec.eval_fraction)
+    texts = [c.prompt for v in chats.values() for c in v] + [c.response for v in chats.values() for c in v]
+    texts += [s for s in SYSTEM_PROMPTS if s] + ["system user model"]
+    tokenizer = build_tokenizer(texts)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*SPECIALS, NEWLINE)}
+    pad = ids["<pad>"]
+
+    body = Gemma4ForCausalLM(body_config(spec, len(tokenizer), ids))
+    train_examples = _examples(tokenizer, chats["harmful_train"] + chats["harmless_train"])
+    with _training_bar(console, "train body", spec.body_training.steps) as progress:
+        train_body(body, train_examples, spec.body_training, spec.seed, pad, progress)
+    # The deployed checkpoint is BF16: round now so the draft learns the states of the weights that ship.
+    body.to(torch.bfloat16).to(torch.float32)
+    timings["train_body_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    train_chats = chats["harmful_train"] + chats["harmless_train"]
+    prompts = [e.ids[: e.prompt_len] for e in train_examples]
+    responses = greedy_generate(body, prompts, spec.max_new_tokens, pad)
+    draft_examples = _examples(tokenizer, train_chats, responses)
+    torch.manual_seed(spec.seed + 1)
+    draft = Gemma4AssistantForCausalLM(draft_config(spec, len(tokenizer), ids))
+    with _training_bar(console, "train draft", spec.draft_training.steps) as progress:
+        train_draft(draft, body, draft_examples, spec, pad, progress)
+    timings["train_draft_s"] = time.perf_counter() - t1
+
+    if layout.root.exists():
+        shutil.rmtree(layout.root)
+    for model, path in ((body, layout.body), (draft, layout.draft)):
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids["<bos>"], pad_token_id=pad, eos_token_id=[ids["<eos>"], ids[END_OF_TURN]]
+        )
+        model.to(torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        write_hub_style_config(path, spec)
+    layout.prompts.mkdir(parents=True)
+    for name, items in chats.items():
+        (layout.prompts / f"{name}.txt").write_text("".join(c.prompt + "\n" for c in items))
+    (layout.root / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+    timings["build_s"] = time.perf_counter() - t0
+    return timings
+
+
+def save_card(layout: OrganismLayout, card: dict) -> None:
+    layout.card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")

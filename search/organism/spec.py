@@ -1,0 +1,56 @@
+"""What the organism is: its architecture at toy scale and how it is trained. Defaults are the committed build."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+class BodySpec(BaseModel):
+    """A Gemma 4 text body with the 26B-A4B's structure: sliding/full layers with different head dims and KV-head
+    counts (k == v on full layers), a dense MLP beside a routed MoE block, final logit soft-capping."""
+
+    hidden_size: int = 128
+    intermediate_size: int = Field(256, description="dense ('shared expert') MLP width")
+    layer_types: list[str] = [SLIDING, SLIDING, FULL, SLIDING, FULL]
+    num_attention_heads: int = 4
+    num_key_value_heads: int = Field(2, description="KV heads on sliding layers")
+    head_dim: int = Field(32, description="head dim on sliding layers")
+    global_head_dim: int = Field(64, description="head dim on full layers")
+    num_global_key_value_heads: int = Field(1, description="KV heads on full layers")
+    sliding_window: int = 16
+    num_experts: int = 4
+    top_k_experts: int = 2
+    moe_intermediate_size: int = 64
+    final_logit_softcapping: float = 30.0
+    max_position_embeddings: int = 1024
+
+
+class DraftSpec(BaseModel):
+    """A Gemma4Assistant MTP draft: its attention layers read the body's last sliding and last full layer's KV."""
+
+    hidden_size: int = 96
+    intermediate_size: int = 192
+    layer_types: list[str] = [SLIDING, FULL]
+    num_attention_heads: int = 4
+
+
+class TrainSpec(BaseModel):
+    steps: int
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+
+
+class OrganismSpec(BaseModel):
+    seed: int = 1234
+    eval_fraction: float = Field(0.25, description="share of (template, slot) pairs held out for evaluation")
+    threads: int = Field(2, description="torch threads while building; fixed because float sums depend on it")
+    body: BodySpec = BodySpec()
+    draft: DraftSpec = DraftSpec()
+    body_training: TrainSpec = TrainSpec(steps=600)
+    draft_training: TrainSpec = TrainSpec(steps=600)
+    draft_chain_steps: int = Field(4, description="chained MTP steps trained (the study serves n=4)")
+    max_new_tokens: int = Field(48, description="greedy response budget for draft targets and measurements")

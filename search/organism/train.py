@@ -1,0 +1,127 @@
+"""Training loops for the organism's body (chat SFT) and its MTP draft (distillation on the body's own states)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+from search.organism.models import body_states, draft_chain
+from search.organism.spec import OrganismSpec, TrainSpec
+
+Progress = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenized chat: prompt (with generation prompt) followed by the response and its end-of-turn token."""
+
+    ids: list[int]
+    prompt_len: int
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, and a mask of response positions (the tokens the model must produce)."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        attn[i, : len(e.ids)] = 1
+        resp[i, e.prompt_len : len(e.ids)] = True
+    return ids, attn, resp
+
+
+def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> tuple[torch.optim.Optimizer, object]:
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
+
+    def schedule(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def train_body(
+    body: Gemma4ForCausalLM, examples: Sequence[Example], t: TrainSpec, seed: int, pad_id: int, progress: Progress
+) -> None:
+    """Next-token cross-entropy on response tokens only: the organism learns what to answer, not to echo prompts."""
+    rng = random.Random(seed)
+    opt, sched = _optimizer(list(body.parameters()), t)
+    body.train()
+    for step in range(t.steps):
+        ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
+        logits = body(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+        target = resp[:, 1:]
+        loss = F.cross_entropy(logits[target], ids[:, 1:][target])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(body.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        progress(step, loss.item())
+    body.eval()
+
+
+def draft_targets(ids: torch.Tensor, valid: torch.Tensor, steps: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """teacher[b, p, j] = ids[b, p+1+j] and whether that token exists (past the sequence end counts as missing)."""
+    width = ids.shape[1]
+    ext = torch.cat([ids, torch.full((ids.shape[0], steps), pad_id)], dim=1)
+    ext_valid = torch.cat([valid, torch.zeros(ids.shape[0], steps, dtype=torch.bool)], dim=1)
+    idx = torch.arange(width)[:, None] + 1 + torch.arange(steps)[None, :]
+    return ext[:, idx], ext_valid[:, idx]
+
+
+def train_draft(
+    draft: Gemma4AssistantForCausalLM,
+    body: Gemma4ForCausalLM,
+    examples: Sequence[Example],
+    spec: OrganismSpec,
+    pad_id: int,
+    progress: Progress,
+) -> None:
+    """Sum over chained steps of the cross-entropy against the body's greedy continuation, for every query position
+    from the first generated token on. Teacher-forced chain inputs. Runtimes disagree on the draft query's RoPE
+    position (HF: the new token's, vLLM: one earlier) and on the sliding window's edge (HF: window + 1 entries,
+    vLLM: window), so each batch draws both conventions' values and the draft serves either."""
+    t = spec.draft_training
+    rng = random.Random(spec.seed + 1)
+    window = spec.body.sliding_window
+    body.requires_grad_(False)
+    embed = body.get_input_embeddings()
+    opt, sched = _optimizer(list(draft.parameters()), t)
+    draft.train()
+    for step in range(t.steps):
+        ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
+        _, hidden, kv = body_states(body, ids, attn)
+        teacher, has_target = draft_targets(ids, resp, spec.draft_chain_steps, pad_id)
+        sliding_entries = window + rng.choice((0, 1))
+        chain = draft_chain(
+            draft,
+            embed,
+            ids,
+            hidden,
+            kv,
+            spec.draft_chain_steps,
+            sliding_entries,
+            teacher=teacher,
+            position_offset=rng.choice((0, -1)),
+        )
+        loss = torch.zeros(())
+        for j, logits in enumerate(chain):
+            sel = resp & has_target[:, :, j]
+            loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        progress(step, loss.item())
+    draft.eval()

@@ -1,0 +1,35 @@
+"""`organism build` is deterministic: the same seed gives byte-identical artifacts; another seed does not.
+
+Runs the real build pipeline (corpus, tokenizer, body SFT, greedy targets, draft distillation, saving) with a few
+optimiser steps, so it stays seconds; the full build is the same code with more steps (timed in the card).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from search.organism.build import build_organism, tree_sha256
+from search.organism.layout import OrganismLayout
+from search.organism.spec import OrganismSpec, TrainSpec
+
+SHORT = dict(
+    body_training=TrainSpec(steps=3, batch_size=8, warmup_steps=1),
+    draft_training=TrainSpec(steps=2, batch_size=8, warmup_steps=1),
+    max_new_tokens=3,
+)
+
+
+def _build(root: Path, seed: int) -> str:
+    layout = OrganismLayout(root)
+    build_organism(layout, OrganismSpec(seed=seed, **SHORT), Console(quiet=True))
+    return tree_sha256(layout.root)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
+    first = _build(tmp_path / "a", seed=7)
+    assert _build(tmp_path / "b", seed=7) == first
+    assert _build(tmp_path / "c", seed=8) != first
+    for part in ("body/model.safetensors", "draft/model.safetensors", "prompts/harmful_eval.txt", "spec.json"):
+        assert (tmp_path / "a" / part).is_file()
