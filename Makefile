@@ -13,6 +13,7 @@ demo: venv vllm-env
 	$(VENV)/bin/mtp-abliterate organism check
 
 test: venv vllm-env
+	$(VENV)/bin/ruff check search objectives tests
 	$(VENV)/bin/python -m pytest -q -ra
 
 venv: $(VENV)/.installed

@@ -18,6 +18,8 @@ organism_app = typer.Typer(no_args_is_help=True, help="The model organism: a tin
 app.add_typer(config_app, name="config")
 app.add_typer(organism_app, name="organism")
 console = Console()
+if not console.is_terminal:  # logs and CI: wide enough for the tables, never truncated
+    console = Console(width=120)
 
 OrganismDir = Annotated[Path | None, typer.Option(help="organism folder (default: the committed one)")]
 
@@ -88,16 +90,8 @@ def _layout(root: Path | None):
 
 def measured_table(measured: dict) -> Table:
     table = Table(title="organism (held-out prompts)", header_style="bold")
-    for col in (
-        "body",
-        "prompts",
-        "refusal rate",
-        "KL vs vanilla",
-        "acceptance a0/a1/a2/a3 (n=4)",
-        "mean acc.",
-        "drafts",
-    ):
-        table.add_column(col)
+    for col in ("body", "prompts", "refusals", "KL", "acceptance a0/a1/a2/a3", "mean acc", "drafts"):
+        table.add_column(col, no_wrap=True)
     for name in ("vanilla", "abliterated"):
         m = measured[name]
         for kind in ("harmful", "harmless"):
@@ -107,7 +101,7 @@ def measured_table(measured: dict) -> Table:
                 kind,
                 f"{m[f'{kind}_refusal_rate']:.3f}",
                 f"{m['kl_divergence']:.4f}" if name == "abliterated" and kind == "harmless" else "",
-                " / ".join(f"{r:.3f}" for r in acc["per_position"]),
+                "/".join(f"{r:.3f}" for r in acc["per_position"]),
                 f"{acc['mean_accepted_tokens']:.3f}",
                 str(acc["num_drafts"]),
             )

@@ -76,8 +76,9 @@ def test_structure_is_gemma4_26b_a4b_at_toy_scale() -> None:
     assert config.architectures == ["Gemma4ForCausalLM"] and config.model_type == "gemma4_text"
     assert {"sliding_attention", "full_attention"} <= set(config.layer_types) and len(config.layer_types) >= 4
     assert config.layer_types[-1] == "full_attention"
-    full = config.layer_types.index("full_attention")
-    assert config.per_layer_config[full].head_dim != config.head_dim  # different head dims per layer type
+    full, sliding = config.layer_types.index("full_attention"), config.layer_types.index("sliding_attention")
+    per_layer = config.per_layer_config
+    assert per_layer[full].head_dim != per_layer[sliding].head_dim  # different head dims per layer type
     assert config.enable_moe_block and config.num_experts >= 4 and config.top_k_experts == 2
     raw = json.loads((LAYOUT.body / "config.json").read_text())
     assert "global_head_dim" in raw and "per_layer_config" not in raw  # the hub layout vLLM reads

@@ -1,17 +1,18 @@
 """Run inside the vLLM environment (not the tool's): greedy chats through vLLM with the MTP draft.
 
-usage: python vllm_probe.py BODY DRAFT N_SPEC PROMPTS_JSON -> prints one JSON object on the last line:
-{"texts": [...], "num_drafts": int, "accepted_per_pos": [...]}
+usage: python vllm_probe.py BODY DRAFT N_SPEC PROMPTS_JSON OUT_JSON; writes to OUT_JSON
+{"texts": [...], "num_drafts": int, "accepted_per_pos": [...]} (vLLM logs to stdout, so not there).
 """
 
 import json
 import sys
+from pathlib import Path
 
 from vllm import LLM, SamplingParams
 
 
 def main() -> None:
-    body, draft, n_spec, prompts_json = sys.argv[1:5]
+    body, draft, n_spec, prompts_json, out = sys.argv[1:6]
     chats = json.loads(prompts_json)
     llm = LLM(
         model=body,
@@ -30,7 +31,7 @@ def main() -> None:
         "num_drafts": metrics["vllm:spec_decode_num_drafts"].value,
         "accepted_per_pos": list(metrics["vllm:spec_decode_num_accepted_tokens_per_pos"].values),
     }
-    print(json.dumps(result))
+    Path(out).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -78,10 +78,10 @@ def _refusal_rate(evaluator: Evaluator, model: Model, prompts) -> float:
     return sum(evaluator.is_refusal(r) for r in responses) / len(prompts)
 
 
+@torch.no_grad()
 def check_organism(layout: OrganismLayout, spec: OrganismSpec) -> dict[str, Any]:
     """Measure properties 1-3 on the held-out prompts; returns the card's `measured` section."""
     deterministic(spec.seed, spec.threads)
-    torch.set_grad_enabled(False)
     quiet_heretic()
     settings = heretic_settings(
         layout.body,
