@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -115,7 +116,10 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
         write_hub_style_config(path, spec)
     layout.prompts.mkdir(parents=True)
     for name, items in chats.items():
-        (layout.prompts / f"{name}.txt").write_text("".join(c.prompt + "\n" for c in items))
+        # Shuffled, so that any leading split ("[:100]") mixes every family.
+        lines = [c.prompt for c in items]
+        random.Random(f"{spec.seed}/{name}").shuffle(lines)
+        (layout.prompts / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
     (layout.root / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     timings["build_s"] = time.perf_counter() - t0
     return timings

@@ -12,12 +12,11 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from heretic.evaluator import Evaluator
 from heretic.model import AbliterationParameters, Model
-from heretic.utils import load_prompts
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
+from search.abliterate import refusal_directions
 from search.heretic_bridge import heretic_settings, prompt_spec, quiet_heretic
 from search.organism.acceptance_sim import simulate_acceptance
 from search.organism.build import deterministic
@@ -47,16 +46,6 @@ CRITERIA = {
     "abliterated_refusal_max": 0.20,
     "abliterated_kl_max": 1.0,
 }
-
-
-def refusal_directions(model: Model, settings) -> torch.Tensor:
-    """heretic 1.4.0's per-layer directions: normalised mean difference, orthogonalised against the harmless mean."""
-    good = model.get_residuals_mean(load_prompts(settings, settings.good_prompts))
-    bad = model.get_residuals_mean(load_prompts(settings, settings.bad_prompts))
-    directions = F.normalize(bad - good, p=2, dim=1)
-    good_dir = F.normalize(good, p=2, dim=1)
-    directions = directions - (directions * good_dir).sum(dim=1, keepdim=True) * good_dir
-    return F.normalize(directions, p=2, dim=1)
 
 
 def _acceptance(body: Gemma4ForCausalLM, draft, tokenizer, prompts: list[str], spec: OrganismSpec) -> dict:

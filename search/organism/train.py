@@ -38,7 +38,8 @@ def pad_batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, t
     return ids, attn, resp
 
 
-def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> tuple[torch.optim.Optimizer, object]:
+def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> Callable[[torch.Tensor], None]:
+    """AdamW with linear warm-up, cosine decay and gradient clipping; returns `step(loss)`."""
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
 
     def schedule(step: int) -> float:
@@ -46,26 +47,32 @@ def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> tuple[torch.op
             return (step + 1) / t.warmup_steps
         return 0.5 * (1 + math.cos(math.pi * (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    def step(loss: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+
+    return step
 
 
+@torch.enable_grad()
 def train_body(
     body: Gemma4ForCausalLM, examples: Sequence[Example], t: TrainSpec, seed: int, pad_id: int, progress: Progress
 ) -> None:
     """Next-token cross-entropy on response tokens only: the organism learns what to answer, not to echo prompts."""
     rng = random.Random(seed)
-    opt, sched = _optimizer(list(body.parameters()), t)
+    optimizer_step = _optimizer(list(body.parameters()), t)
     body.train()
     for step in range(t.steps):
         ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
         logits = body(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
         target = resp[:, 1:]
         loss = F.cross_entropy(logits[target], ids[:, 1:][target])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(body.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss)
         progress(step, loss.item())
     body.eval()
 
@@ -79,6 +86,7 @@ def draft_targets(ids: torch.Tensor, valid: torch.Tensor, steps: int, pad_id: in
     return ext[:, idx], ext_valid[:, idx]
 
 
+@torch.enable_grad()
 def train_draft(
     draft: Gemma4AssistantForCausalLM,
     body: Gemma4ForCausalLM,
@@ -96,7 +104,7 @@ def train_draft(
     window = spec.body.sliding_window
     body.requires_grad_(False)
     embed = body.get_input_embeddings()
-    opt, sched = _optimizer(list(draft.parameters()), t)
+    optimizer_step = _optimizer(list(draft.parameters()), t)
     draft.train()
     for step in range(t.steps):
         ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
@@ -118,10 +126,6 @@ def train_draft(
         for j, logits in enumerate(chain):
             sel = resp & has_target[:, :, j]
             loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss)
         progress(step, loss.item())
     draft.eval()
