@@ -161,3 +161,58 @@ def organism_check(root: OrganismDir = None) -> None:
     spec = OrganismSpec.model_validate_json((layout.root / "spec.json").read_text())
     if not _report(check_organism(layout, spec)):
         raise typer.Exit(1)
+
+
+def _run_dir(cfg: StudyConfig) -> Path:
+    return Path(cfg.resolve(cfg.runs_dir)) / cfg.name
+
+
+@app.command("abliterate")
+def abliterate_cmd(
+    file: Path,
+    params: Annotated[str, typer.Option(help="the candidate's parameters as JSON (see README)")],
+    method: Annotated[str | None, typer.Option(help="ara | directional (default: the config's)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the merged BF16 checkpoint here")] = None,
+) -> None:
+    """One candidate on the resident model: prints refusal rate and KL, optionally writes the merged checkpoint."""
+    from search.ara import AbliterationError
+    from search.resident import Resident, num_layers_of, parse_parameters
+
+    try:
+        cfg = load_config(file)
+    except ConfigError as e:
+        fail(str(e))
+    if method:
+        cfg = cfg.model_copy(update={"abliteration": cfg.abliteration.model_copy(update={"method": method})})
+    try:
+        raw = json.loads(params)
+    except json.JSONDecodeError as e:
+        fail(f"--params is not valid JSON ({e}); pass an object such as '{{\"start_layer_index\": 1, ...}}'")
+    try:
+        candidate = parse_parameters(cfg.abliteration.method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
+        resident = Resident(cfg, cache_dir=_run_dir(cfg) / "cache")
+        details = resident.apply(candidate)
+    except AbliterationError as e:
+        fail(str(e))
+    results = resident.evaluate()
+    table = Table(title=f"{cfg.abliteration.method} candidate on {cfg.model.target}", header_style="bold")
+    for col in ("objective", "value", "details"):
+        table.add_column(col)
+    refusal = results["refusal_rate"]
+    table.add_row(
+        "refusal rate",
+        f"{refusal.value:.3f}",
+        f"{refusal.details['refusals']}/{refusal.details['num_prompts']} harmful eval prompts",
+    )
+    table.add_row(
+        "KL divergence",
+        f"{results['kld'].value:.5f}",
+        f"first token, {results['kld'].details['num_prompts']} harmless eval prompts",
+    )
+    table.add_row(
+        "edited modules", str(details["modules"]), f"adapter sha256 {resident.abliterator.adapter_digest()[:16]}"
+    )
+    console.print(table)
+    if out:
+        resident.abliterator.save_merged(out, cfg.resolve(cfg.model.target))
+        console.print(f"merged BF16 checkpoint: {out}")

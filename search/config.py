@@ -91,6 +91,21 @@ class Search(Section):
     n_startup_trials: int = Field(10, ge=0, description="random trials before TPE models the front")
     space: dict[str, Range] = Field(default_factory=dict, description="per-parameter overrides of the ARA space")
     constraints: Constraints = Constraints()
+    enqueue: list[dict[str, float]] = Field(
+        default_factory=list, description="informed first trials: parameter sets run before the sampler's own"
+    )
+
+
+class Abliteration(Section):
+    """How candidates are made from the resident BF16 model."""
+
+    method: Literal["ara", "directional"] = Field("ara", description="ARA, or heretic 1.4.0's directional ablation")
+    rank: int = Field(8, ge=1, description="adapter rank (ARA); heretic's full_normalization_lora_rank (directional)")
+    row_normalization: Literal["full", "none"] = Field(
+        "full", description="'full': edited rows keep their vanilla norms (ARA: DoRA with frozen magnitudes)"
+    )
+    batch_size: int = Field(32, ge=1, description="prompts per forward pass for capture, KL and HF refusals")
+    max_response_length: int = Field(100, ge=1, description="greedy tokens judged for refusals (heretic: 100)")
 
 
 class Quantization(Section):
@@ -160,6 +175,7 @@ class StudyConfig(Section):
     model: ModelSource
     prompts: Prompts
     search: Search = Search()
+    abliteration: Abliteration = Abliteration()
     quantization: Quantization = Quantization()
     serving: Serving = Serving()
     acceptance: Acceptance

@@ -1,0 +1,32 @@
+"""KL divergence from the vanilla model, exactly heretic 1.4.0's definition.
+
+KL(vanilla || candidate) over the full vocabulary at the first generated token, averaged over the harmless
+evaluation prompts (`F.kl_div(candidate_logprobs, vanilla_logprobs, reduction="batchmean", log_target=True)`), from
+raw logits (processed scores carry Gemma 4's -inf suppress_tokens and make KL NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from heretic.model import Model
+from heretic.utils import Prompt
+
+from objectives.base import Direction, Objective, ObjectiveResult
+
+
+class KLDivergence(Objective):
+    name = "kld"
+    direction = Direction.MINIMIZE
+
+    def __init__(self, model: Model, prompts: Sequence[Prompt]) -> None:
+        """Construct while `model` is vanilla: the vanilla log-probabilities are taken here, once."""
+        self.model = model
+        self.prompts = list(prompts)
+        self.vanilla_logprobs = model.get_logprobs_batched(self.prompts)
+
+    def compute(self) -> ObjectiveResult:
+        logprobs = self.model.get_logprobs_batched(self.prompts)
+        kl = F.kl_div(logprobs, self.vanilla_logprobs, reduction="batchmean", log_target=True).item()
+        return ObjectiveResult(kl, {"num_prompts": len(self.prompts)})

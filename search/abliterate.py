@@ -1,0 +1,238 @@
+"""The abliteration stage: revertible edits of the resident model, and merged checkpoints of a candidate.
+
+heretic 1.4.0's `Model` loads the model, discovers the abliterable modules (`attn.o_proj`, `mlp.down_proj`) and
+wraps them in PEFT adapters; this stage chooses the adapter (rank-r LoRA, or DoRA with frozen magnitudes for
+row-norm-preserving ARA), writes its weights, and resets it. Reset zeroes every adapter and switches it off, so the
+model computes exactly the vanilla function (bit-identical logits) without reloading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from heretic.config import RowNormalization, Settings
+from heretic.model import AbliterationParameters, Model
+from heretic.utils import load_prompts
+from peft import LoraConfig, get_peft_model
+from pydantic import BaseModel, ConfigDict, Field
+
+from search.ara import AbliterationError, AraParameters, edited_weight, module_seed, optimise_module
+from search.module_io import ModuleIO, ModuleKey
+
+ADAPTER = "default"
+
+
+class AdapterModel(Model):
+    """heretic's Model with this project's adapters: rank `rank` on every abliterable module, DoRA if `dora`."""
+
+    def __init__(self, settings: Settings, rank: int, dora: bool) -> None:
+        self.adapter_rank, self.dora = rank, dora
+        super().__init__(settings)
+
+    def _apply_lora(self) -> None:
+        names = {id(module): name for name, module in self.model.named_modules()}
+        targets = sorted(
+            names[id(m)]
+            for layer in range(len(self.get_layers()))
+            for modules in self.get_layer_modules(layer).values()
+            for m in modules
+        )
+        self.peft_config = LoraConfig(
+            r=self.adapter_rank,
+            lora_alpha=self.adapter_rank,
+            target_modules=targets,
+            lora_dropout=0,
+            bias="none",
+            use_dora=self.dora,
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(self.model, self.peft_config)
+
+
+class DirectionalParameters(BaseModel):
+    """heretic 1.4.0's directional ablation: a refusal direction (one global index, or per layer when None) and a
+    per-component weight kernel over layers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    direction_index: float | None = Field(
+        description="fractional layer index of the global direction; null = per layer"
+    )
+    parameters: dict[str, dict[str, float]] = Field(
+        description="component -> max_weight, max_weight_position, min_weight, min_weight_distance"
+    )
+
+    def check_against(self, num_layers: int, available: list[str]) -> None:
+        problems = []
+        if self.direction_index is not None and not 0 <= self.direction_index <= num_layers - 1:
+            problems.append(f"direction_index={self.direction_index} is outside [0, {num_layers - 1}]")
+        unknown = sorted(set(self.parameters) - set(available))
+        if unknown:
+            problems.append(f"components {unknown} are not among this model's {available}")
+        fields = set(AbliterationParameters.__dataclass_fields__)
+        for component, values in self.parameters.items():
+            if set(values) != fields:
+                problems.append(f"{component} needs exactly {sorted(fields)}")
+            elif values["min_weight_distance"] <= 0:
+                problems.append(f"{component}.min_weight_distance must be > 0")
+        if problems:
+            raise AbliterationError("; ".join(problems))
+
+
+class Abliterator:
+    """Applies a candidate to the resident model and reverts it; knows nothing of studies or tracking."""
+
+    def __init__(self, model: AdapterModel, seed: int) -> None:
+        self.model = model
+        self.seed = seed
+        base = model.model.get_base_model()
+        names = {id(m): n for n, m in base.named_modules()}
+        self.adapters: dict[ModuleKey, Any] = {}
+        self.module_names: dict[ModuleKey, str] = {}
+        for layer in range(len(model.get_layers())):
+            for component, modules in model.get_layer_modules(layer).items():
+                for index, module in enumerate(modules):
+                    self.adapters[(layer, component, index)] = module
+                    self.module_names[(layer, component, index)] = names[id(module)]
+        self.edited: set[ModuleKey] = set()
+        self.reset()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.get_layers())
+
+    @property
+    def components(self) -> list[str]:
+        return self.model.get_abliterable_components()
+
+    def reset(self) -> None:
+        """Back to vanilla: adapters zeroed and switched off, so forward passes are the base layers' own."""
+        with torch.no_grad():
+            for module in self.adapters.values():
+                module.lora_A[ADAPTER].weight.zero_()
+                module.lora_B[ADAPTER].weight.zero_()
+                module.enable_adapters(False)
+        self.edited = set()
+
+    def _magnitude(self, module) -> torch.Tensor | None:
+        return module.lora_magnitude_vector[ADAPTER].weight if self.model.dora else None
+
+    def apply_ara(self, params: AraParameters, io: ModuleIO) -> dict[str, Any]:
+        """Reset, then optimise and install the adapter of every module in the layer range. Returns details."""
+        params.check_against(self.num_layers, self.components)
+        self.reset()
+        t0 = time.perf_counter()
+        losses = {}
+        for key, module in self.adapters.items():
+            layer, component, index = key
+            if not (params.start_layer_index <= layer < params.end_layer_index and component in params.components):
+                continue
+            a, b, loss = optimise_module(
+                module.base_layer.weight,
+                io[key],
+                params,
+                self.model.adapter_rank,
+                module_seed(self.seed, layer, component, index),
+                self._magnitude(module),
+            )
+            with torch.no_grad():
+                module.lora_A[ADAPTER].weight.copy_(a)
+                module.lora_B[ADAPTER].weight.copy_(b)
+            module.enable_adapters(True)
+            self.edited.add(key)
+            losses[self.module_names[key]] = loss
+        return {"modules": len(self.edited), "ara_s": time.perf_counter() - t0, "losses": losses}
+
+    def apply_directional(self, params: DirectionalParameters, directions: torch.Tensor) -> dict[str, Any]:
+        """Reset, then heretic's own `abliterate` (plain LoRA adapters, heretic's row normalisation)."""
+        if self.model.dora:
+            raise AbliterationError("the directional method needs plain LoRA adapters (load with dora=False)")
+        params.check_against(self.num_layers, self.components)
+        self.reset()
+        for module in self.adapters.values():
+            module.enable_adapters(True)
+        kernel = {c: AbliterationParameters(**v) for c, v in params.parameters.items()}
+        self.model.abliterate(directions, params.direction_index, kernel)
+        self.edited = {k for k, m in self.adapters.items() if bool(m.lora_B[ADAPTER].weight.any())}
+        return {"modules": len(self.edited)}
+
+    def adapter_digest(self) -> str:
+        """sha256 of every edited module's adapter tensors: equal digests mean equal candidates."""
+        h = hashlib.sha256()
+        for key in sorted(self.edited):
+            module = self.adapters[key]
+            h.update(self.module_names[key].encode())
+            for t in (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight):
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """Full weights of the edited modules as deployed, in the base weights' dtype, keyed by parameter name."""
+        out = {}
+        for key in sorted(self.edited):
+            module = self.adapters[key]
+            w0 = module.base_layer.weight
+            scaling = module.scaling[ADAPTER]
+            w = edited_weight(
+                w0.float(),
+                module.lora_A[ADAPTER].weight.float(),
+                module.lora_B[ADAPTER].weight.float() * scaling,
+                None if (m := self._magnitude(module)) is None else m.float(),
+            )
+            out[f"{self.module_names[key]}.weight"] = w.to(w0.dtype)
+        return out
+
+    def save_merged(self, out: Path, source: str | Path) -> Path:
+        """A standalone checkpoint of the current candidate; the resident model keeps its adapters.
+
+        Non-weight files (config, tokenizer, chat template, generation config) are copied from a local `source`
+        unchanged, so the candidate's config is byte-identical to the vanilla one.
+        """
+        base = self.model.model.get_base_model()
+        state = {}
+        for name, tensor in base.state_dict().items():
+            if "lora_" in name:
+                continue
+            state[name.replace(".base_layer.", ".")] = tensor
+        state.update(self.merged_weights())
+        out.mkdir(parents=True, exist_ok=True)
+        base.save_pretrained(out, state_dict=state)
+        self.model.tokenizer.save_pretrained(out)
+        src = Path(source)
+        if src.is_dir():
+            for f in src.iterdir():
+                if (
+                    f.is_file()
+                    and not f.name.endswith((".safetensors", ".bin"))
+                    and f.name != "model.safetensors.index.json"
+                ):
+                    shutil.copy2(f, out / f.name)
+        return out
+
+
+def refusal_directions(model: Model, settings: Settings) -> torch.Tensor:
+    """heretic 1.4.0's per-layer directions: normalised mean difference, orthogonalised against the harmless mean."""
+    good = model.get_residuals_mean(load_prompts(settings, settings.good_prompts))
+    bad = model.get_residuals_mean(load_prompts(settings, settings.bad_prompts))
+    directions = F.normalize(bad - good, p=2, dim=1)
+    good_dir = F.normalize(good, p=2, dim=1)
+    directions = directions - (directions * good_dir).sum(dim=1, keepdim=True) * good_dir
+    return F.normalize(directions, p=2, dim=1)
+
+
+def load_adapter_model(settings: Settings, method: str, rank: int) -> AdapterModel:
+    """ARA: rank-`rank` adapters, DoRA when heretic's row normalisation is "full". Directional: heretic's own
+    LoRA (rank = settings.full_normalization_lora_rank)."""
+    if method == "ara":
+        return AdapterModel(settings, rank=rank, dora=settings.row_normalization == RowNormalization.FULL)
+    if method == "directional":
+        r = settings.full_normalization_lora_rank if settings.row_normalization == RowNormalization.FULL else 1
+        return AdapterModel(settings, rank=r, dora=False)
+    raise AbliterationError(f"unknown method {method!r}; use 'ara' or 'directional'")

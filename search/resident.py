@@ -1,0 +1,117 @@
+"""The resident model of a study: loaded once, edited and reset per candidate, scored by KL and HF refusals.
+
+Composes heretic's loading, the abliteration stage, the module-I/O cache and the objectives; knows nothing of
+Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from heretic.config import DatasetSpecification, RowNormalization
+from heretic.utils import Prompt, load_prompts
+from pydantic import ValidationError
+from transformers import AutoConfig
+
+from objectives.base import ObjectiveResult
+from objectives.kld import KLDivergence
+from objectives.refusal import RefusalRate
+from search.abliterate import Abliterator, DirectionalParameters, load_adapter_model, refusal_directions
+from search.ara import COMPONENTS, AbliterationError, AraParameters
+from search.config import PromptSet, StudyConfig
+from search.heretic_bridge import LibrarySettings, quiet_heretic
+from search.module_io import ModuleIO, cache_key, load_or_capture
+
+
+def parse_parameters(method: str, raw: dict[str, Any], num_layers: int) -> AraParameters | DirectionalParameters:
+    """Validate a candidate's parameters against the method's ranges and the model's layer count (no loading)."""
+    try:
+        params = AraParameters(**raw) if method == "ara" else DirectionalParameters(**raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise AbliterationError(f"{method} parameters: {problems}") from None
+    params.check_against(num_layers, list(COMPONENTS))
+    return params
+
+
+def num_layers_of(model: str) -> int:
+    """Decoder layers of a model, from its config alone."""
+    config = AutoConfig.from_pretrained(model)
+    return config.get_text_config().num_hidden_layers
+
+
+class Resident:
+    """The vanilla model in memory with revertible candidates, and its two HF-side objectives."""
+
+    def __init__(self, cfg: StudyConfig, cache_dir: Path | None) -> None:
+        quiet_heretic()
+        self.cfg = cfg
+        self.model_id = cfg.resolve(cfg.model.target)
+        ab = cfg.abliteration
+        self.settings = LibrarySettings(
+            model=self.model_id,
+            dtypes=[cfg.model.dtype],
+            batch_size=ab.batch_size,
+            max_response_length=ab.max_response_length,
+            response_prefix="",
+            seed=cfg.search.seed,
+            system_prompt=cfg.model.system_prompt,
+            row_normalization=RowNormalization(ab.row_normalization),
+            full_normalization_lora_rank=ab.rank,
+            good_prompts=self._spec(cfg.prompts.harmless_train),
+            bad_prompts=self._spec(cfg.prompts.harmful_train),
+            good_evaluation_prompts=self._spec(cfg.prompts.harmless_eval),
+            bad_evaluation_prompts=self._spec(cfg.prompts.harmful_eval),
+        )
+        self.model = load_adapter_model(self.settings, ab.method, ab.rank)
+        self.abliterator = Abliterator(self.model, seed=cfg.search.seed)
+        self.cache_dir = cache_dir
+        self._io: ModuleIO | None = None
+        self._directions: torch.Tensor | None = None
+        self.kld = KLDivergence(self.model, self.prompts("good_evaluation_prompts"))
+        self.refusal = RefusalRate(self.respond, self.prompts("bad_evaluation_prompts"))
+
+    def _spec(self, ps: PromptSet) -> DatasetSpecification:
+        return DatasetSpecification(dataset=self.cfg.resolve(ps.source), split=ps.split, column=ps.column)
+
+    def prompts(self, field: str) -> list[Prompt]:
+        return load_prompts(self.settings, getattr(self.settings, field))
+
+    def respond(self, prompts: list[Prompt]) -> list[str]:
+        return self.model.get_responses_batched(prompts, skip_special_tokens=True)
+
+    def module_io(self) -> tuple[ModuleIO, bool]:
+        """Captured once (vanilla), then from memory or the on-disk cache. Returns (io, from disk cache)."""
+        if self._io is not None:
+            return self._io, True
+        self.abliterator.reset()
+        good, bad = self.prompts("good_prompts"), self.prompts("bad_prompts")
+        key = cache_key(self.model_id, self._weights_digest(), good, bad, self.settings.batch_size)
+        self._io, hit = load_or_capture(self.model, good, bad, self.cache_dir, key)
+        return self._io, hit
+
+    def _weights_digest(self) -> str:
+        """Identity of the loaded weights: the local checkpoint's index/files' sizes+mtimes, or the hub id."""
+        path = Path(self.model_id)
+        if not path.is_dir():
+            return self.model_id
+        return json.dumps(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")))
+
+    def directions(self) -> torch.Tensor:
+        if self._directions is None:
+            self.abliterator.reset()
+            self._directions = refusal_directions(self.model, self.settings)
+        return self._directions
+
+    def apply(self, params: AraParameters | DirectionalParameters) -> dict[str, Any]:
+        if isinstance(params, AraParameters):
+            io, _ = self.module_io()
+            with torch.enable_grad():
+                return self.abliterator.apply_ara(params, io)
+        return self.abliterator.apply_directional(params, self.directions())
+
+    def evaluate(self) -> dict[str, ObjectiveResult]:
+        return {"kld": self.kld.compute(), "refusal_rate": self.refusal.compute()}
