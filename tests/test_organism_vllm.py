@@ -11,32 +11,38 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, Gemma4ForCausalLM
 
+from search.config import load_config
 from search.organism.check import SYSTEM_PROMPT
 from search.organism.generate import chat_messages, encode_prompt, greedy_generate
 from search.organism.layout import OrganismLayout
+from search.quantize import quantize_fp8_dynamic
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LAYOUT = OrganismLayout()
 
 
-@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run `make vllm-env`")
-def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -> None:
-    prompts = [
-        *LAYOUT.prompt_file("harmless", "eval").read_text().splitlines()[:6],
-        *LAYOUT.prompt_file("harmful", "eval").read_text().splitlines()[:6],
-    ]
-    chats = [chat_messages(p, SYSTEM_PROMPT) for p in prompts]
+PROMPTS = [
+    *LAYOUT.prompt_file("harmless", "eval").read_text().splitlines()[:6],
+    *LAYOUT.prompt_file("harmful", "eval").read_text().splitlines()[:6],
+]
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run `make vllm-env`")
+
+
+def _serve_greedy(body: Path, tmp_path: Path) -> dict:
+    """Greedy chats through vLLM with the organism's BF16 draft as MTP drafter (n=4)."""
+    chats = [chat_messages(p, SYSTEM_PROMPT) for p in PROMPTS]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp_path)}
+    out = tmp_path / "result.json"
     proc = subprocess.run(
         [
             str(VLLM_PYTHON),
             str(REPO / "tests" / "vllm_probe.py"),
-            str(LAYOUT.body),
+            str(body),
             str(LAYOUT.draft),
             "4",
             json.dumps(chats),
-            str(tmp_path / "result.json"),
+            str(out),
         ],
         capture_output=True,
         text=True,
@@ -44,17 +50,32 @@ def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads(out.read_text())
+    result["rates"] = [a / result["num_drafts"] for a in result["accepted_per_pos"]]
+    print(body.name, "vLLM per-position acceptance", result["rates"], "drafts", result["num_drafts"])
+    assert len(result["rates"]) == 4 and result["num_drafts"] > 0
+    return result
 
+
+@needs_vllm
+def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -> None:
+    result = _serve_greedy(LAYOUT.body, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
     body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
     responses = greedy_generate(
-        body, [encode_prompt(tokenizer, p, SYSTEM_PROMPT) for p in prompts], 64, tokenizer.pad_token_id
+        body, [encode_prompt(tokenizer, p, SYSTEM_PROMPT) for p in PROMPTS], 64, tokenizer.pad_token_id
     )
     expected = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
     assert [t.strip() for t in result["texts"]] == expected
+    assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected in vLLM: {result['rates']}"
 
-    rates = [a / result["num_drafts"] for a in result["accepted_per_pos"]]
-    print("vLLM per-position acceptance", rates, "drafts", result["num_drafts"])
-    assert len(rates) == 4 and result["num_drafts"] > 0
-    assert rates[0] >= 0.5, f"the vanilla draft is mostly rejected in vLLM: {rates}"
+
+@needs_vllm
+def test_vllm_serves_the_fp8_organism_with_the_bf16_draft(tmp_path: Path) -> None:
+    """Dense layers FP8, experts BF16 (vLLM's CPU backend has no FP8 MoE): it loads, refuses, and keeps the draft."""
+    ignore = load_config(REPO / "configs" / "organism.toml").quantization.ignore
+    fp8 = quantize_fp8_dynamic(LAYOUT.body, tmp_path / "fp8", ignore).path
+    result = _serve_greedy(fp8, tmp_path)
+    harmful = result["texts"][6:]
+    assert all("sorry" in t for t in harmful), harmful
+    assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected by the FP8 body: {result['rates']}"
