@@ -7,6 +7,7 @@ a model class and one field on `StudyConfig`; unknown keys are rejected so typos
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -189,7 +190,8 @@ class StudyConfig(Section):
         """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""
         local = self.base_dir / value
         if Path(value).is_absolute() or local.exists() or not HF_ID.match(value):
-            return str(local.resolve())
+            # normpath, not resolve(): a virtualenv's python is a symlink that must stay one
+            return os.path.normpath(local.absolute())
         return value
 
     def prompt_sets(self) -> dict[str, PromptSet]:

