@@ -216,3 +216,66 @@ def abliterate_cmd(
     if out:
         resident.abliterator.save_merged(out, cfg.resolve(cfg.model.target))
         console.print(f"merged BF16 checkpoint: {out}")
+
+
+@app.command("baseline")
+def baseline_cmd(
+    file: Path,
+    model: Annotated[
+        str | None, typer.Option(help="model to measure (default: the config's target); FP8 as deployed")
+    ] = None,
+    n: Annotated[str, typer.Option(help="comma-separated MTP n values; 0 = no speculation")] = "0,1,2,3,4",
+    label: Annotated[str, typer.Option(help="name of this baseline's folder under runs/<study>/baseline/")] = "vanilla",
+) -> None:
+    """Serve a model without speculation and with MTP n=1..4; print and save tok/s and per-position acceptance."""
+    from search.baseline import run_baseline
+    from search.quantize import QuantizationError, quantize_fp8_dynamic
+    from search.serve import ServerError
+
+    try:
+        cfg = load_config(file)
+        n_values = [int(x) for x in n.split(",")]
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    out = _run_dir(cfg) / "baseline" / label
+    try:
+        source = Path(model or cfg.resolve(cfg.model.target))
+        model = str(source)
+        # Compared as deployed: a local BF16 checkpoint is quantized like every candidate.
+        config = source / "config.json"
+        if (
+            cfg.quantization.scheme == "FP8_DYNAMIC"
+            and config.is_file()
+            and "quantization_config" not in config.read_text()
+        ):
+            model = str(quantize_fp8_dynamic(source, out / "model-fp8", cfg.quantization.ignore).path)
+        rows = run_baseline(cfg, model, n_values, out)
+    except (ServerError, QuantizationError) as e:
+        fail(str(e))
+    table = Table(title=f"baseline: {model}", header_style="bold")
+    for col in (
+        "n",
+        "prompts",
+        "tok/s",
+        "speed-up",
+        "acceptance a0..a3",
+        "mean acc ± 95% CI",
+        "tokens/step",
+        "drafts",
+        "note",
+    ):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        table.add_row(
+            str(r.n) if r.n else "no spec",
+            r.prompt_set,
+            f"{r.tok_s:.1f}",
+            f"{r.speedup:.2f}x",
+            "/".join(f"{x:.3f}" for x in r.per_position) or "-",
+            f"{r.mean_accepted_tokens:.3f} ± {r.ci95:.3f}" if r.n else "-",
+            f"{r.tokens_per_step:.2f}",
+            str(r.num_drafts),
+            r.invalid_reason or "",
+        )
+    console.print(table)
+    console.print(f"saved {out / 'baseline.csv'} and {out / 'baseline.json'}")

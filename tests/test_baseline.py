@@ -1,0 +1,73 @@
+"""`baseline` in our own harness shows the seed's phenomenon on the organism: an abliterated body keeps less of the
+vanilla draft's acceptance, so its n=4 gain over n=1 is smaller."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from search.abliterate import DirectionalParameters
+from search.config import load_config
+from search.organism.check import DIRECTIONAL_PARAMETERS
+from search.resident import Resident
+from tests.test_serve import needs_vllm
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = load_config(REPO / "configs" / "organism.toml")
+
+
+def _baseline(tmp_path: Path, label: str, model: Path | None) -> dict:
+    cmd = [
+        sys.executable,
+        "-c",
+        "from search.cli import app; app()",
+        "baseline",
+        str(REPO / "configs" / "organism.toml"),
+        "--n",
+        "1,4",
+        "--label",
+        label,
+    ]
+    cmd += ["--model", str(model)] if model else []
+    toml = (REPO / "configs" / "organism.toml").read_text().replace('"../', f'"{REPO}/')
+    study = tmp_path / "study.toml"
+    study.write_text(toml.replace(f'runs_dir = "{REPO}/runs"', f'runs_dir = "{tmp_path}"'))
+    cmd[4] = str(study)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "organism" / "baseline" / label
+    assert (out / "baseline.csv").is_file() and "model-fp8" in json.loads((out / "baseline.json").read_text())["model"]
+    rows = json.loads((out / "baseline.json").read_text())["rows"]
+    return {(r["n"], r["prompt_set"]): r for r in rows}
+
+
+@needs_vllm
+def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
+    cfg = CONFIG.model_copy(
+        update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}
+    )
+    resident = Resident(cfg, cache_dir=None)
+    resident.apply(DirectionalParameters(**DIRECTIONAL_PARAMETERS))
+    assert resident.evaluate()["refusal_rate"].value <= 0.2
+    abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
+
+    vanilla = _baseline(tmp_path, "vanilla", None)
+    ablit = _baseline(tmp_path, "abliterated", abliterated)
+    for rows in (vanilla, ablit):
+        assert all(r["invalid_reason"] is None for r in rows.values())
+    v4, a4 = vanilla[(4, "harmful")], ablit[(4, "harmful")]
+    print("harmful n=4 vanilla", v4["per_position"], "abliterated", a4["per_position"])
+    assert all(a < v for a, v in zip(a4["per_position"], v4["per_position"], strict=True))
+    gain = {
+        name: rows[(4, "harmful")]["tokens_per_step"] / rows[(1, "harmful")]["tokens_per_step"]
+        for name, rows in (("vanilla", vanilla), ("abliterated", ablit))
+    }
+    print("n=4 over n=1 (tokens per step):", gain)
+    assert gain["abliterated"] < gain["vanilla"]
+    assert ablit[(4, "harmless")]["mean_accepted_tokens"] == pytest.approx(
+        vanilla[(4, "harmless")]["mean_accepted_tokens"], abs=0.6
+    )
