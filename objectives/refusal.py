@@ -8,6 +8,7 @@ from a `Responder`, so the same objective counts HF generations now and served o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from heretic.config import Settings
 from heretic.utils import Prompt
@@ -53,3 +54,30 @@ class RefusalRate(Objective):
         return ObjectiveResult(
             refusals / len(self.prompts), {"refusals": refusals, "num_prompts": len(self.prompts), "samples": sample}
         )
+
+
+def served_responder(base_url: str, served_name: str, max_tokens: int, concurrency: int = 4) -> Responder:
+    """Greedy chat completions from a vLLM server (chat template applied by the server), same prompts as HF."""
+    import httpx
+
+    def respond(prompts: Sequence[Prompt]) -> list[str]:
+        def one(client: httpx.Client, p: Prompt) -> str:
+            messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
+                {"role": "user", "content": p.user}
+            ]
+            reply = client.post(
+                f"{base_url}/v1/chat/completions",
+                json={
+                    "model": served_name,
+                    "messages": messages,
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                },
+            )
+            reply.raise_for_status()
+            return reply.json()["choices"][0]["message"]["content"] or ""
+
+        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(lambda p: one(client, p), prompts))
+
+    return respond

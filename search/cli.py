@@ -226,18 +226,33 @@ def baseline_cmd(
     ] = None,
     n: Annotated[str, typer.Option(help="comma-separated MTP n values; 0 = no speculation")] = "0,1,2,3,4",
     label: Annotated[str, typer.Option(help="name of this baseline's folder under runs/<study>/baseline/")] = "vanilla",
+    dry_run: Annotated[bool, typer.Option(help="print the vLLM commands and exit")] = False,
 ) -> None:
     """Serve a model without speculation and with MTP n=1..4; print and save tok/s and per-position acceptance."""
+    import shlex
+
     from search.baseline import run_baseline
     from search.quantize import QuantizationError, quantize_fp8_dynamic
-    from search.serve import ServerError
+    from search.serve import ServerError, VllmServer
 
     try:
-        cfg = load_config(file)
+        cfg = load_config(file, check_paths=not dry_run)
         n_values = [int(x) for x in n.split(",")]
     except (ConfigError, ValueError) as e:
         fail(str(e))
     out = _run_dir(cfg) / "baseline" / label
+    if dry_run:
+        for k in n_values:
+            serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(k, 1)})
+            server = VllmServer(
+                serving,
+                model or cfg.resolve(cfg.model.target),
+                cfg.resolve(cfg.model.draft) if k else None,
+                out / f"server-n{k}.log",
+                resolve=cfg.resolve,
+            )
+            console.print(f"# n={k}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
+        return
     try:
         source = Path(model or cfg.resolve(cfg.model.target))
         model = str(source)

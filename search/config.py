@@ -124,13 +124,14 @@ class Serving(Section):
     launcher: Literal["python", "docker"] = Field("python", description="a virtualenv's python, or a docker command")
     python: str = Field(".venv-vllm/bin/python", description="python of the vLLM environment (launcher = python)")
     docker_template: str = Field(
-        "docker run --rm --gpus all --ipc host -p {port}:{port} -v {models}:{models} {image} "
+        "docker run --rm --gpus all --ipc host -p {port}:{port} -v {models}:{models} -e HF_HOME={hf_home} {image} "
         "--host 0.0.0.0 --port {port}",
-        description="launcher = docker: command before the model args; {port}, {models}, {image} are filled in",
+        description="launcher = docker: command before the model args; {port}, {models} (the checkpoints' folder, "
+        "or the HF cache for hub ids), {hf_home}, {image} are filled in",
     )
     image: str = Field("vllm/vllm-openai:latest", description="launcher = docker: the user's vLLM image")
     vllm_args: list[str] = Field(default_factory=list, description="passed through to vLLM unchanged")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server process")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server (docker: -e)")
     startup_timeout_s: float = Field(600, gt=0, description="give up waiting for /health after this long")
     num_speculative_tokens: int = Field(4, ge=1, le=8, description="draft tokens per step (the MTP n)")
 

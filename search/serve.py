@@ -74,8 +74,8 @@ class VllmServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def vllm_args(self, port: int) -> list[str]:
-        args = ["--model", self.model, "--served-model-name", self.served_name, "--port", str(port)]
+    def vllm_args(self) -> list[str]:
+        args = ["--model", self.model, "--served-model-name", self.served_name]
         if self.draft:
             spec = {"method": "mtp", "model": self.draft, "num_speculative_tokens": self.serving.num_speculative_tokens}
             args += ["--speculative-config", json.dumps(spec)]
@@ -85,17 +85,27 @@ class VllmServer:
         """The exact command that starts the server (the dry run)."""
         port = port or self.port or 8000
         if self.serving.launcher == "python":
-            head = [
-                self.resolve(self.serving.python),
+            python = self.resolve(self.serving.python)
+            return [
+                python,
                 "-m",
                 "vllm.entrypoints.openai.api_server",
                 "--host",
                 "127.0.0.1",
+                "--port",
+                str(port),
+                *self.vllm_args(),
             ]
-        else:
-            models = os.path.commonpath([p for p in (self.model, self.draft) if p and Path(p).is_absolute()] or ["/"])
-            head = shlex.split(self.serving.docker_template.format(port=port, models=models, image=self.serving.image))
-        return head + self.vllm_args(port)
+        # Docker: mount the local checkpoints' common folder (or the HF cache for hub ids) at the same path, and
+        # hand serving.env to the container, not to the docker client.
+        local = [p for p in (self.model, self.draft) if p and Path(p).is_absolute()]
+        hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+        models = os.path.commonpath(local) if local else hf_home
+        head = shlex.split(
+            self.serving.docker_template.format(port=port, models=models, image=self.serving.image, hf_home=hf_home)
+        )
+        env = [arg for k, v in self.serving.env.items() for arg in ("-e", f"{k}={v}")]
+        return head[:2] + env + head[2:] + self.vllm_args()
 
     def _check_inputs(self) -> None:
         for what, path in (("model", self.model), ("draft", self.draft)):
@@ -118,7 +128,7 @@ class VllmServer:
         self._check_inputs()
         self.port = self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.serving.env}
+        env = {**os.environ, **self.serving.env} if self.serving.launcher == "python" else dict(os.environ)
         with self.log_path.open("w") as log:
             log.write("$ " + shlex.join(self.command()) + "\n")
             log.flush()

@@ -83,3 +83,22 @@ def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
         result = _objective(server).compute()
     assert math.isnan(result.value)
     assert "no draft token was ever accepted" in result.details["invalid_reason"]
+
+
+@needs_vllm
+def test_served_and_hf_refusals_agree_prompt_by_prompt(tmp_path: Path) -> None:
+    """Same markers and normalisation on both paths; the served BF16 organism and transformers agree per prompt."""
+    from objectives.refusal import RefusalRate, served_responder
+    from search.config import load_config
+    from search.resident import Resident
+    from tests.test_serve import REPO
+
+    cfg = load_config(REPO / "configs" / "organism.toml")
+    prompts = _prompts("harmful") + _prompts("harmless")
+    resident = Resident(cfg, cache_dir=None)
+    hf = RefusalRate(resident.respond, prompts, samples=len(prompts)).compute()
+    with _server(tmp_path) as server:
+        respond = served_responder(server.base_url, server.served_name, cfg.abliteration.max_response_length)
+        served = RefusalRate(respond, prompts, samples=len(prompts)).compute()
+    assert [s["refusal"] for s in served.details["samples"]] == [s["refusal"] for s in hf.details["samples"]]
+    assert served.details["refusals"] == hf.details["refusals"] == N_PROMPTS
