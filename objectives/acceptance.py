@@ -27,6 +27,7 @@ import httpx
 from heretic.utils import Prompt
 
 from objectives.base import Direction, Objective, ObjectiveResult
+from objectives.served import chat
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
 
@@ -124,30 +125,17 @@ class AcceptanceSets(Objective):
         self.n = num_speculative_tokens
         self.max_tokens, self.temperature, self.seeds, self.concurrency = max_tokens, temperature, seeds, concurrency
 
-    def _chat(self, client: httpx.Client, prompt: Prompt, seed: int) -> tuple[str, int]:
-        messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
-            {"role": "user", "content": prompt.user}
-        ]
-        reply = client.post(
-            f"{self.base_url}/v1/chat/completions",
-            json={
-                "model": self.served_name,
-                "messages": messages,
-                "max_tokens": self.max_tokens,
-                "temperature": self.temperature,
-                "seed": seed,
-            },
-        )
-        reply.raise_for_status()
-        body = reply.json()
-        return body["choices"][0]["message"]["content"] or "", body["usage"]["completion_tokens"]
-
     def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
         jobs = [(p, s) for s in self.seeds for p in prompts]
         before = read_counters(self.base_url, self.n)
         t0 = time.perf_counter()
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
-            answers = list(pool.map(lambda job: self._chat(client, *job), jobs))
+
+            def ask(job: tuple[Prompt, int]) -> tuple[str, int]:
+                prompt, seed = job
+                return chat(client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed)
+
+            answers = list(pool.map(ask, jobs))
         seconds = time.perf_counter() - t0
         delta = read_counters(self.base_url, self.n) - before
         drafts = delta.num_drafts

@@ -57,27 +57,13 @@ class RefusalRate(Objective):
 
 
 def served_responder(base_url: str, served_name: str, max_tokens: int, concurrency: int = 4) -> Responder:
-    """Greedy chat completions from a vLLM server (chat template applied by the server), same prompts as HF."""
+    """Greedy answers from a vLLM server, for the same prompts the HF path answers."""
     import httpx
 
-    def respond(prompts: Sequence[Prompt]) -> list[str]:
-        def one(client: httpx.Client, p: Prompt) -> str:
-            messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
-                {"role": "user", "content": p.user}
-            ]
-            reply = client.post(
-                f"{base_url}/v1/chat/completions",
-                json={
-                    "model": served_name,
-                    "messages": messages,
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                },
-            )
-            reply.raise_for_status()
-            return reply.json()["choices"][0]["message"]["content"] or ""
+    from objectives.served import chat
 
+    def respond(prompts: Sequence[Prompt]) -> list[str]:
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda p: one(client, p), prompts))
+            return list(pool.map(lambda p: chat(client, base_url, served_name, p, max_tokens)[0], prompts))
 
     return respond
