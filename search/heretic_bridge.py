@@ -46,7 +46,6 @@ def heretic_settings(
     max_response_length: int,
     seed: int,
     dtype: str = "auto",
-    device_map: str = "auto",
     row_normalization: RowNormalization = RowNormalization.FULL,
     lora_rank: int = 3,
 ) -> LibrarySettings:
@@ -54,7 +53,6 @@ def heretic_settings(
     return LibrarySettings(
         model=str(model),
         dtypes=[dtype],
-        device_map=device_map,
         batch_size=batch_size,
         max_response_length=max_response_length,
         response_prefix="",

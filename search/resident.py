@@ -22,7 +22,7 @@ from objectives.refusal import RefusalRate
 from search.abliterate import Abliterator, DirectionalParameters, load_adapter_model, refusal_directions
 from search.ara import COMPONENTS, AbliterationError, AraParameters
 from search.config import PromptSet, StudyConfig
-from search.heretic_bridge import LibrarySettings, quiet_heretic
+from search.heretic_bridge import heretic_settings, quiet_heretic
 from search.module_io import ModuleIO, cache_key, load_or_capture
 
 
@@ -51,20 +51,19 @@ class Resident:
         self.cfg = cfg
         self.model_id = cfg.resolve(cfg.model.target)
         ab = cfg.abliteration
-        self.settings = LibrarySettings(
-            model=self.model_id,
-            dtypes=[cfg.model.dtype],
+        self.settings = heretic_settings(
+            self.model_id,
+            good=self._spec(cfg.prompts.harmless_train),
+            bad=self._spec(cfg.prompts.harmful_train),
+            good_eval=self._spec(cfg.prompts.harmless_eval),
+            bad_eval=self._spec(cfg.prompts.harmful_eval),
+            system_prompt=cfg.model.system_prompt,
             batch_size=ab.batch_size,
             max_response_length=ab.max_response_length,
-            response_prefix="",
             seed=cfg.search.seed,
-            system_prompt=cfg.model.system_prompt,
+            dtype=cfg.model.dtype,
             row_normalization=RowNormalization(ab.row_normalization),
-            full_normalization_lora_rank=ab.rank,
-            good_prompts=self._spec(cfg.prompts.harmless_train),
-            bad_prompts=self._spec(cfg.prompts.harmful_train),
-            good_evaluation_prompts=self._spec(cfg.prompts.harmless_eval),
-            bad_evaluation_prompts=self._spec(cfg.prompts.harmful_eval),
+            lora_rank=ab.rank,
         )
         self.model = load_adapter_model(self.settings, ab.method, ab.rank)
         self.abliterator = Abliterator(self.model, seed=cfg.search.seed)
