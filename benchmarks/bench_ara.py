@@ -22,7 +22,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.ara import AraParameters, module_seed, optimise_module  # noqa: E402
+from search.ara import AraParameters, ModuleTask, module_seed, optimise_modules  # noqa: E402
 
 console = Console(width=120)
 
@@ -43,45 +43,67 @@ def _stats(values: list[float]) -> tuple[str, str, str]:
     return f"{statistics.median(values):.3f}", f"{min(values):.3f}", f"{max(values):.3f}"
 
 
-def bench_shapes(device: str, rank: int, prompts: int, repeats: int) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    shapes = []
+def _shape_tasks(device: str, prompts: int, gen: torch.Generator) -> list[ModuleTask]:
+    """Random weights and module I/O at the real shapes: every layer's o_proj (sliding or full) and down_proj."""
+    tasks = []
     for layer in range(LAYERS):
         full = (layer + 1) % 6 == 0
-        shapes.append((layer, "attn.o_proj", HEADS * (FULL_HEAD if full else SLIDING_HEAD)))
-        shapes.append((layer, "mlp.down_proj", DENSE_FF))
+        for component, d_in in (
+            ("attn.o_proj", HEADS * (FULL_HEAD if full else SLIDING_HEAD)),
+            ("mlp.down_proj", DENSE_FF),
+        ):
+            w0 = (torch.randn(HIDDEN, d_in, generator=gen) * d_in**-0.5).to(torch.bfloat16).to(device)
+            io = {
+                "good_in": torch.randn(prompts, d_in, generator=gen),
+                "bad_in": torch.randn(prompts, d_in, generator=gen) + 0.5,
+            }
+            io = {k: v.to(device) for k, v in io.items()}
+            io["good_out"] = io["good_in"] @ w0.float().T
+            io["bad_out"] = io["bad_in"] @ w0.float().T
+            tasks.append(ModuleTask(w0, io, module_seed(0, layer, component, 0), w0.float().norm(dim=1)))
+    return tasks
+
+
+def bench_shapes(device: str, rank: int, prompts: int, repeats: int, workers: list[int], candidates: list[str]) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(0)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     console.print(f"device: {name}; torch {torch.__version__}; rank {rank}; {prompts} good + {prompts} bad prompts")
-    table = Table(title="ARA at Gemma 4 26B-A4B module shapes (all 30 layers x o_proj + down_proj)")
-    for col in ("candidate", "run", "all-layer ARA s", "per module s: median", "min", "max", "vs 20 s target"):
+    tasks = _shape_tasks(device, prompts, gen)
+    # Once, untimed: CUDA context, kernels and allocator warm-up are a once-per-process cost.
+    optimise_modules(tasks[:2], CANDIDATES["steer-mild"], rank, max(workers))
+    modes = [("eager", 1)] + [("graph", n) for n in workers]
+    table = Table(title=f"ARA at Gemma 4 26B-A4B module shapes ({len(tasks)} modules: 30 layers x o_proj + down_proj)")
+    for col in ("candidate", "loss+grad", "workers", "all-layer ARA s: median", "min", "max", "vs eager", "vs 20 s"):
         table.add_column(col)
-    # One module first, untimed: CUDA context, kernels and allocator warm-up are a once-per-process cost.
-    w = torch.randn(HIDDEN, DENSE_FF, generator=gen).to(device)
-    x = {k: torch.randn(prompts, DENSE_FF, generator=gen).to(device) for k in ("good_in", "bad_in")}
-    x |= {"good_out": x["good_in"] @ w.T, "bad_out": x["bad_in"] @ w.T}
-    optimise_module(w, x, CANDIDATES["steer-mild"], rank, 0, w.norm(dim=1))
-    for label, params in CANDIDATES.items():
-        for run in range(repeats):
-            per_module = []
-            for layer, component, d_in in shapes:
-                w0 = (torch.randn(HIDDEN, d_in, generator=gen) * d_in**-0.5).to(torch.bfloat16).to(device)
-                good_in = torch.randn(prompts, d_in, generator=gen)
-                bad_in = torch.randn(prompts, d_in, generator=gen) + 0.5
-                io = {"good_in": good_in, "bad_in": bad_in}
-                io = {k: v.to(device) for k, v in io.items()}
-                io["good_out"] = io["good_in"] @ w0.float().T
-                io["bad_out"] = io["bad_in"] @ w0.float().T
-                magnitude = w0.float().norm(dim=1)
+    for label in candidates:
+        params = CANDIDATES[label]
+        reference: list | None = None
+        eager_median = 0.0
+        for mode, n in modes:
+            totals = []
+            for _ in range(repeats):
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                optimise_module(w0, io, params, rank, module_seed(0, layer, component, 0), magnitude)
+                results = optimise_modules(tasks, params, rank, n, graph=mode == "graph")
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                per_module.append(time.perf_counter() - t0)
-            total = sum(per_module)
-            med, lo, hi = _stats(per_module)
-            table.add_row(label, str(run), f"{total:.2f}", med, lo, hi, f"{total / 20.0:.2f}x")
+                totals.append(time.perf_counter() - t0)
+            # Neither graphs nor threads may change any module's result.
+            reference = reference or results
+            same = all(
+                torch.equal(r[0], q[0]) and torch.equal(r[1], q[1]) for r, q in zip(results, reference, strict=True)
+            )
+            median = statistics.median(totals)
+            eager_median = eager_median or median
+            table.add_row(
+                label,
+                mode,
+                f"{n}{'' if same else ' (results differ!)'}",
+                *_stats(totals),
+                f"{eager_median / median:.2f}x",
+                f"{median / 20.0:.2f}x",
+            )
     console.print(table)
 
 
@@ -131,9 +153,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=400, help="good and bad prompts each (heretic: 400)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help="comma-separated, from " + ", ".join(CANDIDATES)
+    )
+    parser.add_argument("--workers", default="1,2,4,8", help="comma-separated concurrent modules to compare (GPU)")
     args = parser.parse_args()
     if args.what == "shapes":
-        bench_shapes(args.device, args.rank, args.prompts, args.repeats)
+        workers = [int(w) for w in args.workers.split(",")]
+        bench_shapes(args.device, args.rank, args.prompts, args.repeats, workers, args.candidates.split(","))
     else:
         bench_organism(args.repeats)
 

@@ -22,7 +22,7 @@ from heretic.utils import load_prompts
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
-from search.ara import AbliterationError, AraParameters, edited_weight, module_seed, optimise_module
+from search.ara import AbliterationError, AraParameters, ModuleTask, edited_weight, module_seed, optimise_modules
 from search.module_io import ModuleIO, ModuleKey
 
 ADAPTER = "default"
@@ -88,9 +88,10 @@ class DirectionalParameters(BaseModel):
 class Abliterator:
     """Applies a candidate to the resident model and reverts it; knows nothing of studies or tracking."""
 
-    def __init__(self, model: AdapterModel, seed: int) -> None:
+    def __init__(self, model: AdapterModel, seed: int, workers: int = 1) -> None:
         self.model = model
         self.seed = seed
+        self.workers = workers
         base = model.model.get_base_model()
         names = {id(m): n for n, m in base.named_modules()}
         self.adapters: dict[ModuleKey, Any] = {}
@@ -128,19 +129,25 @@ class Abliterator:
         params.check_against(self.num_layers, self.components)
         self.reset()
         t0 = time.perf_counter()
-        losses = {}
-        for key, module in self.adapters.items():
-            layer, component, index = key
-            if not (params.start_layer_index <= layer < params.end_layer_index and component in params.components):
-                continue
-            a, b, loss = optimise_module(
-                module.base_layer.weight,
+        keys = [
+            key
+            for key in self.adapters
+            if params.start_layer_index <= key[0] < params.end_layer_index and key[1] in params.components
+        ]
+        tasks = [
+            ModuleTask(
+                self.adapters[key].base_layer.weight,
                 io[key],
-                params,
-                self.model.adapter_rank,
-                module_seed(self.seed, layer, component, index),
-                self._magnitude(module),
+                module_seed(self.seed, *key),
+                self._magnitude(self.adapters[key]),
             )
+            for key in keys
+        ]
+        losses = {}
+        for key, (a, b, loss) in zip(
+            keys, optimise_modules(tasks, params, self.model.adapter_rank, self.workers), strict=True
+        ):
+            module = self.adapters[key]
             with torch.no_grad():
                 module.lora_A[ADAPTER].weight.copy_(a)
                 module.lora_B[ADAPTER].weight.copy_(b)

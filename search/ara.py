@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -127,38 +130,103 @@ class LowRankOutputs:
         return good * scale, bad * scale
 
 
-def optimise_module(
-    w0: torch.Tensor,
-    io: dict[str, torch.Tensor],
-    params: AraParameters,
-    rank: int,
-    seed: int,
-    magnitude: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """L-BFGS over the adapter (A: [r, d_in], B: [d_out, r]) in float32 on w0's device.
+@dataclass(frozen=True)
+class ModuleTask:
+    """One module's optimisation: its vanilla weight, captured I/O, seed and (DoRA) magnitude."""
+
+    w0: torch.Tensor
+    io: dict[str, torch.Tensor]
+    seed: int
+    magnitude: torch.Tensor | None
+
+
+class ModuleProblem:
+    """L-BFGS over one module's adapter (A: [r, d_in], B: [d_out, r]) in float32 on w0's device.
 
     B starts at zero (the vanilla weight) and A at a seeded Gaussian, so the result depends only on the inputs,
-    the parameters and `seed`. Returns (A, B, final loss).
+    the parameters and the seed. On CUDA the loss and its gradient are captured once as a CUDA graph (`graph`):
+    the same kernels, one launch per evaluation instead of dozens, so the result is bit-identical to eager.
     """
-    device = w0.device
-    w0 = w0.detach().float()
-    io = {name: t.to(device=device, dtype=torch.float32) for name, t in io.items()}
-    d_out, d_in = w0.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    a = (torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in)).to(device).requires_grad_(True)
-    b = torch.zeros(d_out, rank, device=device, requires_grad=True)
-    mag = magnitude.detach().float().to(device) if magnitude is not None else None
-    outputs = LowRankOutputs(w0, io, mag)
-    opt = torch.optim.LBFGS([a, b], **LBFGS)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = ara_loss(*outputs(a, b), io, params)
+    def __init__(self, task: ModuleTask, params: AraParameters, rank: int, graph: bool = True) -> None:
+        device = task.w0.device
+        w0 = task.w0.detach().float()
+        self.io = {name: t.to(device=device, dtype=torch.float32) for name, t in task.io.items()}
+        d_out, d_in = w0.shape
+        gen = torch.Generator(device="cpu").manual_seed(task.seed)
+        self.a = (torch.randn(rank, d_in, generator=gen) / math.sqrt(d_in)).to(device).requires_grad_(True)
+        self.b = torch.zeros(d_out, rank, device=device, requires_grad=True)
+        mag = task.magnitude.detach().float().to(device) if task.magnitude is not None else None
+        self.outputs = LowRankOutputs(w0, self.io, mag)
+        self.params = params
+        self.opt = torch.optim.LBFGS([self.a, self.b], **LBFGS)
+        # One stream per problem for warm-up, capture and solving: cuBLAS keeps a workspace per stream, and
+        # problems solved at once must not share one (a shared capture stream would make their graphs share it).
+        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.closure = self._graphed() if self.stream is not None and graph else self._eager
+
+    def _evaluate(self) -> torch.Tensor:
+        loss = ara_loss(*self.outputs(self.a, self.b), self.io, self.params)
         loss.backward()
         return loss
 
-    for _ in range(LBFGS_STEPS):
-        opt.step(closure)
-    with torch.no_grad():
-        final = ara_loss(*outputs(a, b), io, params)
-    return a.detach(), b.detach(), float(final)
+    def _eager(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        return self._evaluate()
+
+    def _graphed(self) -> Callable[[], torch.Tensor]:
+        """L-BFGS updates A and B in place, so the graph reads their current values and leaves the gradients in
+        the same (static) `.grad` tensors that L-BFGS reads."""
+        with torch.cuda.stream(self.stream):  # warm-up outside capture, as CUDA graphs require
+            for _ in range(2):
+                self._eager()
+            self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            loss = self._evaluate()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return loss
+
+        return replay
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Returns (A, B, final loss); safe to call from another thread."""
+        with torch.cuda.stream(self.stream), torch.enable_grad():  # grad mode is per thread
+            for _ in range(LBFGS_STEPS):
+                self.opt.step(self.closure)
+            with torch.no_grad():
+                final = float(ara_loss(*self.outputs(self.a, self.b), self.io, self.params))
+        if self.stream is not None:
+            torch.cuda.current_stream(self.a.device).wait_stream(self.stream)
+        return self.a.detach(), self.b.detach(), final
+
+
+def optimise_module(
+    task: ModuleTask, params: AraParameters, rank: int, graph: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One module's (A, B, final loss)."""
+    with torch.enable_grad():
+        return ModuleProblem(task, params, rank, graph).solve()
+
+
+def optimise_modules(
+    tasks: list[ModuleTask], params: AraParameters, rank: int, workers: int, graph: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """`optimise_module` for every task, in order. One module's L-BFGS is bound by host-side launches and syncs,
+    not by the GPU, so on CUDA up to `workers` modules are solved at once, each on its own stream and thread;
+    their graphs are captured first, one at a time, since capture must not overlap other work. Every module's result
+    depends only on its own task, so it is the same for any `workers`."""
+    if workers <= 1 or not tasks or tasks[0].w0.device.type != "cuda":
+        return [optimise_module(t, params, rank, graph) for t in tasks]
+
+    results = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ara") as pool:
+        for i in range(0, len(tasks), workers):  # a group at a time bounds the memory of live problems
+            with torch.enable_grad():
+                group = [ModuleProblem(t, params, rank, graph) for t in tasks[i : i + workers]]
+            results += pool.map(ModuleProblem.solve, group)
+    return results

@@ -107,6 +107,9 @@ class Abliteration(Section):
     )
     batch_size: int = Field(32, ge=1, description="prompts per forward pass for capture, KL and HF refusals")
     max_response_length: int = Field(100, ge=1, description="greedy tokens judged for refusals (heretic: 100)")
+    workers: int = Field(
+        4, ge=1, le=16, description="ARA modules optimised at once on a GPU (host-bound L-BFGS; CPU runs one)"
+    )
 
 
 class Quantization(Section):

@@ -66,7 +66,7 @@ class Resident:
             lora_rank=ab.rank,
         )
         self.model = load_adapter_model(self.settings, ab.method, ab.rank)
-        self.abliterator = Abliterator(self.model, seed=cfg.search.seed)
+        self.abliterator = Abliterator(self.model, seed=cfg.search.seed, workers=ab.workers)
         self.cache_dir = cache_dir
         self._io: ModuleIO | None = None
         self._directions: torch.Tensor | None = None

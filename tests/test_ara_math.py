@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.ara import AraParameters, LowRankOutputs, ara_loss, edited_weight, knn_distance, optimise_module
+from search.ara import (
+    AraParameters,
+    LowRankOutputs,
+    ModuleTask,
+    ara_loss,
+    edited_weight,
+    knn_distance,
+    optimise_module,
+)
 
 PARAMS = AraParameters(start_layer_index=0, end_layer_index=1, preserve_w=0.7, steer_w=0.3, overcorrect_w=0.9, k=3)
 
@@ -43,11 +51,11 @@ def test_optimisation_lowers_the_objective_and_is_reproducible() -> None:
     w0, io = _problem()
     magnitude = w0.norm(dim=1)
     start = ara_loss(io["good_out"], io["bad_out"], io, PARAMS).item()
-    a, b, final = optimise_module(w0, io, PARAMS, rank=4, seed=5, magnitude=magnitude)
+    a, b, final = optimise_module(ModuleTask(w0, io, 5, magnitude), PARAMS, rank=4)
     assert final < start
     w = edited_weight(w0, a, b, magnitude)
     assert ara_loss(io["good_in"] @ w.T, io["bad_in"] @ w.T, io, PARAMS).item() == pytest.approx(final, rel=1e-4)
-    a2, b2, _ = optimise_module(w0, io, PARAMS, rank=4, seed=5, magnitude=magnitude)
+    a2, b2, _ = optimise_module(ModuleTask(w0, io, 5, magnitude), PARAMS, rank=4)
     assert torch.equal(a, a2) and torch.equal(b, b2)
-    a3, _, _ = optimise_module(w0, io, PARAMS, rank=4, seed=6, magnitude=magnitude)
+    a3, _, _ = optimise_module(ModuleTask(w0, io, 6, magnitude), PARAMS, rank=4)
     assert not torch.equal(a, a3)
