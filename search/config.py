@@ -95,6 +95,14 @@ class Search(Section):
     enqueue: list[dict[str, float]] = Field(
         default_factory=list, description="informed first trials: parameter sets run before the sampler's own"
     )
+    acceptance_objective: Annotated[str, Field(pattern=r"^(mean_accepted_tokens|acc_pos_[0-9]+)$")] = Field(
+        "mean_accepted_tokens",
+        description="acceptance scalar maximised, over the acceptance sets' mix: mean accepted tokens per draft, "
+        "or one position's rate (acc_pos_0 .. acc_pos_{n-1})",
+    )
+    max_consecutive_failures: int = Field(
+        5, ge=1, description="stop the study after this many failed trials in a row (a broken setup, not a candidate)"
+    )
 
 
 class Abliteration(Section):
@@ -163,6 +171,14 @@ class Acceptance(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per seed")
     concurrency: int = Field(4, ge=1, description="requests in flight at once")
 
+    @field_validator("sets")
+    @classmethod
+    def _unique_names(cls, sets: list[AcceptanceSet]) -> list[AcceptanceSet]:
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"set names must be unique (got {names}); each set is reported under its name")
+        return sets
+
 
 class Tracking(Section):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under runs/")
@@ -189,6 +205,14 @@ class StudyConfig(Section):
 
     # Filled by load_config: the TOML's folder, against which relative paths resolve.
     base_dir: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _acceptance_position_exists(self) -> StudyConfig:
+        scalar = self.search.acceptance_objective
+        n = self.serving.num_speculative_tokens
+        if scalar.startswith("acc_pos_") and int(scalar.removeprefix("acc_pos_")) >= n:
+            raise ValueError(f"search.acceptance_objective {scalar} needs a position below num_speculative_tokens={n}")
+        return self
 
     def resolve(self, value: str) -> str:
         """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""

@@ -66,6 +66,9 @@ def _organism_text(**replace: str) -> str:
         ('"--enforce-eager"', '"--port=9", "--enforce-eager"', "serving.vllm_args", "remove it from vllm_args"),
         ("organism/body", "organism/no-such-body", "model.target", "fix the path"),
         ("harmful_eval.txt", "harmful_evil.txt", "prompts.harmful_eval.source", "fix the path"),
+        ('name = "harmful"', 'name = "harmless"', "acceptance.sets", "must be unique"),
+        ('acceptance_objective = "mean_accepted_tokens"', 'acceptance_objective = "acc_pos_4"', "", "num_speculative"),
+        ('acceptance_objective = "mean_accepted_tokens"', 'acceptance_objective = "tok_s"', "search.acceptance", "fix"),
     ],
 )
 def test_broken_config_names_file_field_and_fix(tmp_path: Path, old: str, new: str, field: str, fix: str) -> None:

