@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 from optuna.samplers import RandomSampler, TPESampler
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -80,7 +80,7 @@ def open_study(cfg: StudyConfig) -> optuna.Study:
         storage_url(cfg),
         heartbeat_interval=HEARTBEAT_S,
         grace_period=GRACE_S,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
     study = optuna.create_study(
         study_name=cfg.name,
@@ -143,7 +143,7 @@ def reap_dead_trials(study: optuna.Study) -> list[int]:
         storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: the study process (pid {pid}) died")
         storage.set_trial_user_attr(t._trial_id, "failed_stage", t.user_attrs.get("stage", "?"))
         if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            RetryFailedTrialCallback(max_retry=1)(study, storage.get_trial(t._trial_id))
+            RetryHeartbeatStaleTrialCallback(max_retry=1)(study, storage.get_trial(t._trial_id))
             reaped.append(t.number)
     return reaped
 

@@ -200,3 +200,37 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
         after = trials[before.number]
         assert after.values == before.values and after.datetime_complete == before.datetime_complete
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
+def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
+    cfg = study_config(tmp_path, "interrupted", n_trials=1, python=VLLM_PYTHON)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    db = tmp_path / "runs" / "interrupted" / "optuna.db"
+
+    def serving_a_trial():
+        if not db.exists():
+            return None
+        try:
+            trials = load(tmp_path, "interrupted").get_trials()
+        except KeyError:
+            return None
+        running = [t for t in trials if t.state == TrialState.RUNNING and "server_pid" in t.user_attrs]
+        return running[0] if running and running[0].user_attrs.get("stage") in ("refusals", "acceptance") else None
+
+    try:
+        trial = _wait_for(serving_a_trial, 900, "a trial with its server up", proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _group_alive(trial.user_attrs["server_pid"])  # stopped before the process exited
+    study = load(tmp_path, "interrupted")
+    failed = study.trials[trial.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == trial.number
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+    assert "run `mtp-abliterate study run" in (tmp_path / "run.log").read_text()
