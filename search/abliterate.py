@@ -179,6 +179,14 @@ class Abliterator:
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def merged_digest(self) -> str:
+        """sha256 of the edited modules' deployed weights (BF16 bytes as written to a checkpoint)."""
+        h = hashlib.sha256()
+        for name, tensor in self.merged_weights().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     @torch.no_grad()
     def merged_weights(self) -> dict[str, torch.Tensor]:
         """Full weights of the edited modules as deployed, in the base weights' dtype, keyed by parameter name."""

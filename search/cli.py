@@ -332,7 +332,9 @@ def _load_study_target(target: Path) -> StudyConfig:
         if not pointer.is_file():
             fail(f"{target} is not a study folder (no study.json); pass the study's run folder or its config")
         info = json.loads(pointer.read_text())
-        cfg = load_config(target / "config.toml", check_paths=False)
+        # The original TOML (its relative paths resolve from its own folder), else the copy kept in the folder.
+        source = Path(info["config"]) if info.get("config") and Path(info["config"]).is_file() else None
+        cfg = load_config(source or target / "config.toml", check_paths=False)
         storage = cfg.storage.model_copy(update={"optuna_url": info["storage"]})
         tracking = cfg.tracking.model_copy(update={"mlflow_uri": info["mlflow_uri"]})
         return cfg.model_copy(update={"storage": storage, "tracking": tracking})
@@ -373,7 +375,7 @@ def study_run(
     except (ConfigError, ValueError) as e:
         fail(str(e))
     limits = RunLimits(n_trials or cfg.search.n_trials, deadline, cfg.search.max_consecutive_failures)
-    runner = StudyRunner(cfg, console, file.read_text())
+    runner = StudyRunner(cfg, console, file)
     try:
         runner.run(limits)
     except KeyboardInterrupt:
@@ -412,7 +414,7 @@ def study_reference(
         fail(str(e))
     except json.JSONDecodeError as e:
         fail(f"--params is not valid JSON ({e})")
-    runner = StudyRunner(cfg, console, file.read_text())
+    runner = StudyRunner(cfg, console, file)
     try:
         metrics, better = score_reference(runner, method, raw, label or method)
     except (AbliterationError, StudyError) as e:
@@ -476,3 +478,90 @@ def ui(
         )
     except KeyboardInterrupt:
         pass
+
+
+def _load_trial(target: Path, number: int):
+    """(config, study, trial) of a study's complete trial, from its run folder or config."""
+    import optuna
+
+    from search.materialize import MaterializeError, recorded_trial
+    from search.study import storage_url
+
+    try:
+        cfg = _load_study_target(target)
+    except ConfigError as e:
+        fail(str(e))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
+        return cfg, study, recorded_trial(study, number)
+    except KeyError:
+        fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
+    except MaterializeError as e:
+        fail(str(e))
+
+
+Precision = Annotated[str, typer.Option(help="fp8 (as served in the study) or bf16")]
+
+
+@app.command("materialize")
+def materialize_cmd(
+    study: Annotated[Path, typer.Argument(help="the study's run folder or config")],
+    trial: Annotated[int, typer.Option(help="trial number")],
+    out: Annotated[Path, typer.Option(help="a new folder for the checkpoint")],
+    precision: Precision = "fp8",
+) -> None:
+    """Rebuild a trial's candidate from its recorded parameters; verify the edited tensors' recorded hash."""
+    from search.materialize import MaterializeError, materialize
+    from search.study import quiet_libraries
+
+    cfg, _, t = _load_trial(study, trial)
+    quiet_libraries()
+    try:
+        done = materialize(cfg, t, out, precision)
+    except MaterializeError as e:
+        fail(str(e))
+    console.print(
+        f"trial {trial}: edited tensors match the record (sha256 {done.merged_digest[:16]}); {precision} in {out}"
+    )
+
+
+@app.command("export")
+def export_cmd(
+    study: Annotated[Path, typer.Argument(help="the study's run folder or config")],
+    trial: Annotated[int, typer.Option(help="trial number")],
+    out: Annotated[Path | None, typer.Option(help="export folder (default: runs/<study>/exports/trial-N)")] = None,
+    push: Annotated[str | None, typer.Option(help="upload to this Hugging Face repo, user/name")] = None,
+    private: Annotated[bool, typer.Option(help="create the repo private")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="write the export and list what would be uploaded; upload nothing")
+    ] = False,
+    precision: Precision = "fp8",
+) -> None:
+    """Write a trial's checkpoint with tokenizer files and a model card of its measured numbers; optionally push."""
+    from search.export import ExportError, files_to_upload, model_card
+    from search.export import push as push_folder
+    from search.materialize import MaterializeError, materialize
+    from search.study import quiet_libraries, run_dir_of
+
+    cfg, optuna_study, t = _load_trial(study, trial)
+    out = out or run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}"
+    quiet_libraries()
+    try:
+        if not (out / "config.json").is_file():  # an earlier export of this trial is reused, not rebuilt
+            materialize(cfg, t, out, precision)
+        (out / "README.md").write_text(model_card(cfg, t, optuna_study.user_attrs["vanilla"], push, precision))
+    except MaterializeError as e:
+        fail(str(e))
+    console.print(f"exported trial {trial} ({precision}) to {out}")
+    if dry_run or not push:
+        if dry_run:
+            console.print(f"would upload to {push or '<--push user/name>'}:")
+            for f in files_to_upload(out):
+                console.print(f"  {f}  ({(out / f).stat().st_size / 1e6:.1f} MB)", highlight=False)
+        return
+    try:
+        url = push_folder(out, push, private)
+    except ExportError as e:
+        fail(str(e))
+    console.print(f"uploaded: {url}")

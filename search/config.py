@@ -180,6 +180,26 @@ class Acceptance(Section):
         return sets
 
 
+class Retention(Section):
+    """Which candidate checkpoints stay on disk: an FP8 candidate of the real target is ~27 GB."""
+
+    keep: Literal["pareto", "all", "none"] = Field(
+        "pareto", description="'pareto': only the current Pareto front's (removed when they fall off it)"
+    )
+    keep_last: int = Field(0, ge=0, description="also keep the last k complete trials' checkpoints")
+    min_free_gb: float = Field(
+        5.0, ge=0, description="stop the study before a trial when less than this is free under runs_dir"
+    )
+
+
+class Export(Section):
+    """The model card of `mtp-abliterate export`."""
+
+    license: str | None = Field(
+        None, description="license tag; default: the base model card's (a local README.md), else 'other'"
+    )
+
+
 class Tracking(Section):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under runs/")
 
@@ -200,6 +220,8 @@ class StudyConfig(Section):
     quantization: Quantization = Quantization()
     serving: Serving = Serving()
     acceptance: Acceptance
+    retention: Retention = Retention()
+    export: Export = Export()
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
 

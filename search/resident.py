@@ -69,6 +69,7 @@ class Resident:
         self.abliterator = Abliterator(self.model, seed=cfg.search.seed, workers=ab.workers)
         self.cache_dir = cache_dir
         self._io: ModuleIO | None = None
+        self.io_key: str | None = None  # identity of the captured module I/O (model, prompts, batch)
         self._directions: torch.Tensor | None = None
         self.kld = KLDivergence(self.model, self.prompts("good_evaluation_prompts"))
         self.refusal = RefusalRate(self.respond, self.prompts("bad_evaluation_prompts"))
@@ -89,6 +90,7 @@ class Resident:
         self.abliterator.reset()
         good, bad = self.prompts("good_prompts"), self.prompts("bad_prompts")
         key = cache_key(self.model_id, self._weights_digest(), good, bad, self.settings.batch_size)
+        self.io_key = key
         self._io, hit = load_or_capture(self.model, good, bad, self.cache_dir, key)
         return self._io, hit
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -31,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from objectives.base import Direction
 from search.config import StudyConfig
 from search.pareto import ObjectiveSpec, dominates, pareto_front
+from search.retention import apply_retention, free_gb
 from search.retry import retry_of
 from search.space import SearchSpace
 from search.trial import DiskFullError, StageError, TrialPipeline, TrialResult
@@ -142,6 +144,9 @@ def reap_dead_trials(study: optuna.Study) -> list[int]:
         storage = study._storage
         storage.set_trial_user_attr(t._trial_id, "fail_reason", f"interrupted: the study process (pid {pid}) died")
         storage.set_trial_user_attr(t._trial_id, "failed_stage", t.user_attrs.get("stage", "?"))
+        if trial_dir := t.user_attrs.get("trial_dir"):  # half-written checkpoints of the dead trial
+            for leftover in ("bf16", "candidate"):
+                shutil.rmtree(Path(trial_dir) / leftover, ignore_errors=True)
         if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
             RetryHeartbeatStaleTrialCallback(max_retry=1)(study, storage.get_trial(t._trial_id))
             reaped.append(t.number)
@@ -158,11 +163,12 @@ class RunLimits:
 class StudyRunner:
     """Owns the study loop; the stages are in TrialPipeline, the mirror in Tracker."""
 
-    def __init__(self, cfg: StudyConfig, console: Console, config_text: str) -> None:
+    def __init__(self, cfg: StudyConfig, console: Console, config_path: Path | None = None) -> None:
         quiet_libraries()
         self.cfg = cfg
         self.console = console
-        self.config_text = config_text
+        self.config_path = config_path
+        self.config_text = config_path.read_text() if config_path else cfg.model_dump_json(indent=2)
         self.run_dir = run_dir_of(cfg)
         self.objectives = objective_specs(cfg)
         self.study = open_study(cfg)
@@ -172,7 +178,12 @@ class StudyRunner:
     def _write_pointer(self) -> None:
         """runs/<study>/study.json: lets `study status RUN_DIR` and `ui RUN_DIR` find the storage and store."""
         (self.run_dir / "config.toml").write_text(self.config_text)
-        pointer = {"name": self.cfg.name, "storage": storage_url(self.cfg), "mlflow_uri": self.mlflow_uri()}
+        pointer = {
+            "name": self.cfg.name,
+            "config": str(self.config_path.absolute()) if self.config_path else None,
+            "storage": storage_url(self.cfg),
+            "mlflow_uri": self.mlflow_uri(),
+        }
         (self.run_dir / "study.json").write_text(json.dumps(pointer, indent=2))
 
     def mlflow_uri(self) -> str:
@@ -194,6 +205,7 @@ class StudyRunner:
         with self.console.status("loading the model and capturing module I/O (once per study)"):
             resident = Resident(self.cfg, cache_dir=self.run_dir / "cache")
             resident.module_io()
+            self.resident = resident
             space = SearchSpace(resident.abliterator.num_layers, self.cfg.search.space)
             pipeline = TrialPipeline(self.cfg, resident)
         if not self.study.trials:
@@ -293,6 +305,12 @@ class StudyRunner:
         def objective(trial: optuna.Trial) -> tuple[float, float, float]:
             params = space.suggest(trial)
             trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
+            if (free := free_gb(self.run_dir)) < self.cfg.retention.min_free_gb:
+                raise DiskFullError(
+                    f"only {free:.1f} GB free under {self.run_dir} (retention.min_free_gb = "
+                    f"{self.cfg.retention.min_free_gb}); free space, move runs_dir, or keep fewer checkpoints "
+                    "(retention.keep)"
+                )
             for k, v in {"host": self.host, "pid": self.pid, "trial_dir": str(trial_dir)}.items():
                 trial.set_user_attr(k, v)
 
@@ -302,7 +320,11 @@ class StudyRunner:
 
             try:
                 result = pipeline.run(
-                    params, trial_dir, on_stage, on_server=lambda pid: trial.set_user_attr("server_pid", pid)
+                    params,
+                    trial_dir,
+                    on_stage,
+                    on_server=lambda pid: trial.set_user_attr("server_pid", pid),
+                    keep_candidate=self.cfg.retention.keep != "none",
                 )
             except StageError as e:
                 trial.set_user_attr("fail_reason", e.reason[:2000])
@@ -339,6 +361,7 @@ class StudyRunner:
                     f"{str(t.user_attrs.get('fail_reason', ''))[:300]}[/] (log: {t.user_attrs.get('log_path')})"
                 )
             front = pareto_front(study.get_trials(deepcopy=False), self.objectives)
+            apply_retention(study.get_trials(deepcopy=False), front, self.cfg.retention)
             best = ""
             if front:
                 top = max(t.values[2] for t in front)
@@ -371,6 +394,11 @@ class StudyRunner:
         constraints = constraint_values(self.cfg, result.refusal_rate, result.kld)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("adapter_digest", result.adapter_digest)
+        trial.set_user_attr("merged_digest", result.merged_digest)
+        trial.set_user_attr("module_io_key", self.resident.io_key)
+        trial.set_user_attr("versions", software_versions())
+        if result.candidate:
+            trial.set_user_attr("candidate", str(result.candidate))
         trial.set_user_attr("constraints", constraints)
         trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
         (Path(trial.user_attrs["trial_dir"]) / "result.json").write_text(

@@ -56,6 +56,8 @@ class TrialResult:
     tok_s: float
     durations: dict[str, float] = field(default_factory=dict)
     adapter_digest: str = ""
+    merged_digest: str = ""  # sha256 of the edited matrices as deployed (BF16), for re-materialisation
+    candidate: Path | None = None  # the served checkpoint, when kept
     refusal_samples: list[dict[str, Any]] = field(default_factory=list)
     log_path: Path | None = None
 
@@ -103,8 +105,10 @@ class TrialPipeline:
         trial_dir: Path,
         on_stage: Callable[[str], None] = lambda stage: None,
         on_server: Callable[[int], None] = lambda pid: None,
+        keep_candidate: bool = False,
     ) -> TrialResult:
-        """Score `params` (None = the vanilla model). Raises StageError, DiskFullError or KeyboardInterrupt."""
+        """Score `params` (None = the vanilla model). The served checkpoint stays in `trial_dir/candidate` if
+        `keep_candidate` and the trial succeeds. Raises StageError, DiskFullError or KeyboardInterrupt."""
         durations: dict[str, float] = {}
 
         @contextmanager
@@ -130,6 +134,7 @@ class TrialPipeline:
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = trial_dir / "server.log"
         abliterator = self.resident.abliterator
+        kept = False
         try:
             with stage("abliterate"):
                 if params is None:
@@ -139,13 +144,17 @@ class TrialPipeline:
                 digest = abliterator.adapter_digest()
             with stage("kl"):
                 kld = self.resident.kld.compute().value
+            candidate = trial_dir / "candidate"
             with stage("merge"):
+                merged_digest = abliterator.merged_digest()
                 merged = abliterator.save_merged(trial_dir / "bf16", self.cfg.resolve(self.cfg.model.target))
             with stage("quantize"):
-                model = merged
                 if self.cfg.quantization.scheme == "FP8_DYNAMIC":
-                    model = quantize_fp8_dynamic(merged, trial_dir / "fp8", self.cfg.quantization.ignore).path
+                    quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
                     shutil.rmtree(merged)
+                else:
+                    merged.rename(candidate)
+            model = candidate
             server = VllmServer(
                 self.cfg.serving, str(model), self.cfg.resolve(self.cfg.model.draft), log_path, resolve=self.cfg.resolve
             )
@@ -169,11 +178,12 @@ class TrialPipeline:
                         )
             finally:
                 server.stop()
+            kept = keep_candidate
         finally:
             abliterator.reset()
             shutil.rmtree(trial_dir / "bf16", ignore_errors=True)
-            # Candidates are not kept: an FP8 checkpoint of the real target is ~27 GB per trial.
-            shutil.rmtree(trial_dir / "fp8", ignore_errors=True)
+            if not kept:  # failed or not wanted: an FP8 candidate of the real target is ~27 GB
+                shutil.rmtree(trial_dir / "candidate", ignore_errors=True)
         weights = [w for _, _, w in self.sets]
         sets = acc.details["sets"]
         positions = len(next(iter(sets.values()))["per_position"])
@@ -189,6 +199,8 @@ class TrialPipeline:
             tok_s=tokens / seconds if seconds else 0.0,
             durations=durations,
             adapter_digest=digest,
+            merged_digest=merged_digest,
+            candidate=candidate if keep_candidate else None,
             refusal_samples=refusal.details["samples"],
             log_path=log_path,
         )

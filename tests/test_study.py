@@ -16,10 +16,16 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from search.serve import _group_alive
+from objectives.acceptance import AcceptanceSets
+from search.baseline import load_prompt_set
+from search.config import load_config
+from search.pareto import pareto_front
+from search.serve import VllmServer, _group_alive
+from search.study import objective_specs
 from search.tracking import TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,3 +240,73 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     assert "run `mtp-abliterate study run" in (tmp_path / "run.log").read_text()
+
+
+def _front_numbers(tmp: Path, name: str) -> set[int]:
+    cfg = load_config(tmp / f"{name}.toml")
+    return {t.number for t in pareto_front(load(tmp, name).get_trials(), objective_specs(cfg))}
+
+
+def test_retention_keeps_exactly_the_pareto_front(finished_study) -> None:
+    tmp, _ = finished_study
+    trials_dir = tmp / "runs" / "demo" / "trials"
+    kept = {int(d.name) for d in trials_dir.iterdir() if (d / "candidate" / "config.json").is_file()}
+    assert kept == _front_numbers(tmp, "demo") and kept
+    assert not any((d / "bf16").exists() for d in trials_dir.iterdir())
+
+
+def _tensors(folder: Path) -> dict[str, bytes]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                out[key] = st.get_tensor(key).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return out
+
+
+def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study) -> None:
+    tmp, _ = finished_study
+    number = min(_front_numbers(tmp, "demo"))
+    out = tmp / "materialized"
+    proc = run_cli("materialize", str(tmp / "runs" / "demo"), "--trial", str(number), "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "match the record" in proc.stdout
+    kept = tmp / "runs" / "demo" / "trials" / f"{number:04d}" / "candidate"
+    assert _tensors(out) == _tensors(kept)
+
+
+def test_export_card_serves_and_remeasures(finished_study) -> None:
+    tmp, _ = finished_study
+    number = min(_front_numbers(tmp, "demo"))
+    recorded = load(tmp, "demo").trials[number].user_attrs["metrics"]
+    out = tmp / "export"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_HOME"] = str(tmp / "hf-home")  # no cached login
+    args = [*CLI, "export", str(tmp / "runs" / "demo"), "--trial", str(number), "--out", str(out)]
+    proc = subprocess.run([*args, "--push", "someone/model"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no Hugging Face token" in proc.stdout and "intact" in proc.stdout
+    assert "hf_" not in proc.stdout
+    dry = subprocess.run([*args, "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    listed = {line.split()[0] for line in dry.stdout.splitlines() if line.startswith("  ")}
+    assert {"README.md", "config.json", "tokenizer.json", "model.safetensors"} <= listed
+    assert listed == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: body\nlicense: ") and "- speculative-decoding" in card
+    row = next(line for line in card.splitlines() if line.startswith("| this model |")).split("|")
+    assert float(row[2]) == round(recorded["refusal_rate"], 3) and float(row[3]) == round(recorded["kld"], 4)
+    assert [float(x) for x in row[4].split("/")] == [round(recorded[f"acc_pos_{i}"], 3) for i in range(4)]
+    assert "--speculative-config" in card and '"num_speculative_tokens": 4' in card
+
+    cfg = load_config(tmp / "demo.toml")
+    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    serving = cfg.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    with VllmServer(serving, str(out), cfg.resolve(cfg.model.draft), tmp / "export-server.log") as server:
+        a = cfg.acceptance
+        measured = AcceptanceSets(server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds)
+        details = measured.compute().details["sets"]
+    for name, m in details.items():
+        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]

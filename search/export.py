@@ -1,0 +1,152 @@
+"""Export of a study's winner: the checkpoint (re-materialised and verified), a model card, and the upload.
+
+The card carries the numbers measured in the study — refusal rate, KL, per-position acceptance and mean accepted
+tokens next to the vanilla model measured in the same harness — and the exact `vllm serve` command with the vanilla
+MTP draft. Uploads go through huggingface_hub with the user's token, which is never printed or logged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from optuna.trial import FrozenTrial
+
+from search.config import HF_ID, StudyConfig
+
+TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
+
+
+class ExportError(RuntimeError):
+    """An export or upload that cannot go on; the exported folder is left intact."""
+
+
+def base_license(cfg: StudyConfig) -> str:
+    """The config's license tag, else the base model card's (a local README.md front matter), else 'other'."""
+    if cfg.export.license:
+        return cfg.export.license
+    card = Path(cfg.resolve(cfg.model.target)) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    front = text.split("---")[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    m = re.search(r"(?m)^license:\s*(\S+)", front)
+    return m.group(1) if m else "other"
+
+
+def serve_command(cfg: StudyConfig, model: str) -> str:
+    draft = cfg.model.draft if HF_ID.match(cfg.model.draft) else "<path to the vanilla draft>"
+    spec = {"method": "mtp", "model": draft, "num_speculative_tokens": cfg.serving.num_speculative_tokens}
+    return shlex.join(["vllm", "serve", model, "--speculative-config", json.dumps(spec)])
+
+
+def _row(label: str, m: dict[str, float], n: int) -> str:
+    acc = " / ".join(f"{m[f'acc_pos_{i}']:.3f}" for i in range(n))
+    return (
+        f"| {label} | {m['refusal_rate']:.3f} | {m['kld']:.4f} | {acc} | {m['mean_accepted_tokens']:.3f} "
+        f"| {1 + m['mean_accepted_tokens']:.2f} |"
+    )
+
+
+def model_card(cfg: StudyConfig, t: FrozenTrial, vanilla: dict[str, float], repo: str | None, precision: str) -> str:
+    m = t.user_attrs["metrics"]
+    n = cfg.serving.num_speculative_tokens
+    base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
+    tags = [*TAGS, "fp8" if precision == "fp8" else "bf16"]
+    front = "\n".join(
+        ["---", f"base_model: {base}", f"license: {base_license(cfg)}", "tags:", *[f"- {x}" for x in tags], "---"]
+    )
+    sets = ", ".join(f"{s.name} ({s.prompts.source}, weight {s.weight})" for s in cfg.acceptance.sets)
+    params = "\n".join(
+        f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in t.params.items()
+    )
+    per_set = "\n".join(
+        f"| {s.name} | "
+        + " / ".join(f"{m[f'{s.name}.acc_pos_{i}']:.3f}" for i in range(n))
+        + f" | {m[f'{s.name}.mean_accepted_tokens']:.3f} ± {m[f'{s.name}.ci95']:.3f}"
+        + f" | {int(m[f'{s.name}.num_drafts'])} |"
+        for s in cfg.acceptance.sets
+    )
+    quantized = "llm-compressor FP8_DYNAMIC, BF16: " + ", ".join(cfg.quantization.ignore)
+    software = ", ".join(f"{k} {v}" for k, v in t.user_attrs.get("versions", {}).items())
+    header = (
+        "| model | refusal rate | KL divergence | acceptance per position | mean accepted / draft | tokens / step |"
+    )
+    model = repo or "<this folder>"
+    return f"""{front}
+
+# {repo or base + "-mtp-abliterated"}
+
+An abliteration of `{base}` chosen for keeping its MTP draft's speed-up: ARA (Arbitrary-Rank Ablation) on
+`attn.o_proj` and `mlp.down_proj`, picked from an Optuna study (trial {t.number} of study `{cfg.name}`)
+that scored every candidate, served in vLLM beside the **vanilla** MTP draft `{cfg.model.draft}` at
+n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weights: {precision.upper()}
+({quantized if precision == "fp8" else "BF16"}).
+
+## Measured (same harness, same prompts, same study)
+
+{header}
+|---|---|---|---|---|---|
+{_row("vanilla", vanilla, n)}
+{_row("this model", m, n)}
+
+Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}` (greedy, at most
+{cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token
+KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: vLLM's own counters over
+/v1/chat/completions, a_i = share of drafts whose first i+1 tokens were accepted, mixed over {sets}.
+Per set, with a 95 % interval on the mean:
+
+| set | acceptance per position | mean accepted ± 95 % CI | drafts |
+|---|---|---|---|
+{per_set}
+
+## Serve it with the vanilla MTP draft
+
+```bash
+{serve_command(cfg, model)}
+```
+
+## Method and parameters
+
+| parameter | value |
+|---|---|
+{params}
+
+Adapter rank {cfg.abliteration.rank}, row normalisation `{cfg.abliteration.row_normalization}`, seed {cfg.search.seed}.
+
+## Reproduce
+
+With the study's config and its cached module I/O, `mtp-abliterate materialize <study> --trial {t.number} --out DIR`
+rebuilds these weights and checks them against the sha256 of the edited tensors recorded at trial time
+(`{t.user_attrs["merged_digest"]}`). Software: {software}.
+"""
+
+
+def files_to_upload(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+def push(folder: Path, repo: str, private: bool) -> str:
+    """Upload `folder` to `repo`; returns the repo URL. The token comes from huggingface_hub (HF_TOKEN or login)."""
+    from huggingface_hub import HfApi, get_token
+
+    if not HF_ID.match(repo):
+        raise ExportError(f"--push {repo!r} is not a repo id; write user/name")
+    token = get_token()
+    if not token:
+        raise ExportError(
+            f"no Hugging Face token (set HF_TOKEN or run `hf auth login`); the export in {folder} is intact, "
+            "push it later with the same command"
+        )
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo, repo_type="model", commit_message="mtp-abliterate export"
+        )
+    except Exception as e:  # network, auth, quota: the message must not carry the token
+        reason = str(e).replace(token, "***").splitlines()[0][:300]
+        raise ExportError(
+            f"upload to {repo} failed ({type(e).__name__}: {reason}); the export in {folder} is intact"
+        ) from None
+    return str(url)

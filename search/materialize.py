@@ -1,0 +1,79 @@
+"""Rebuild a trial's candidate from its recorded parameters and the cached module I/O, and prove it is the same.
+
+ARA is deterministic (per-module seeds, fixed optimiser), so the edited matrices can be recomputed instead of kept.
+The sha256 of the edited matrices as deployed was recorded at trial time; a rebuild that does not reproduce it is
+an error that names what differs (software versions, module I/O inputs), never a silently different model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+
+from search.ara import AraParameters
+from search.config import StudyConfig
+from search.quantize import quantize_fp8_dynamic
+from search.study import run_dir_of
+from search.versions import software_versions
+
+
+class MaterializeError(RuntimeError):
+    """The trial cannot be rebuilt as recorded; the message says what differs and what to do."""
+
+
+@dataclass
+class Materialized:
+    path: Path
+    merged_digest: str
+    precision: str
+
+
+def recorded_trial(study, number: int) -> FrozenTrial:
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise MaterializeError(f"study {study.study_name} has no trial {number}; see `mtp-abliterate study status`")
+    t = trials[number]
+    if t.state != TrialState.COMPLETE or "merged_digest" not in t.user_attrs:
+        raise MaterializeError(f"trial {number} is {t.state.name.lower()}, not a scored candidate; pick a complete one")
+    return t
+
+
+def _differences(t: FrozenTrial, io_key: str | None) -> str:
+    recorded, now = t.user_attrs.get("versions", {}), software_versions()
+    diffs = [f"{k} {recorded[k]} -> {now.get(k)}" for k in sorted(recorded) if recorded[k] != now.get(k)]
+    if t.user_attrs.get("module_io_key") != io_key:
+        diffs.append("module I/O inputs (model files, train prompts or batch size) changed")
+    return "; ".join(diffs) or "same software versions and inputs (a nondeterministic kernel on this machine?)"
+
+
+def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "fp8") -> Materialized:
+    """Write the trial's candidate to `out` (FP8 as served, or BF16) after checking its edited tensors' hash."""
+    from search.resident import Resident
+
+    if precision not in ("fp8", "bf16"):
+        raise MaterializeError(f"precision {precision!r} is not one of fp8, bf16")
+    resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
+    resident.apply(AraParameters(**t.params))
+    digest = resident.abliterator.merged_digest()
+    if digest != t.user_attrs["merged_digest"]:
+        raise MaterializeError(
+            f"trial {t.number}'s rebuilt edited tensors differ from the recorded ones (sha256 {digest[:12]} vs "
+            f"{t.user_attrs['merged_digest'][:12]}): {_differences(t, resident.io_key)}; rebuild with the recorded "
+            "versions and inputs"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise MaterializeError(f"{out} is not empty; pass a new folder")
+    if out.exists():
+        out.rmdir()
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        merged = resident.abliterator.save_merged(Path(tmp) / "bf16", cfg.resolve(cfg.model.target))
+        if precision == "fp8":
+            quantize_fp8_dynamic(merged, out, cfg.quantization.ignore)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(merged), out)
+    return Materialized(out, digest, precision)

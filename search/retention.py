@@ -1,0 +1,42 @@
+"""Candidate retention: which trial checkpoints stay on disk, and the free-disk guard.
+
+Policy `pareto` keeps the checkpoints of the current Pareto front (plus the last `keep_last` complete trials) and
+removes a checkpoint as soon as its trial falls off the front; `all` keeps every one, `none` none. A removed
+candidate can be rebuilt bit for bit with `mtp-abliterate materialize`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import Retention
+
+
+def kept_trials(trials: list[FrozenTrial], front: list[FrozenTrial], policy: Retention) -> set[int]:
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    if policy.keep == "all":
+        return {t.number for t in complete}
+    if policy.keep == "none":
+        return set()
+    last = {t.number for t in complete[-policy.keep_last :]} if policy.keep_last else set()
+    return {t.number for t in front} | last
+
+
+def apply_retention(trials: list[FrozenTrial], front: list[FrozenTrial], policy: Retention) -> list[int]:
+    """Delete the checkpoints of trials that are not to be kept; returns their trial numbers."""
+    keep = kept_trials(trials, front, policy)
+    removed = []
+    for t in trials:
+        candidate = t.user_attrs.get("candidate")
+        if candidate and t.number not in keep and Path(candidate).exists():
+            shutil.rmtree(candidate)
+            removed.append(t.number)
+    return removed
+
+
+def free_gb(path: Path) -> float:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free / 1e9
