@@ -341,6 +341,23 @@ def _load_study_target(target: Path) -> StudyConfig:
     return load_config(target, check_paths=False)
 
 
+def _open_existing_study(target: Path):
+    """(config, Optuna study) of a study that exists, from its run folder or config; fails with the fix if not."""
+    import optuna
+
+    from search.study import storage_url
+
+    try:
+        cfg = _load_study_target(target)
+    except ConfigError as e:
+        fail(str(e))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return cfg, optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
+    except KeyError:
+        fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
+
+
 @study_app.command("run")
 def study_run(
     file: Path,
@@ -430,20 +447,10 @@ def study_reference(
 @study_app.command("status")
 def study_status(target: Path) -> None:
     """Trials, their states and the Pareto set of a study (its run folder or its config)."""
-    import optuna
-
     from search.report import pareto_table, trials_table
-    from search.study import objective_specs, storage_url
+    from search.study import objective_specs
 
-    try:
-        cfg = _load_study_target(target)
-    except ConfigError as e:
-        fail(str(e))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
-    except KeyError:
-        fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
+    cfg, study = _open_existing_study(target)
     console.print(trials_table(study, objective_specs(cfg)))
     console.print(pareto_table(study, objective_specs(cfg)))
 
@@ -482,21 +489,11 @@ def ui(
 
 def _load_trial(target: Path, number: int):
     """(config, study, trial) of a study's complete trial, from its run folder or config."""
-    import optuna
-
     from search.materialize import MaterializeError, recorded_trial
-    from search.study import storage_url
 
+    cfg, study = _open_existing_study(target)
     try:
-        cfg = _load_study_target(target)
-    except ConfigError as e:
-        fail(str(e))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
         return cfg, study, recorded_trial(study, number)
-    except KeyError:
-        fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
     except MaterializeError as e:
         fail(str(e))
 

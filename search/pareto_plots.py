@@ -53,6 +53,11 @@ def pareto_png(
             )
         ax.set_xlabel(objectives[i].label)
         ax.set_ylabel(objectives[j].label)
+        # KL spans decades (1e-4 near vanilla to >1 for broken candidates): linear near 0, log beyond.
+        if objectives[i].name == "kld":
+            ax.set_xscale("symlog", linthresh=1e-3)
+        if objectives[j].name == "kld":
+            ax.set_yscale("symlog", linthresh=1e-3)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     ax = axes.flat[3]
