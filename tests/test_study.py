@@ -211,7 +211,15 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
 def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
     cfg = study_config(tmp_path, "interrupted", n_trials=1, python=VLLM_PYTHON)
     log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # SIGINT as a terminal delivers it; a runner started in the background (`cmd &`) hands its children SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: restore the default in the child.
+    proc = subprocess.Popen(
+        [*CLI, "study", "run", str(cfg)],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     db = tmp_path / "runs" / "interrupted" / "optuna.db"
 
     def serving_a_trial():
