@@ -199,6 +199,11 @@ class StudyRunner:
         from search.resident import Resident
         from search.tracking import Tracker
 
+        if self.cfg.abliteration.method != "ara":
+            raise StudyError(
+                f"the study searches ARA parameters, but abliteration.method = {self.cfg.abliteration.method!r}; "
+                "set it to 'ara' (score a directional candidate with `mtp-abliterate study reference`)"
+            )
         reaped = reap_dead_trials(self.study)
         if reaped:
             self.console.print(f"resumed: trial(s) {reaped} of a killed run were failed and re-queued")
