@@ -179,10 +179,11 @@ class Abliterator:
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def merged_digest(self) -> str:
-        """sha256 of the edited modules' deployed weights (BF16 bytes as written to a checkpoint)."""
+    def merged_digest(self, weights: dict[str, torch.Tensor] | None = None) -> str:
+        """sha256 of the edited modules' deployed weights (BF16 bytes as written to a checkpoint); pass
+        `merged_weights()` when it is at hand, to compute them once."""
         h = hashlib.sha256()
-        for name, tensor in self.merged_weights().items():
+        for name, tensor in (self.merged_weights() if weights is None else weights).items():
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
@@ -204,8 +205,9 @@ class Abliterator:
             out[f"{self.module_names[key]}.weight"] = w.to(w0.dtype)
         return out
 
-    def save_merged(self, out: Path, source: str | Path) -> Path:
-        """A standalone checkpoint of the current candidate; the resident model keeps its adapters.
+    def save_merged(self, out: Path, source: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """A standalone checkpoint of the current candidate; the resident model keeps its adapters. `weights`:
+        `merged_weights()` when the caller already has them.
 
         Non-weight files (config, tokenizer, chat template, generation config) are copied from a local `source`
         unchanged, so the candidate's config is byte-identical to the vanilla one.
@@ -216,7 +218,7 @@ class Abliterator:
             if "lora_" in name:
                 continue
             state[name.replace(".base_layer.", ".")] = tensor
-        state.update(self.merged_weights())
+        state.update(self.merged_weights() if weights is None else weights)
         out.mkdir(parents=True, exist_ok=True)
         base.save_pretrained(out, state_dict=state)
         self.model.tokenizer.save_pretrained(out)

@@ -58,7 +58,8 @@ def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "f
         raise MaterializeError(f"precision {precision!r} is not one of fp8, bf16")
     resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
     resident.apply(AraParameters(**t.params))
-    digest = resident.abliterator.merged_digest()
+    weights = resident.abliterator.merged_weights()
+    digest = resident.abliterator.merged_digest(weights)
     if digest != t.user_attrs["merged_digest"]:
         raise MaterializeError(
             f"trial {t.number}'s rebuilt edited tensors differ from the recorded ones (sha256 {digest[:12]} vs "
@@ -70,7 +71,7 @@ def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "f
     if out.exists():
         out.rmdir()
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        merged = resident.abliterator.save_merged(Path(tmp) / "bf16", cfg.resolve(cfg.model.target))
+        merged = resident.abliterator.save_merged(Path(tmp) / "bf16", cfg.resolve(cfg.model.target), weights)
         if precision == "fp8":
             quantize_fp8_dynamic(merged, out, cfg.quantization.ignore)
         else:

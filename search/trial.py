@@ -146,8 +146,9 @@ class TrialPipeline:
                 kld = self.resident.kld.compute().value
             candidate = trial_dir / "candidate"
             with stage("merge"):
-                merged_digest = abliterator.merged_digest()
-                merged = abliterator.save_merged(trial_dir / "bf16", self.cfg.resolve(self.cfg.model.target))
+                weights = abliterator.merged_weights()
+                merged_digest = abliterator.merged_digest(weights)
+                merged = abliterator.save_merged(trial_dir / "bf16", self.cfg.resolve(self.cfg.model.target), weights)
             with stage("quantize"):
                 if self.cfg.quantization.scheme == "FP8_DYNAMIC":
                     quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
