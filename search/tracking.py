@@ -37,7 +37,6 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, artifact_dir: Path | None, objectives: list[ObjectiveSpec]) -> None:
         """`artifact_dir`: where a new experiment keeps artifacts (None: the tracking server decides)."""
-        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.objectives = objectives
         found = self.client.get_experiment_by_name(experiment)
