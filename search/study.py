@@ -197,7 +197,6 @@ class StudyRunner:
     def run(self, limits: RunLimits) -> list[FrozenTrial]:
         """Run until `limits`; returns the Pareto front. Raises StudyError or KeyboardInterrupt."""
         from search.resident import Resident
-        from search.tracking import Tracker
 
         if self.cfg.abliteration.method != "ara":
             raise StudyError(
@@ -217,13 +216,7 @@ class StudyRunner:
             for params in self.cfg.search.enqueue:
                 self.study.enqueue_trial(space.check_enqueued(params), skip_if_exists=True)
         self._vanilla(pipeline)
-        tracker = Tracker(
-            self.mlflow_uri(),
-            self.cfg.name,
-            self.run_dir / "mlartifacts" if self.cfg.tracking.mlflow_uri is None else None,
-            self.objectives,
-        )
-        tracker.start_parent(self.study, self._parent_params(), software_versions(), self.config_text)
+        tracker = self.tracker()
         self._sync(tracker)
         status = "FINISHED"
         try:
@@ -235,6 +228,17 @@ class StudyRunner:
             self._sync(tracker)
             tracker.finish(status)
         return pareto_front(self.study.get_trials(deepcopy=False), self.objectives)
+
+    def tracker(self):
+        """The study's MLflow mirror with its parent run started (or resumed)."""
+        from search.tracking import Tracker
+
+        local = self.cfg.tracking.mlflow_uri is None  # a tracking server decides its own artifact store
+        tracker = Tracker(
+            self.mlflow_uri(), self.cfg.name, self.run_dir / "mlartifacts" if local else None, self.objectives
+        )
+        tracker.start_parent(self.study, self._parent_params(), software_versions(), self.config_text)
+        return tracker
 
     def _parent_params(self) -> dict[str, Any]:
         c = self.cfg
@@ -310,12 +314,6 @@ class StudyRunner:
         def objective(trial: optuna.Trial) -> tuple[float, float, float]:
             params = space.suggest(trial)
             trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
-            if (free := free_gb(self.run_dir)) < self.cfg.retention.min_free_gb:
-                raise DiskFullError(
-                    f"only {free:.1f} GB free under {self.run_dir} (retention.min_free_gb = "
-                    f"{self.cfg.retention.min_free_gb}); free space, move runs_dir, or keep fewer checkpoints "
-                    "(retention.keep)"
-                )
             for k, v in {"host": self.host, "pid": self.pid, "trial_dir": str(trial_dir)}.items():
                 trial.set_user_attr(k, v)
 
@@ -324,6 +322,12 @@ class StudyRunner:
                 progress.update(task, description=f"trial {trial.number}", stage=stage)
 
             try:
+                if (free := free_gb(self.run_dir)) < self.cfg.retention.min_free_gb:
+                    raise DiskFullError(
+                        f"only {free:.1f} GB free under {self.run_dir} (retention.min_free_gb = "
+                        f"{self.cfg.retention.min_free_gb}); free space, move runs_dir, or keep fewer checkpoints "
+                        "(retention.keep)"
+                    )
                 result = pipeline.run(
                     params,
                     trial_dir,
@@ -430,7 +434,6 @@ def score_reference(
     the study as `reference.<label>` (tables, plots, MLflow), and return its metrics and the feasible complete
     trials that dominate it."""
     from search.resident import Resident, num_layers_of, parse_parameters
-    from search.tracking import Tracker
 
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
     params = parse_parameters(method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
@@ -442,9 +445,7 @@ def score_reference(
             raise StudyError(f"the reference failed at stage {e.stage}: {e.reason} (log: {e.log_path})") from None
     metrics = result.metrics()
     runner.study.set_user_attr(f"reference.{label}", {"method": method, "params": raw, "metrics": metrics})
-    tracker = Tracker(runner.mlflow_uri(), cfg.name, runner.run_dir / "mlartifacts", runner.objectives)
-    tracker.start_parent(runner.study, runner._parent_params(), software_versions(), runner.config_text)
-    runner._sync(tracker)
+    runner._sync(runner.tracker())
     better = [
         t.number
         for t in runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

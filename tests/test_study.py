@@ -318,3 +318,20 @@ def test_export_card_serves_and_remeasures(finished_study) -> None:
         details = measured.compute().details["sets"]
     for name, m in details.items():
         assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
+
+
+def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: Path) -> None:
+    cfg = study_config(tmp_path, "guarded", n_trials=1, python=VLLM_PYTHON)
+    text = cfg.read_text()
+    cfg.write_text(re.sub(r'(?m)^method = "ara"', 'method = "directional"', text))
+    proc = run_cli("study", "run", str(cfg), timeout=300)
+    assert proc.returncode == 2 and "set it to 'ara'" in proc.stdout
+
+    cfg.write_text(re.sub(r"(?m)^min_free_gb = .*$", "min_free_gb = 1e9", text))
+    proc = run_cli("study", "run", str(cfg))
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "GB free under" in proc.stdout and "retention.min_free_gb" in proc.stdout
+    study = load(tmp_path, "guarded")
+    assert not study.get_trials(states=(TrialState.COMPLETE,))
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1  # the refused trial is re-queued, nothing is lost
