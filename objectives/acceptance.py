@@ -27,7 +27,7 @@ import httpx
 from heretic.utils import Prompt
 
 from objectives.base import Direction, Objective, ObjectiveResult
-from objectives.served import chat
+from objectives.served import Reply, chat, texts_digest
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
 
@@ -101,6 +101,7 @@ class SetMeasurement:
     tok_s: float
     invalid_reason: str | None
     samples: list[dict[str, str]]
+    answers_sha256: str  # every answer's text, in prompt order: equal digests mean identical greedy texts
 
 
 class AcceptanceSets(Objective):
@@ -119,23 +120,31 @@ class AcceptanceSets(Objective):
         temperature: float = 0.0,
         seeds: Sequence[int] = (0,),
         concurrency: int = 4,
+        keep_replies: Sequence[str] = (),
     ) -> None:
         self.base_url, self.served_name = base_url, served_name
         self.sets = [(n, list(p), w) for n, p, w in sets]
         self.n = num_speculative_tokens
         self.max_tokens, self.temperature, self.seeds, self.concurrency = max_tokens, temperature, seeds, concurrency
+        self.keep_replies = set(keep_replies)  # sets whose first-seed replies (with token ids) are kept in `replies`
+        self.replies: dict[str, list[Reply]] = {}
 
     def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
         jobs = [(p, s) for s in self.seeds for p in prompts]
         before = read_counters(self.base_url, self.n)
         t0 = time.perf_counter()
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
+            keep = name in self.keep_replies
 
-            def ask(job: tuple[Prompt, int]) -> tuple[str, int]:
+            def ask(job: tuple[Prompt, int]) -> Reply:
                 prompt, seed = job
-                return chat(client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed)
+                return chat(
+                    client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed, keep
+                )
 
             answers = list(pool.map(ask, jobs))
+        if keep:
+            self.replies[name] = answers[: len(prompts)]
         seconds = time.perf_counter() - t0
         delta = read_counters(self.base_url, self.n) - before
         drafts = delta.num_drafts
@@ -145,9 +154,9 @@ class AcceptanceSets(Objective):
             reason = "no drafts were proposed: speculative decoding did not run"
         elif delta.accepted_per_pos[0] == 0:
             reason = "no draft token was ever accepted: the draft is broken or does not belong to this body"
-        elif bad := [t for t, _ in answers if degenerate(t)]:
+        elif bad := [r.text for r in answers if degenerate(r.text)]:
             reason = f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}"
-        tokens = sum(n for _, n in answers)
+        tokens = sum(r.completion_tokens for r in answers)
         return SetMeasurement(
             name,
             rates,
@@ -160,7 +169,8 @@ class AcceptanceSets(Objective):
             seconds,
             tokens / seconds,
             reason,
-            [{"prompt": p.user, "response": t} for (p, _), (t, _) in list(zip(jobs, answers, strict=True))[:5]],
+            [{"prompt": p.user, "response": r.text} for (p, _), r in list(zip(jobs, answers, strict=True))[:5]],
+            texts_digest(r.text for r in answers),
         )
 
     def compute(self) -> ObjectiveResult:

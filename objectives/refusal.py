@@ -14,6 +14,7 @@ from heretic.config import Settings
 from heretic.utils import Prompt
 
 from objectives.base import Direction, Objective, ObjectiveResult
+from objectives.served import Reply, texts_digest
 
 HERETIC_REFUSAL_MARKERS: tuple[str, ...] = tuple(Settings.model_fields["refusal_markers"].default)
 
@@ -51,9 +52,8 @@ class RefusalRate(Objective):
             {"prompt": p.user, "response": r, "refusal": f}
             for p, r, f in list(zip(self.prompts, responses, flags, strict=True))[: self.samples]
         ]
-        return ObjectiveResult(
-            refusals / len(self.prompts), {"refusals": refusals, "num_prompts": len(self.prompts), "samples": sample}
-        )
+        details = {"refusals": refusals, "num_prompts": len(self.prompts), "samples": sample}
+        return ObjectiveResult(refusals / len(self.prompts), details | {"responses_sha256": texts_digest(responses)})
 
 
 def served_responder(base_url: str, served_name: str, max_tokens: int, concurrency: int = 4) -> Responder:
@@ -64,6 +64,20 @@ def served_responder(base_url: str, served_name: str, max_tokens: int, concurren
 
     def respond(prompts: Sequence[Prompt]) -> list[str]:
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda p: chat(client, base_url, served_name, p, max_tokens)[0], prompts))
+            return list(pool.map(lambda p: chat(client, base_url, served_name, p, max_tokens).text, prompts))
+
+    return respond
+
+
+def prefix_responder(replies: Sequence[Reply], decode: Callable[[list[int]], str], max_tokens: int) -> Responder:
+    """Responses cut from longer greedy answers to the same prompts, in order: each answer's first `max_tokens`
+    tokens, which greedy decoding makes the answer a `max_tokens` request gets. Answers within the limit are used
+    as served; longer ones are decoded from their token ids."""
+    texts = [r.text if r.completion_tokens <= max_tokens else decode(r.token_ids[:max_tokens]) for r in replies]
+
+    def respond(prompts: Sequence[Prompt]) -> list[str]:
+        if len(prompts) != len(texts):
+            raise ValueError(f"{len(texts)} answers for {len(prompts)} prompts")
+        return texts
 
     return respond

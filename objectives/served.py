@@ -1,9 +1,20 @@
-"""One chat completion from a vLLM server, shared by the served objectives (chat template applied by the server)."""
+"""Shared by the served objectives: one chat completion (chat template applied by the server), and a digest of
+answers that lets two measurements be compared text for text."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
+from typing import NamedTuple
+
 import httpx
 from heretic.utils import Prompt
+
+
+class Reply(NamedTuple):
+    text: str
+    completion_tokens: int
+    token_ids: list[int] | None  # the answer's tokens, when asked for and the server returns them
 
 
 def chat(
@@ -14,15 +25,27 @@ def chat(
     max_tokens: int,
     temperature: float = 0.0,
     seed: int | None = None,
-) -> tuple[str, int]:
-    """(answer text, completion tokens) for `prompt`'s system and user turns."""
+    token_ids: bool = False,
+) -> Reply:
+    """The answer to `prompt`'s system and user turns."""
     messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
         {"role": "user", "content": prompt.user}
     ]
     payload = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
     if seed is not None:
         payload["seed"] = seed
+    if token_ids:
+        payload["return_token_ids"] = True  # a vLLM extension; older servers ignore it (token_ids stays None)
     reply = client.post(f"{base_url}/v1/chat/completions", json=payload)
     reply.raise_for_status()
     body = reply.json()
-    return body["choices"][0]["message"]["content"] or "", body["usage"]["completion_tokens"]
+    choice = body["choices"][0]
+    return Reply(choice["message"]["content"] or "", body["usage"]["completion_tokens"], choice.get("token_ids"))
+
+
+def texts_digest(texts: Iterable[str]) -> str:
+    """sha256 over texts in order: equal digests mean identical answers."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode() + b"\0")
+    return h.hexdigest()

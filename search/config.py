@@ -127,6 +127,11 @@ class Quantization(Section):
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"], description="modules kept in BF16 (llm-compressor names, 're:' regexes)"
     )
+    incremental: bool = Field(
+        True,
+        description="FP8: quantize the vanilla model once per study and re-quantize only each trial's edited "
+        "matrices (byte-identical to a whole-model llm-compressor run); false = the whole model every trial",
+    )
 
 
 class Serving(Section):
@@ -145,11 +150,17 @@ class Serving(Section):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server (docker: -e)")
     startup_timeout_s: float = Field(600, gt=0, description="give up waiting for /health after this long")
     num_speculative_tokens: int = Field(4, ge=1, le=8, description="draft tokens per step (the MTP n)")
+    mode: Literal["auto", "swap", "cold"] = Field(
+        "auto",
+        description="auto: one server per study, each candidate swapped in place, after a self-check on the first "
+        "candidate proves swap == cold start (else cold starts); swap: swap without the self-check; cold: a fresh "
+        "server per candidate",
+    )
 
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_flags(cls, args: list[str]) -> list[str]:
-        owned = {"--speculative-config", "--port", "--model"}
+        owned = {"--speculative-config", "--port", "--model", "--worker-extension-cls"}
         clash = sorted(a.split("=")[0] for a in args if a.split("=")[0] in owned)
         if clash:
             raise ValueError(f"{', '.join(clash)} is set by the tool; remove it from vllm_args")

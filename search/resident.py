@@ -89,12 +89,21 @@ class Resident:
             return self._io, True
         self.abliterator.reset()
         good, bad = self.prompts("good_prompts"), self.prompts("bad_prompts")
-        key = cache_key(self.model_id, self._weights_digest(), good, bad, self.settings.batch_size)
+        key = cache_key(self.model_id, self.weights_digest(), good, bad, self.settings.batch_size)
         self.io_key = key
         self._io, hit = load_or_capture(self.model, good, bad, self.cache_dir, key)
         return self._io, hit
 
-    def _weights_digest(self) -> str:
+    def local_dir(self) -> Path:
+        """The target's folder on disk (a hub id is looked up in the local HF cache, never downloaded)."""
+        path = Path(self.model_id)
+        if path.is_dir():
+            return path
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self.model_id, local_files_only=True))
+
+    def weights_digest(self) -> str:
         """Identity of the loaded weights: the local checkpoint's index/files' sizes+mtimes, or the hub id."""
         path = Path(self.model_id)
         if not path.is_dir():

@@ -4,6 +4,11 @@
 user's docker command), picks a free loopback port, writes the server log, waits for /health, and on every exit
 path (exception, Ctrl-C, timeout) stops the whole process group, so no server outlives it. A start-up failure
 raises `ServerError` carrying the log's last lines. `command()` is the dry run.
+
+A `swappable` server also loads the project's worker extension (search/vllm_plugin) with vLLM's dev endpoints, so
+`swap(path)` can replace the target's weights in place (DESIGN §5): drain in-flight requests, reload, re-run the
+platform's repairs, reset the prefix cache. `check_swappable` refuses, before any request, a checkpoint whose
+config, quantization format or tensor layout differs from the served one (vLLM would accept it and return NaNs).
 """
 
 from __future__ import annotations
@@ -20,14 +25,23 @@ from collections import deque
 from pathlib import Path
 
 import httpx
+from safetensors import safe_open
 
 from search.config import Serving
 
 LOG_TAIL_LINES = 30
+PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
+EXTENSION = "mtp_abliterate_swap.SwapRepairs"
+DOCKER_PLUGIN_DIR = "/opt/mtp-abliterate-plugin"
+VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
 
 
 class ServerError(RuntimeError):
     """vLLM could not be started or stopped working; the message names the fix and quotes the log."""
+
+
+class SwapError(ServerError):
+    """This checkpoint cannot be swapped into the running server; the message says why and what to do."""
 
 
 def free_port() -> int:
@@ -60,9 +74,12 @@ class VllmServer:
         port: int | None = None,
         served_name: str = "candidate",
         resolve=lambda value: value,
+        swappable: bool = False,
     ) -> None:
         self.serving = serving
-        self.model = model
+        self.swappable = swappable
+        self.model = model  # what is served now (a swap changes it)
+        self.started_with = model  # the checkpoint every swap is checked against (it outlives candidates)
         self.draft = draft
         self.log_path = log_path
         self.port = port
@@ -79,7 +96,18 @@ class VllmServer:
         if self.draft:
             spec = {"method": "mtp", "model": self.draft, "num_speculative_tokens": self.serving.num_speculative_tokens}
             args += ["--speculative-config", json.dumps(spec)]
+        if self.swappable:
+            args += ["--worker-extension-cls", EXTENSION]
         return args + list(self.serving.vllm_args)
+
+    def server_env(self) -> dict[str, str]:
+        """The server's own environment (python launcher: added to ours; docker: passed with -e)."""
+        env = dict(self.serving.env)
+        if self.swappable:
+            plugin = str(PLUGIN_DIR) if self.serving.launcher == "python" else DOCKER_PLUGIN_DIR
+            env["VLLM_SERVER_DEV_MODE"] = "1"
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (plugin, env.get("PYTHONPATH")) if p)
+        return env
 
     def command(self, port: int | None = None) -> list[str]:
         """The exact command that starts the server (the dry run)."""
@@ -104,7 +132,9 @@ class VllmServer:
         head = shlex.split(
             self.serving.docker_template.format(port=port, models=models, image=self.serving.image, hf_home=hf_home)
         )
-        env = [arg for k, v in self.serving.env.items() for arg in ("-e", f"{k}={v}")]
+        env = [arg for k, v in self.server_env().items() for arg in ("-e", f"{k}={v}")]
+        if self.swappable:
+            env += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
         return head[:2] + env + head[2:] + self.vllm_args()
 
     def _check_inputs(self) -> None:
@@ -128,7 +158,7 @@ class VllmServer:
         self._check_inputs()
         self.port = self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.serving.env} if self.serving.launcher == "python" else dict(os.environ)
+        env = {**os.environ, **self.server_env()} if self.serving.launcher == "python" else dict(os.environ)
         with self.log_path.open("w") as log:
             log.write("$ " + shlex.join(self.command()) + "\n")
             log.flush()
@@ -186,11 +216,87 @@ class VllmServer:
                 break
         self.process.wait(timeout=5)
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def swap(self, path: Path) -> float:
+        """Serve `path` instead of the current weights, in place; returns the seconds it took."""
+        if not self.swappable:
+            raise SwapError("this server was started without the swap extension; start it with swappable=True")
+        check_swappable(Path(self.started_with), path)
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=self.base_url, timeout=self.serving.startup_timeout_s) as client:
+            self._drain(client)
+            try:
+                reload = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+                self._post(client, "/collective_rpc", reload)
+                self._post(client, "/collective_rpc", {"method": "repair_after_reload"})
+                self._post(client, "/reset_prefix_cache")  # cached prefixes hold the old weights' KV
+            finally:
+                self._post(client, "/resume")
+        self.model = str(path)
+        return time.perf_counter() - t0
+
+    def _drain(self, client: httpx.Client) -> None:
+        """Let in-flight requests finish and hold new ones until /resume."""
+        self._post(client, "/pause", params={"mode": "wait"})
+
+    def _post(self, client: httpx.Client, route: str, body: dict | None = None, params: dict | None = None) -> None:
+        try:
+            reply = client.post(route, json=body, params=params)
+        except httpx.HTTPError as e:
+            raise ServerError(f"{route} failed ({type(e).__name__}: {e}); see {self.log_path}") from e
+        if reply.status_code == 404:
+            raise SwapError(
+                f"this vLLM has no {route} endpoint (needs VLLM_SERVER_DEV_MODE=1 and a 2026 vLLM); "
+                "set serving.mode = 'cold'"
+            )
+        if reply.status_code != 200:
+            raise ServerError(
+                f"{route} answered {reply.status_code}: {reply.text[:300]}; see {self.log_path}. Last lines:\n"
+                + log_tail(self.log_path)
+            )
+
     def __enter__(self) -> VllmServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _layout(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor's (dtype, shape), from the safetensors headers only."""
+    out = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                out[key] = (s.get_dtype(), tuple(s.get_shape()))
+    return out
+
+
+def check_swappable(served: Path, candidate: Path) -> None:
+    """Raise SwapError unless `candidate` has the served checkpoint's config, quantization format and tensors."""
+    if not (candidate / "config.json").is_file():
+        raise SwapError(f"{candidate} is not a checkpoint folder (no config.json)")
+    configs = [
+        {k: v for k, v in json.loads((p / "config.json").read_text()).items() if k not in VOLATILE_CONFIG_KEYS}
+        for p in (served, candidate)
+    ]
+    if configs[0] != configs[1]:
+        keys = sorted(k for k in configs[0].keys() | configs[1].keys() if configs[0].get(k) != configs[1].get(k))
+        raise SwapError(
+            f"{candidate}'s config differs from the served model's ({', '.join(keys)}): a swap needs the same "
+            "architecture and quantization format; serve it cold (serving.mode = 'cold')"
+        )
+    have, want = _layout(served), _layout(candidate)
+    for name in sorted(have.keys() | want.keys()):
+        if have.get(name) != want.get(name):
+            raise SwapError(
+                f"{candidate}: tensor {name} is {want.get(name, 'missing')} but the served model has "
+                f"{have.get(name, 'no such tensor')}; a swap needs the same tensors, dtypes and shapes (an "
+                "unquantized checkpoint in an FP8 server yields NaNs); serve it cold (serving.mode = 'cold')"
+            )
 
 
 def _text_config(model_dir: Path) -> dict:

@@ -9,6 +9,7 @@ fails only its trial; Ctrl-C fails the current trial cleanly and re-queues it. M
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,8 +35,9 @@ from search.config import StudyConfig
 from search.pareto import ObjectiveSpec, dominates, pareto_front
 from search.retention import apply_retention, free_gb
 from search.retry import retry_of
+from search.serving_modes import ColdServing, Serving, SwapServing
 from search.space import SearchSpace
-from search.trial import DiskFullError, StageError, TrialPipeline, TrialResult
+from search.trial import DiskFullError, StageError, TrialPipeline, TrialResult, fp8_base, stderr_to
 from search.versions import software_versions
 
 HEARTBEAT_S, GRACE_S = 60, 180
@@ -211,23 +213,61 @@ class StudyRunner:
             resident.module_io()
             self.resident = resident
             space = SearchSpace(resident.abliterator.num_layers, self.cfg.search.space)
-            pipeline = TrialPipeline(self.cfg, resident)
+        with (
+            self.console.status("FP8 base: quantizing the vanilla model (once per study, reused on resume)"),
+            stderr_to(self.run_dir / "fp8-base.log"),
+        ):
+            base = fp8_base(self.cfg, resident, self.run_dir)
+        pipeline = TrialPipeline(self.cfg, resident, base, self._serving(base))
         if not self.study.trials:
             for params in self.cfg.search.enqueue:
                 self.study.enqueue_trial(space.check_enqueued(params), skip_if_exists=True)
-        self._vanilla(pipeline)
-        tracker = self.tracker()
-        self._sync(tracker)
-        status = "FINISHED"
         try:
-            self._optimize(limits, space, pipeline, tracker)
-        except BaseException:
-            status = "KILLED"
-            raise
-        finally:
+            self._vanilla(pipeline)
+            tracker = self.tracker()
             self._sync(tracker)
-            tracker.finish(status)
+            status = "FINISHED"
+            try:
+                self._optimize(limits, space, pipeline, tracker)
+            except BaseException:
+                status = "KILLED"
+                raise
+            finally:
+                self._sync(tracker)
+                tracker.finish(status)
+        finally:
+            pipeline.serving.close()  # the study's server, when swapping
         return pareto_front(self.study.get_trials(deepcopy=False), self.objectives)
+
+    def _swap_key(self, base: Path | None) -> str:
+        """What a swap self-check verdict holds for: the serving settings, the draft and the base checkpoint."""
+        c = self.cfg
+        base_id = (base / "base-key.json").read_text() if base else c.model.target
+        payload = json.dumps([c.serving.model_dump(mode="json"), c.model.draft, base_id], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def _serving(self, base: Path | None) -> Serving:
+        """Swap serving unless the config or an earlier failed self-check says cold; sets `self.check_swap`."""
+        c = self.cfg
+        self.check_swap = False
+        initial = base if base else (None if c.quantization.scheme == "FP8_DYNAMIC" else self.resident.local_dir())
+        if c.serving.mode == "cold":
+            return ColdServing(c)
+        if initial is None:
+            if c.serving.mode == "swap":
+                raise StudyError(
+                    "serving.mode = 'swap' needs FP8 candidates built incrementally: set "
+                    "quantization.incremental = true (or serving.mode = 'auto')"
+                )
+            self.console.print("serving: cold starts (swapping needs quantization.incremental = true)")
+            return ColdServing(c)
+        verdict = self.study.user_attrs.get("swap_check")
+        key = self._swap_key(base)
+        if c.serving.mode == "auto" and verdict and verdict["key"] == key and not verdict["identical"]:
+            self.console.print(f"serving: cold starts (the swap self-check failed on trial {verdict['trial']})")
+            return ColdServing(c)
+        self.check_swap = c.serving.mode == "auto" and not (verdict and verdict["key"] == key)
+        return SwapServing(c, initial, self.run_dir / "server.log")
 
     def tracker(self):
         """The study's MLflow mirror with its parent run started (or resumed)."""
@@ -334,7 +374,10 @@ class StudyRunner:
                     on_stage,
                     on_server=lambda pid: trial.set_user_attr("server_pid", pid),
                     keep_candidate=self.cfg.retention.keep != "none",
+                    verify_swap=self.check_swap,
                 )
+                if result.swap_check is not None:
+                    self._swap_verdict(trial.number, result.swap_check, pipeline, progress.console)
             except StageError as e:
                 trial.set_user_attr("fail_reason", e.reason[:2000])
                 trial.set_user_attr("failed_stage", e.stage)
@@ -397,6 +440,23 @@ class StudyRunner:
                 f"{failures} trials failed in a row (see `mtp-abliterate study status` and the trial logs); "
                 "fix the cause and run the same command to resume"
             )
+
+    def _swap_verdict(self, number: int, check: dict[str, Any], pipeline: TrialPipeline, console: Console) -> None:
+        """Keep the self-check's verdict in the study (a resumed run reuses it) and fall back to cold starts when
+        swapping did not reproduce a cold start."""
+        self.check_swap = False
+        verdict = {**check, "trial": number, "key": self._swap_key(pipeline.base)}
+        self.study.set_user_attr("swap_check", verdict)
+        if check["identical"]:
+            console.print(f"swap self-check passed on trial {number}: swapped == cold start (texts and counters)")
+            return
+        console.print(
+            f"[yellow]swap self-check FAILED on trial {number}: swapped and cold-start measurements differ in "
+            f"{', '.join(check['differences'][:4])}; this vLLM's in-place reload is not trusted: cold starts from "
+            "now on (trial values come from the cold start)[/]"
+        )
+        pipeline.serving.close()
+        pipeline.serving = ColdServing(self.cfg)
 
     def _record(self, trial: optuna.Trial, result: TrialResult) -> tuple[float, float, float]:
         metrics = result.metrics()

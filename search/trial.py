@@ -1,8 +1,14 @@
 """One trial: DESIGN §2's pipeline composed from the stages, with per-stage durations and failures named by stage.
 
-abliterate (resident model) -> KL -> merge (BF16 checkpoint) -> quantize (FP8_DYNAMIC) -> serve (candidate + the
-vanilla MTP draft) -> refusals (served) -> acceptance (served) -> reset. The resident model is reset and the server
-stopped on every exit path, Ctrl-C included. Knows nothing of Optuna or MLflow.
+abliterate (resident model) -> KL -> merge -> quantize (FP8_DYNAMIC) -> serve (candidate + the vanilla MTP draft)
+-> acceptance (served) -> refusals (served; from the acceptance set of the same prompts when there is one, so the
+same greedy answers are not generated twice) -> reset. The resident model is reset and the server released on every
+exit path, Ctrl-C included. Knows nothing of Optuna or MLflow.
+
+Fast path (issue #7): with an FP8 base (`search/fp8.py`) the merge stays in memory and "quantize" writes only the
+edited matrices; with `SwapServing` "serve" is an in-place swap into the study's one server. `verify_swap` re-measures
+the candidate on a cold server and compares answers and counters (the self-check a study runs before trusting
+swaps); on a mismatch the cold numbers are the trial's.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +28,19 @@ from typing import Any
 from heretic.utils import Prompt
 
 from objectives.acceptance import AcceptanceSets
-from objectives.refusal import RefusalRate, served_responder
+from objectives.refusal import RefusalRate, prefix_responder, served_responder
 from search.abliterate import DirectionalParameters
 from search.ara import AraParameters
 from search.baseline import load_prompt_set
 from search.config import StudyConfig
+from search.fp8 import base_key, prepare_base, write_candidate
 from search.quantize import quantize_fp8_dynamic
 from search.resident import Resident
 from search.serve import VllmServer
+from search.serving_modes import ColdServing, Serving
+from search.versions import software_versions
 
-STAGES = ("abliterate", "kl", "merge", "quantize", "serve", "refusals", "acceptance")
+STAGES = ("abliterate", "kl", "merge", "quantize", "serve", "acceptance", "refusals", "verify")
 
 
 class StageError(RuntimeError):
@@ -60,6 +69,8 @@ class TrialResult:
     candidate: Path | None = None  # the served checkpoint, when kept
     refusal_samples: list[dict[str, Any]] = field(default_factory=list)
     log_path: Path | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what swap and cold serving must agree on
+    swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
@@ -90,14 +101,63 @@ def stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-class TrialPipeline:
-    """Scores candidates against the resident model; one instance per study process."""
+def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None:
+    """The study's vanilla FP8 base for incremental candidates (built once, reused on resume), or None when the
+    config quantizes whole models."""
+    q = cfg.quantization
+    if q.scheme != "FP8_DYNAMIC" or not q.incremental:
+        return None
+    editable = [f"{name}.weight" for name in resident.abliterator.module_names.values()]
+    versions = {k: v for k, v in software_versions().items() if k in ("torch", "llmcompressor", "compressed-tensors")}
+    key = base_key(resident.model_id + resident.weights_digest(), q.ignore, editable, versions)
+    return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key)
 
-    def __init__(self, cfg: StudyConfig, resident: Resident) -> None:
+
+@dataclass
+class Measured:
+    refusal: Any  # ObjectiveResult of RefusalRate
+    acceptance: Any  # ObjectiveResult of AcceptanceSets
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Greedy texts (digests) and every spec-decode counter: identical fingerprints, identical objectives."""
+        sets = self.acceptance.details["sets"]
+        return {
+            "refusal_responses": self.refusal.details["responses_sha256"],
+            **{
+                f"{name}.{k}": s[k]
+                for name, s in sets.items()
+                for k in ("answers_sha256", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position")
+            },
+        }
+
+
+class TrialPipeline:
+    """Scores candidates against the resident model; one instance per study process.
+
+    `base`: the FP8 base for incremental candidates (None: quantize whole merged checkpoints). `serving`: how a
+    candidate gets its server (default: a cold start each)."""
+
+    def __init__(
+        self, cfg: StudyConfig, resident: Resident, base: Path | None = None, serving: Serving | None = None
+    ) -> None:
         self.cfg = cfg
         self.resident = resident
+        self.base = base
+        self.serving: Serving = serving or ColdServing(cfg)
         self.sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
         self.harmful: list[Prompt] = load_prompt_set(cfg, cfg.prompts.harmful_eval)
+        self.shared_set = self._shared_set()
+
+    def _shared_set(self) -> str | None:
+        """The acceptance set whose greedy answers also serve the refusal stage: the same prompts, answered greedily
+        with at least `max_response_length` tokens (each refusal response is its answer's first tokens)."""
+        a, ab = self.cfg.acceptance, self.cfg.abliteration
+        if a.temperature != 0 or a.max_tokens < ab.max_response_length:
+            return None
+        return next((name for name, prompts, _ in self.sets if prompts == self.harmful), None)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.resident.model.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def run(
         self,
@@ -106,9 +166,11 @@ class TrialPipeline:
         on_stage: Callable[[str], None] = lambda stage: None,
         on_server: Callable[[int], None] = lambda pid: None,
         keep_candidate: bool = False,
+        verify_swap: bool = False,
     ) -> TrialResult:
         """Score `params` (None = the vanilla model). The served checkpoint stays in `trial_dir/candidate` if
-        `keep_candidate` and the trial succeeds. Raises StageError, DiskFullError or KeyboardInterrupt."""
+        `keep_candidate` and the trial succeeds. `verify_swap`: also measure on a cold server and compare (see the
+        module doc). Raises StageError, DiskFullError or KeyboardInterrupt."""
         durations: dict[str, float] = {}
 
         @contextmanager
@@ -132,7 +194,7 @@ class TrialPipeline:
                 durations[name] = time.perf_counter() - t0
 
         trial_dir.mkdir(parents=True, exist_ok=True)
-        log_path = trial_dir / "server.log"
+        log_path = self.serving.log_path_for(trial_dir / "server.log")
         abliterator = self.resident.abliterator
         kept = False
         try:
@@ -145,50 +207,37 @@ class TrialPipeline:
             with stage("kl"):
                 kld = self.resident.kld.compute().value
             candidate = trial_dir / "candidate"
+            fp8 = self.cfg.quantization.scheme == "FP8_DYNAMIC"
             with stage("merge"):
                 weights = abliterator.merged_weights()
                 merged_digest = abliterator.merged_digest(weights)
-                merged = abliterator.save_merged(trial_dir / "bf16", self.cfg.resolve(self.cfg.model.target), weights)
+                if self.base is None:  # a whole BF16 checkpoint, for llm-compressor or to serve as is
+                    source = self.cfg.resolve(self.cfg.model.target)
+                    merged = abliterator.save_merged(trial_dir / "bf16", source, weights)
             with stage("quantize"):
-                if self.cfg.quantization.scheme == "FP8_DYNAMIC":
+                if self.base is not None:
+                    write_candidate(self.base, candidate, weights)
+                elif fp8:
                     quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
                     shutil.rmtree(merged)
                 else:
                     merged.rename(candidate)
-            model = candidate
-            server = VllmServer(
-                self.cfg.serving, str(model), self.cfg.resolve(self.cfg.model.draft), log_path, resolve=self.cfg.resolve
-            )
-            try:
-                with stage("serve"):
-                    server.start()
-                    on_server(server.process.pid)
-                with stage("refusals"):
-                    responder = served_responder(
-                        server.base_url,
-                        server.served_name,
-                        self.cfg.abliteration.max_response_length,
-                        self.cfg.acceptance.concurrency,
-                    )
-                    refusal = RefusalRate(responder, self.harmful).compute()
-                with stage("acceptance"):
-                    acc = self._acceptance(server).compute()
-                    if math.isnan(acc.value):
-                        raise StageError(
-                            "acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path
-                        )
-            finally:
-                server.stop()
+            measured = self._serve_and_measure(candidate, log_path, stage, on_server)
+            swap_check = None
+            if verify_swap:
+                with stage("verify"):
+                    swap_check, measured = self._verify(candidate, trial_dir, measured)
             kept = keep_candidate
         finally:
             abliterator.reset()
             shutil.rmtree(trial_dir / "bf16", ignore_errors=True)
             if not kept:  # failed or not wanted: an FP8 candidate of the real target is ~27 GB
                 shutil.rmtree(trial_dir / "candidate", ignore_errors=True)
-        weights = [w for _, _, w in self.sets]
+        refusal, acc = measured.refusal, measured.acceptance
+        total = sum(w for _, _, w in self.sets)
         sets = acc.details["sets"]
         positions = len(next(iter(sets.values()))["per_position"])
-        mix = [sum(w * sets[n]["per_position"][i] for (n, _, w) in self.sets) / sum(weights) for i in range(positions)]
+        mix = [sum(w * sets[n]["per_position"][i] for (n, _, w) in self.sets) / total for i in range(positions)]
         tokens = sum(s["output_tokens"] for s in sets.values())
         seconds = sum(s["seconds"] for s in sets.values())
         return TrialResult(
@@ -204,7 +253,63 @@ class TrialPipeline:
             candidate=candidate if keep_candidate else None,
             refusal_samples=refusal.details["samples"],
             log_path=log_path,
+            fingerprint=measured.fingerprint(),
+            swap_check=swap_check,
         )
+
+    def _serve_and_measure(
+        self,
+        candidate: Path,
+        log_path: Path,
+        stage: Callable[[str], AbstractContextManager],
+        on_server: Callable[[int], None],
+        serving: Serving | None = None,
+    ) -> Measured:
+        """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives."""
+        serving = serving or self.serving
+        server: VllmServer | None = None
+        failed = True
+        try:
+            with stage("serve"):
+                server = serving.open(candidate, log_path)
+                on_server(server.process.pid)
+            with stage("acceptance"):
+                acceptance = self._acceptance(server)
+                acc = acceptance.compute()
+                if math.isnan(acc.value):
+                    raise StageError("acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path)
+            with stage("refusals"):
+                replies = acceptance.replies.get(self.shared_set or "")
+                if replies and all(r.token_ids is not None for r in replies):
+                    responder = prefix_responder(replies, self._decode, self.cfg.abliteration.max_response_length)
+                else:
+                    responder = served_responder(
+                        server.base_url,
+                        server.served_name,
+                        self.cfg.abliteration.max_response_length,
+                        self.cfg.acceptance.concurrency,
+                    )
+                refusal = RefusalRate(responder, self.harmful).compute()
+            failed = False
+        finally:
+            if server is not None:
+                serving.release(server, failed)
+        return Measured(refusal, acc)
+
+    def _verify(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
+        """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would
+        not fit a real target's memory). Returns the verdict and the measurement to trust (the cold one)."""
+        self.serving.close()
+        cold = self._serve_and_measure(
+            candidate,
+            trial_dir / "verify-server.log",
+            lambda name: nullcontext(),  # the whole check is timed as one stage
+            lambda pid: None,
+            ColdServing(self.cfg),
+        )
+        a, b = swapped.fingerprint(), cold.fingerprint()
+        differences = sorted(k for k in a if a[k] != b[k])
+        return {"identical": not differences, "differences": differences}, cold
 
     def _acceptance(self, server: VllmServer) -> AcceptanceSets:
         a = self.cfg.acceptance
@@ -217,4 +322,5 @@ class TrialPipeline:
             a.temperature,
             a.seeds,
             a.concurrency,
+            keep_replies=[self.shared_set] if self.shared_set else [],
         )

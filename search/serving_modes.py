@@ -1,0 +1,91 @@
+"""How a trial gets a vLLM server for its candidate: a cold start per candidate, or one study server with swaps.
+
+Both give the trial pipeline the same narrow interface: `open(candidate, log_path)` returns a healthy server
+serving that checkpoint with the vanilla draft, `release(server, failed)` after the measurement, `close()` at the
+end of the study; `log_path_for(trial_log)` says where the server's log for a trial is. They raise `ServerError`
+(including `SwapError`) and know nothing of Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from search.config import StudyConfig
+from search.serve import VllmServer
+
+
+class Serving(Protocol):
+    name: str
+
+    def log_path_for(self, trial_log: Path) -> Path: ...
+
+    def open(self, candidate: Path, log_path: Path) -> VllmServer: ...
+
+    def release(self, server: VllmServer, failed: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ColdServing:
+    """A fresh server per candidate, stopped after its measurement: the reference behaviour."""
+
+    name = "cold"
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        self.cfg = cfg
+
+    def log_path_for(self, trial_log: Path) -> Path:
+        return trial_log
+
+    def open(self, candidate: Path, log_path: Path) -> VllmServer:
+        cfg = self.cfg
+        server = VllmServer(cfg.serving, str(candidate), cfg.resolve(cfg.model.draft), log_path, resolve=cfg.resolve)
+        return server.start()
+
+    def release(self, server: VllmServer, failed: bool) -> None:
+        server.stop()
+
+    def close(self) -> None:
+        pass
+
+
+class SwapServing:
+    """One server for the study, started on the vanilla checkpoint `base`; each candidate is swapped in place.
+
+    The server is (re)started lazily: at the first candidate, and after it died or was closed (a failed trial,
+    the cold self-check, which needs the memory). `last_swap_s` is the latest swap's duration."""
+
+    name = "swap"
+
+    def __init__(self, cfg: StudyConfig, base: Path, log_path: Path) -> None:
+        self.cfg, self.base, self.log_path = cfg, base, log_path
+        self.server: VllmServer | None = None
+        self.last_swap_s = 0.0
+
+    def log_path_for(self, trial_log: Path) -> Path:
+        return self.log_path  # the study server's log holds every swap
+
+    def open(self, candidate: Path, log_path: Path) -> VllmServer:
+        if self.server is None or not self.server.alive():
+            self.close()
+            cfg = self.cfg
+            self.server = VllmServer(
+                cfg.serving,
+                str(self.base),
+                cfg.resolve(cfg.model.draft),
+                self.log_path,
+                resolve=cfg.resolve,
+                swappable=True,
+            ).start()
+        self.last_swap_s = self.server.swap(candidate)
+        return self.server
+
+    def release(self, server: VllmServer, failed: bool) -> None:
+        if failed and not server.alive():
+            self.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

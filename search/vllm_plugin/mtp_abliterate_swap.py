@@ -1,0 +1,35 @@
+"""vLLM worker extension for in-place weight swaps (loaded by the vLLM server, not by the project).
+
+Passed as `--worker-extension-cls mtp_abliterate_swap.SwapRepairs`; this folder is put on the server's PYTHONPATH.
+It imports nothing from the project: it runs in vLLM's own environment (or docker image).
+
+`reload_weights` (vLLM's own) re-loads the target's weights in place, but the CPU build leaves two kernel-side
+copies stale after it: the MoE experts' CPU-packed weights (the unquantized MoE method re-runs its packing only on
+the first load) and a tied lm_head's packed copy of the embedding (its weights are never "loaded", so it keeps the
+old pack). `repair_after_reload` re-runs those two steps; on other platforms it does nothing and says so.
+"""
+
+from __future__ import annotations
+
+
+class SwapRepairs:
+    """Mixed into vLLM's worker class; its methods are called through POST /collective_rpc."""
+
+    def repair_after_reload(self) -> str:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return "no repair needed on this platform"
+        model = self.model_runner.get_model()
+        experts = embeddings = 0
+        for module in model.modules():
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            if kernel is not None:
+                kernel.fused_experts.process_weights_after_loading(module)
+                experts += 1
+            elif isinstance(module, VocabParallelEmbedding) and getattr(module, "cpu_linear", None) is not None:
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+                embeddings += 1
+        return f"repacked {experts} MoE expert blocks and {embeddings} embedding/lm_head packs"
