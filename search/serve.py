@@ -75,9 +75,11 @@ class VllmServer:
         served_name: str = "candidate",
         resolve=lambda value: value,
         swappable: bool = False,
+        mounts: tuple[Path, ...] = (),
     ) -> None:
         self.serving = serving
         self.swappable = swappable
+        self.mounts = mounts  # docker: more host folders at the same path (where swapped-in checkpoints live)
         self.model = model  # what is served now (a swap changes it)
         self.started_with = model  # the checkpoint every swap is checked against (it outlives candidates)
         self.draft = draft
@@ -126,13 +128,14 @@ class VllmServer:
             ]
         # Docker: mount the local checkpoints' common folder (or the HF cache for hub ids) at the same path, and
         # hand serving.env to the container, not to the docker client.
-        local = [p for p in (self.model, self.draft) if p and Path(p).is_absolute()]
+        local = [str(d) for p in (self.model, self.draft) if p and Path(p).is_absolute() for d in _host_dirs(Path(p))]
         hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
         models = os.path.commonpath(local) if local else hf_home
         head = shlex.split(
             self.serving.docker_template.format(port=port, models=models, image=self.serving.image, hf_home=hf_home)
         )
         env = [arg for k, v in self.server_env().items() for arg in ("-e", f"{k}={v}")]
+        env += [arg for m in self.mounts for arg in ("-v", f"{m}:{m}")]
         if self.swappable:
             env += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
         return head[:2] + env + head[2:] + self.vllm_args()
@@ -262,6 +265,13 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _host_dirs(path: Path) -> list[Path]:
+    """`path` and the folders its symlinked files point into (an incremental candidate links into its base)."""
+    if not path.is_dir():
+        return [path]
+    return [path, *{f.resolve().parent for f in path.iterdir() if f.is_symlink()}]
 
 
 def _layout(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

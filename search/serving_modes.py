@@ -77,6 +77,7 @@ class SwapServing:
                 self.log_path,
                 resolve=cfg.resolve,
                 swappable=True,
+                mounts=(self.base.parent,),  # the study folder: candidates are swapped in from trials/
             ).start()
         self.last_swap_s = self.server.swap(candidate)
         return self.server

