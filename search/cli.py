@@ -447,12 +447,13 @@ def study_reference(
 @study_app.command("status")
 def study_status(target: Path) -> None:
     """Trials, their states and the Pareto set of a study (its run folder or its config)."""
-    from search.report import pareto_table, trials_table
+    from search.report import pareto_table, swap_summary, trials_table
     from search.study import objective_specs
 
     cfg, study = _open_existing_study(target)
     console.print(trials_table(study, objective_specs(cfg)))
     console.print(pareto_table(study, objective_specs(cfg)))
+    console.print(swap_summary(cfg, study.user_attrs.get("swap_check")))
 
 
 @app.command("ui")

@@ -150,6 +150,13 @@ class Serving(Section):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server (docker: -e)")
     startup_timeout_s: float = Field(600, gt=0, description="give up waiting for /health after this long")
     num_speculative_tokens: int = Field(4, ge=1, le=8, description="draft tokens per step (the MTP n)")
+    resident_gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="--gpu-memory-utilization of the servers a study starts beside its resident BF16 model (None: "
+        "vllm_args as given). On unified memory (DGX Spark) vLLM checks at start-up that its share is free",
+    )
     mode: Literal["auto", "swap", "cold"] = Field(
         "auto",
         description="auto: one server per study, each candidate swapped in place, after a self-check on the first "
@@ -192,7 +199,7 @@ class Acceptance(Section):
 
 
 class Retention(Section):
-    """Which candidate checkpoints stay on disk: an FP8 candidate of the real target is ~27 GB."""
+    """Which candidate checkpoints stay on disk: an FP8 candidate of the real target is ~27 GB (< 1 GB incremental)."""
 
     keep: Literal["pareto", "all", "none"] = Field(
         "pareto", description="'pareto': only the current Pareto front's (removed when they fall off it)"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from search.config import StudyConfig
 from search.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
 
 SHORT = {
@@ -67,3 +70,19 @@ def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
         m = t.user_attrs.get("metrics", {})
         table.add_row(str(t.number), *[f"{v:.4g}" for v in t.values], _acc(m), f"{m.get('tok_s', 0):.1f}", _params(t))
     return table
+
+
+def swap_summary(cfg: StudyConfig, check: dict[str, Any] | None) -> str:
+    """How the study serves candidates, and the swap self-check's verdict."""
+    mode = cfg.serving.mode
+    if mode == "cold":
+        return "serving: a cold start per candidate (serving.mode = 'cold')"
+    if check is None:
+        return f"serving: swap (serving.mode = '{mode}'), " + (
+            "no self-check (forced)" if mode == "swap" else "self-check pending (first candidate)"
+        )
+    if check["identical"]:
+        return f"serving: swap, self-check passed on trial {check['trial']} (swapped == cold start)"
+    return f"serving: cold starts since trial {check['trial']}: the swap self-check found differences in " + ", ".join(
+        check["differences"][:4]
+    )

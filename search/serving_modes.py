@@ -2,7 +2,8 @@
 
 Both give the trial pipeline the same narrow interface: `open(candidate, log_path)` returns a healthy server
 serving that checkpoint with the vanilla draft, `release(server, failed)` after the measurement, `close()` at the
-end of the study; `log_path_for(trial_log)` says where the server's log for a trial is. They raise `ServerError`
+end of the study; `log_path_for(trial_log)` says where the server's log for a trial is. Their servers run beside
+the resident model, so they take `serving.resident_gpu_memory_utilization` when it is set. They raise `ServerError`
 (including `SwapError`) and know nothing of Optuna or MLflow.
 """
 
@@ -11,8 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from search.config import Serving as ServingSettings
 from search.config import StudyConfig
 from search.serve import VllmServer
+
+MEMORY_FLAG = "--gpu-memory-utilization"
+
+
+def beside_resident(serving: ServingSettings) -> ServingSettings:
+    """The serving settings for a server that shares the machine with the study's resident model."""
+    share = serving.resident_gpu_memory_utilization
+    if share is None:
+        return serving
+    args = [a for a in serving.vllm_args if not a.startswith(MEMORY_FLAG + "=")]
+    if MEMORY_FLAG in args:
+        i = args.index(MEMORY_FLAG)
+        args = args[:i] + args[i + 2 :]
+    return serving.model_copy(update={"vllm_args": [*args, MEMORY_FLAG, str(share)]})
 
 
 class Serving(Protocol):
@@ -40,7 +56,9 @@ class ColdServing:
 
     def open(self, candidate: Path, log_path: Path) -> VllmServer:
         cfg = self.cfg
-        server = VllmServer(cfg.serving, str(candidate), cfg.resolve(cfg.model.draft), log_path, resolve=cfg.resolve)
+        server = VllmServer(
+            beside_resident(cfg.serving), str(candidate), cfg.resolve(cfg.model.draft), log_path, resolve=cfg.resolve
+        )
         return server.start()
 
     def release(self, server: VllmServer, failed: bool) -> None:
@@ -71,7 +89,7 @@ class SwapServing:
             self.close()
             cfg = self.cfg
             self.server = VllmServer(
-                cfg.serving,
+                beside_resident(cfg.serving),
                 str(self.base),
                 cfg.resolve(cfg.model.draft),
                 self.log_path,

@@ -9,6 +9,7 @@ fails only its trial; Ctrl-C fails the current trial cleanly and re-queues it. M
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -32,7 +33,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from objectives.base import Direction
 from search.config import StudyConfig
+from search.fp8 import KEY_FILE, Fp8BaseError
 from search.pareto import ObjectiveSpec, dominates, pareto_front
+from search.quantize import QuantizationError
 from search.retention import apply_retention, free_gb
 from search.retry import retry_of
 from search.serving_modes import ColdServing, Serving, SwapServing
@@ -217,7 +220,17 @@ class StudyRunner:
             self.console.status("FP8 base: quantizing the vanilla model (once per study, reused on resume)"),
             stderr_to(self.run_dir / "fp8-base.log"),
         ):
-            base = fp8_base(self.cfg, resident, self.run_dir)
+            try:
+                base = fp8_base(self.cfg, resident, self.run_dir)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise StudyError(
+                    f"no space left under {self.run_dir} for the vanilla FP8 base (about the size of the FP8 model, "
+                    "twice that while it is built); free space or move runs_dir"
+                ) from None
+            except (QuantizationError, Fp8BaseError) as e:
+                raise StudyError(f"the vanilla FP8 base could not be built: {e}") from None
         pipeline = TrialPipeline(self.cfg, resident, base, self._serving(base))
         if not self.study.trials:
             for params in self.cfg.search.enqueue:
@@ -242,7 +255,7 @@ class StudyRunner:
     def _swap_key(self, base: Path | None) -> str:
         """What a swap self-check verdict holds for: the serving settings, the draft and the base checkpoint."""
         c = self.cfg
-        base_id = (base / "base-key.json").read_text() if base else c.model.target
+        base_id = (base / KEY_FILE).read_text() if base else c.model.target
         payload = json.dumps([c.serving.model_dump(mode="json"), c.model.draft, base_id], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 

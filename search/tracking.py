@@ -122,7 +122,7 @@ class Tracker:
         metrics = t.user_attrs.get("metrics", {})
         tags = [
             RunTag(k, str(t.user_attrs[k])[:5000])
-            for k in ("fail_reason", "failed_stage", "log_path", "adapter_digest")
+            for k in ("fail_reason", "failed_stage", "log_path", "adapter_digest", "serving")
             if t.user_attrs.get(k) is not None
         ]
         if (retried := retry_of(t)) is not None:

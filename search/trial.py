@@ -232,7 +232,7 @@ class TrialPipeline:
         finally:
             abliterator.reset()
             shutil.rmtree(trial_dir / "bf16", ignore_errors=True)
-            if not kept:  # failed or not wanted: an FP8 candidate of the real target is ~27 GB
+            if not kept:  # failed or not wanted: a whole FP8 candidate of the real target is ~27 GB
                 shutil.rmtree(trial_dir / "candidate", ignore_errors=True)
         refusal, acc = measured.refusal, measured.acceptance
         total = sum(w for _, _, w in self.sets)

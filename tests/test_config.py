@@ -62,7 +62,7 @@ def _organism_text(**replace: str) -> str:
         ("n_trials = 6", "n_trails = 6", "search.n_trails", "unknown field"),
         ('name = "organism"', "", "name", "required field is missing"),
         ('sampler = "tpe"', 'sampler = "cmaes"', "search.sampler", "fix the value"),
-        ("concurrency = 4", 'concurrency = "four"', "acceptance.concurrency", "fix the value"),
+        ("concurrency = 64", 'concurrency = "four"', "acceptance.concurrency", "fix the value"),
         ('"--enforce-eager"', '"--port=9", "--enforce-eager"', "serving.vllm_args", "remove it from vllm_args"),
         ("organism/body", "organism/no-such-body", "model.target", "fix the path"),
         ("harmful_eval.txt", "harmful_evil.txt", "prompts.harmful_eval.source", "fix the path"),

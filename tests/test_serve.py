@@ -17,6 +17,7 @@ import pytest
 from search.config import load_config
 from search.organism.layout import OrganismLayout
 from search.serve import DOCKER_PLUGIN_DIR, EXTENSION, PLUGIN_DIR, ServerError, VllmServer, _group_alive
+from search.serving_modes import beside_resident
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM = load_config(REPO / "configs" / "organism.toml")
@@ -47,7 +48,7 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
     assert "/models:/models" in cmd  # both checkpoints mounted
     for flag, value in (
         ("--kv-cache-dtype", "fp8"),
-        ("--gpu-memory-utilization", "0.30"),
+        ("--gpu-memory-utilization", "0.65"),
         ("--max-model-len", "8192"),
         ("--limit-mm-per-prompt", '{"image":0,"audio":0,"video":0}'),
     ):
@@ -55,6 +56,17 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
     spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
     assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": 4}
     assert "--worker-extension-cls" not in cmd and "VLLM_SERVER_DEV_MODE=1" not in cmd
+
+
+def test_servers_beside_the_resident_model_take_the_study_memory_share() -> None:
+    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    args = beside_resident(cfg.serving).vllm_args
+    assert args.count("--gpu-memory-utilization") == 1
+    assert args[args.index("--gpu-memory-utilization") + 1] == str(cfg.serving.resident_gpu_memory_utilization)
+    assert float(args[args.index("--gpu-memory-utilization") + 1]) < 0.65  # `baseline` keeps the stand-alone 0.65
+    inline = cfg.serving.model_copy(update={"vllm_args": ["--gpu-memory-utilization=0.9", "--max-model-len", "8"]})
+    assert beside_resident(inline).vllm_args == ["--max-model-len", "8", "--gpu-memory-utilization", "0.3"]
+    assert beside_resident(ORGANISM.serving) == ORGANISM.serving  # CPU: no share to set
 
 
 def test_the_swap_server_in_docker_gets_the_extension_dev_mode_and_the_study_folder() -> None:

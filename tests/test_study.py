@@ -145,6 +145,30 @@ def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_stu
         assert c.user_attrs["merged_digest"] == f.user_attrs["merged_digest"]
 
 
+def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(tmp_path: Path) -> None:
+    """A vLLM whose in-place reload leaves stale kernel weights (the stock CPU build: the project's repairs are
+    replaced by a no-op extension of the same name) must be caught by the self-check, not trusted."""
+    stale = tmp_path / "stale-plugin"
+    stale.mkdir()
+    (stale / "mtp_abliterate_swap.py").write_text(
+        "class SwapRepairs:\n    def repair_after_reload(self):\n        return 'no repairs'\n"
+    )
+    python = tmp_path / "vllm-python"
+    python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{VLLM_PYTHON}" "$@"\n')
+    python.chmod(0o755)
+    cfg = study_config(tmp_path, "stale", n_trials=1, python=python)
+    proc = run_cli("study", "run", str(cfg))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "swap self-check FAILED on trial 0" in proc.stdout
+    study = load(tmp_path, "stale")
+    check = study.user_attrs["swap_check"]
+    assert not check["identical"] and any(k.endswith("num_accepted_tokens") for k in check["differences"])
+    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert trial.user_attrs["serving"] == "cold"  # its values are the cold start's
+    status = run_cli("study", "status", str(cfg), timeout=120)
+    assert "serving: cold starts since trial 0" in status.stdout
+
+
 def test_mlflow_mirrors_optuna(finished_study) -> None:
     tmp, _ = finished_study
     study = load(tmp, "demo")
@@ -182,6 +206,7 @@ def test_status_lists_trials_and_front(finished_study) -> None:
     proc = run_cli("study", "status", str(tmp / "runs" / "demo"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout and "fail" in proc.stdout and "Pareto set" in proc.stdout
+    assert "serving: swap, self-check passed on trial 1" in proc.stdout
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -233,6 +258,7 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
     resumed = run_cli("study", "run", str(cfg))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"trial(s) [{killed.number}] of a killed run were failed and re-queued" in resumed.stdout
+    assert "self-check" not in resumed.stdout  # the first run's verdict holds: no second check
     study = load(tmp_path, "killed")
     trials = {t.number: t for t in study.trials}
     dead = trials[killed.number]
