@@ -54,8 +54,12 @@ NAIVE = {
 }
 # The fast pipeline: what changes, and why.
 FAST = NAIVE | {
-    "merge": (2.0, "edited matrices in memory + sha256: all 60 modules = 1.2 GB BF16 at ~1 GB/s hashing"),
-    "quantize": (2.0, "formula on the edited matrices only (0.6 GB FP8 written at ~1.5 GB/s) + symlinks"),
+    "merge": (
+        2.0,
+        "edited matrices in memory + sha256 of all 60 (1.16 GB BF16): 1.43 s on an H200 host "
+        "(benchmarks/bench_fp8.py); GB10's CPU assumed ~1.5x slower",
+    ),
+    "quantize": (1.0, "formula on the edited matrices + 60 files: 0.35 s on an H200 (bench_fp8.py); ~3x assumed"),
     "serve": (14.0, "in-place reload of the 27 GB FP8 checkpoint at ~2 GB/s (page cache / NVMe), + repairs"),
     "refusals": (0.0, "reuses the harmful acceptance set's answers (same prompts, greedy, 256 >= 100 tokens)"),
 }

@@ -124,10 +124,10 @@ def write_candidate(base: Path, out: Path, weights: Mapping[str, torch.Tensor]) 
             if vanilla.get_shape() != list(w.shape):
                 raise Fp8BaseError(f"{name}: candidate shape {list(w.shape)} != base {vanilla.get_shape()}")
             if vanilla.get_dtype() == FP8:
-                q, scale = quantize_rows(w)
-                files[file] = {name: q.contiguous(), name + SCALE: scale.contiguous()}
+                q, scale = quantize_rows(w)  # on the weights' device: same IEEE operations on CPU and GPU
+                files[file] = {name: q.cpu().contiguous(), name + SCALE: scale.cpu().contiguous()}
             else:  # kept unquantized by the ignore list
-                files[file] = {name: w.to(f.get_tensor(name).dtype).contiguous()}
+                files[file] = {name: w.to(f.get_tensor(name).dtype).cpu().contiguous()}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for f in sorted(base.iterdir()):

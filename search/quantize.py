@@ -76,9 +76,14 @@ def verify(path: Path, ignore: list[str]) -> QuantizedCheckpoint:
 
 def quantize_fp8_dynamic(source: Path, out: Path, ignore: list[str]) -> QuantizedCheckpoint:
     """Quantize `source` (a BF16 HF folder) into `out` and verify it. Non-weight files are copied unchanged."""
+    from compressed_tensors.utils import impl_backend
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
+    # On a GPU with triton, compressed-tensors' fused kernel divides by the scale in fp32; its eager path divides in
+    # the weight's dtype, as the incremental formula (search/fp8.py) does. Eager keeps the two byte-identical on
+    # every platform (the CT_ENFORCE_EAGER switch, which the library reads only at import).
+    impl_backend.ENFORCE_EAGER = True
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(ignore)))
     out.mkdir(parents=True, exist_ok=True)
