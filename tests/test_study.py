@@ -225,10 +225,10 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
     cfg = study_config(tmp_path, "killed", n_trials=2, python=VLLM_PYTHON)
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    db = tmp_path / "runs" / "killed" / "optuna.db"
+    started = tmp_path / "runs" / "killed" / "study.json"  # written once the study's storage exists
 
     def serving_second_trial():
-        if not db.exists():
+        if not started.exists():  # opening the storage while the study creates it races on its schema
             return None
         try:
             study = load(tmp_path, "killed")
@@ -285,10 +285,10 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    db = tmp_path / "runs" / "interrupted" / "optuna.db"
+    started = tmp_path / "runs" / "interrupted" / "study.json"  # written once the study's storage exists
 
     def serving_a_trial():
-        if not db.exists():
+        if not started.exists():  # opening the storage while the study creates it races on its schema
             return None
         try:
             trials = load(tmp_path, "interrupted").get_trials()
