@@ -46,13 +46,28 @@ def plan_table(cfg: StudyConfig) -> Table:
         ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
         ("space overrides", ", ".join(f"{k}={v.model_dump(exclude_none=True)}" for k, v in s.space.items()) or "-"),
         ("constraints", json.dumps(s.constraints.model_dump(exclude_none=True)) or "-"),
-        ("quantization", f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"),
+        (
+            "quantization",
+            f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"
+            + (", incremental (vanilla base once per study)" if cfg.quantization.incremental else ", whole model"),
+        ),
         (
             "vLLM launcher",
             cfg.serving.launcher
             + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
         ),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
+        (
+            "study serving",
+            {"auto": "one server, swaps after a self-check", "swap": "one server, swaps", "cold": "cold starts"}[
+                cfg.serving.mode
+            ]
+            + (
+                f"; --gpu-memory-utilization {cfg.serving.resident_gpu_memory_utilization} beside the resident model"
+                if cfg.serving.resident_gpu_memory_utilization
+                else ""
+            ),
+        ),
         ("speculation", f"MTP, num_speculative_tokens={cfg.serving.num_speculative_tokens}"),
         (
             "acceptance",
