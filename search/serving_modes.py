@@ -72,14 +72,13 @@ class SwapServing:
     """One server for the study, started on the vanilla checkpoint `base`; each candidate is swapped in place.
 
     The server is (re)started lazily: at the first candidate, and after it died or was closed (a failed trial,
-    the cold self-check, which needs the memory). `last_swap_s` is the latest swap's duration."""
+    the cold self-check, which needs the memory)."""
 
     name = "swap"
 
     def __init__(self, cfg: StudyConfig, base: Path, log_path: Path) -> None:
         self.cfg, self.base, self.log_path = cfg, base, log_path
         self.server: VllmServer | None = None
-        self.last_swap_s = 0.0
 
     def log_path_for(self, trial_log: Path) -> Path:
         return self.log_path  # the study server's log holds every swap
@@ -97,7 +96,7 @@ class SwapServing:
                 swappable=True,
                 mounts=(self.base.parent,),  # the study folder: candidates are swapped in from trials/
             ).start()
-        self.last_swap_s = self.server.swap(candidate)
+        self.server.swap(candidate)
         return self.server
 
     def release(self, server: VllmServer, failed: bool) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from heretic.utils import Prompt
 
 from objectives.acceptance import AcceptanceSets
+from objectives.base import ObjectiveResult
 from objectives.refusal import RefusalRate, prefix_responder, served_responder
 from search.abliterate import DirectionalParameters
 from search.ara import AraParameters
@@ -116,8 +117,8 @@ def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None
 
 @dataclass
 class Measured:
-    refusal: Any  # ObjectiveResult of RefusalRate
-    acceptance: Any  # ObjectiveResult of AcceptanceSets
+    refusal: ObjectiveResult  # RefusalRate's
+    acceptance: ObjectiveResult  # AcceptanceSets'
 
     def fingerprint(self) -> dict[str, Any]:
         """Greedy texts (digests) and every spec-decode counter: identical fingerprints, identical objectives."""
@@ -208,7 +209,6 @@ class TrialPipeline:
             with stage("kl"):
                 kld = self.resident.kld.compute().value
             candidate = trial_dir / "candidate"
-            fp8 = self.cfg.quantization.scheme == "FP8_DYNAMIC"
             with stage("merge"):
                 weights = abliterator.merged_weights()
                 merged_digest = abliterator.merged_digest(weights)
@@ -218,7 +218,7 @@ class TrialPipeline:
             with stage("quantize"):
                 if self.base is not None:
                     write_candidate(self.base, candidate, weights)
-                elif fp8:
+                elif self.cfg.quantization.scheme == "FP8_DYNAMIC":
                     quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
                     shutil.rmtree(merged)
                 else:
