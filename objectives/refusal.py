@@ -72,8 +72,18 @@ def served_responder(base_url: str, served_name: str, max_tokens: int, concurren
 def prefix_responder(replies: Sequence[Reply], decode: Callable[[list[int]], str], max_tokens: int) -> Responder:
     """Responses cut from longer greedy answers to the same prompts, in order: each answer's first `max_tokens`
     tokens, which greedy decoding makes the answer a `max_tokens` request gets. Answers within the limit are used
-    as served; longer ones are decoded from their token ids."""
-    texts = [r.text if r.completion_tokens <= max_tokens else decode(r.token_ids[:max_tokens]) for r in replies]
+    as served; longer ones are cut at the text of their first `max_tokens` token ids, aligned to the served text
+    (the server's detokenizer keeps a leading space that decoding the answer alone drops)."""
+
+    def cut(r: Reply) -> str:
+        if r.completion_tokens <= max_tokens:
+            return r.text
+        full, head = decode(r.token_ids), decode(r.token_ids[:max_tokens])
+        if r.text.endswith(full) and full.startswith(head):
+            return r.text[: len(r.text) - len(full) + len(head)]
+        return head
+
+    texts = [cut(r) for r in replies]
 
     def respond(prompts: Sequence[Prompt]) -> list[str]:
         if len(prompts) != len(texts):

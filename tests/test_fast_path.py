@@ -8,6 +8,7 @@ import json
 import shutil
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from objectives.acceptance import AcceptanceSets
-from objectives.refusal import served_responder
+from objectives.refusal import prefix_responder, served_responder
+from objectives.served import Reply
 from search.ara import AraParameters
 from search.baseline import load_prompt_set
 from search.config import load_config
@@ -126,6 +128,24 @@ def _measure(server: VllmServer) -> dict:
     return {"refusal_answers": answers, **{n: [s[k] for k in keys] for n, s in acc.details["sets"].items()}}
 
 
+def _ask(server: VllmServer, prompt, max_tokens: int) -> Reply:
+    """A greedy chat answer that runs to `max_tokens` (EOS ignored), with its token ids."""
+    body = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={
+            "model": server.served_name,
+            "messages": [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.user}],
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+        timeout=300,
+    ).json()
+    choice = body["choices"][0]
+    return Reply(choice["message"]["content"] or "", body["usage"]["completion_tokens"], choice["token_ids"])
+
+
 def _long_request(server: VllmServer) -> dict:
     """A chat request that runs for a while (EOS ignored): (text, start, end)."""
     t0 = time.monotonic()
@@ -167,6 +187,11 @@ def test_swaps_equal_cold_starts_drain_in_flight_requests_and_refuse_mismatched_
 
     with VllmServer(serving, str(base), draft, tmp_path / "swap.log", swappable=True) as server:
         vanilla = _measure(server)
+        # Refusals cut from longer answers (the shared harmful set) == what a 100-token request returns.
+        prompts = load_prompt_set(CONFIG, CONFIG.prompts.harmful_eval)[:8]
+        decode = partial(resident.model.tokenizer.decode, skip_special_tokens=True)
+        cut = prefix_responder([_ask(server, p, 150) for p in prompts], decode, 100)(prompts)
+        assert cut == [_ask(server, p, 100).text for p in prompts]
         long_vanilla = _long_request(server)
         in_flight: dict = {}
         worker = threading.Thread(target=lambda: in_flight.update(_long_request(server)))
