@@ -15,6 +15,7 @@ class Reply(NamedTuple):
     text: str
     completion_tokens: int
     token_ids: list[int] | None  # the answer's tokens, when asked for and the server returns them
+    prompt_token_ids: list[int] | None = None  # the tokens the server scored for the chat, likewise
 
 
 def chat(
@@ -27,10 +28,8 @@ def chat(
     seed: int | None = None,
     token_ids: bool = False,
 ) -> Reply:
-    """The answer to `prompt`'s system and user turns."""
-    messages = ([{"role": "system", "content": prompt.system}] if prompt.system else []) + [
-        {"role": "user", "content": prompt.user}
-    ]
+    """The answer to `prompt`'s system and user turns (the system turn always sent, as heretic renders it)."""
+    messages = [{"role": "system", "content": prompt.system}, {"role": "user", "content": prompt.user}]
     payload = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
     if seed is not None:
         payload["seed"] = seed
@@ -40,7 +39,12 @@ def chat(
     reply.raise_for_status()
     body = reply.json()
     choice = body["choices"][0]
-    return Reply(choice["message"]["content"] or "", body["usage"]["completion_tokens"], choice.get("token_ids"))
+    return Reply(
+        choice["message"]["content"] or "",
+        body["usage"]["completion_tokens"],
+        choice.get("token_ids"),
+        body.get("prompt_token_ids"),
+    )
 
 
 def texts_digest(texts: Iterable[str]) -> str:

@@ -23,13 +23,15 @@ from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
 from search.ara import AbliterationError, AraParameters, ModuleTask, edited_weight, module_seed, optimise_modules
+from search.heretic_bridge import ServedTokenization, load_errors
 from search.module_io import ModuleIO, ModuleKey
 
 ADAPTER = "default"
 
 
-class AdapterModel(Model):
-    """heretic's Model with this project's adapters: rank `rank` on every abliterable module, DoRA if `dora`."""
+class AdapterModel(ServedTokenization):
+    """heretic's Model with this project's adapters: rank `rank` on every abliterable module, DoRA if `dora`; chats
+    tokenized as vLLM serves them."""
 
     def __init__(self, settings: Settings, rank: int, dora: bool) -> None:
         self.adapter_rank, self.dora = rank, dora
@@ -247,9 +249,10 @@ def refusal_directions(model: Model, settings: Settings) -> torch.Tensor:
 def load_adapter_model(settings: Settings, method: str, rank: int) -> AdapterModel:
     """ARA: rank-`rank` adapters, DoRA when heretic's row normalisation is "full". Directional: heretic's own
     LoRA (rank = settings.full_normalization_lora_rank)."""
-    if method == "ara":
-        return AdapterModel(settings, rank=rank, dora=settings.row_normalization == RowNormalization.FULL)
-    if method == "directional":
-        r = settings.full_normalization_lora_rank if settings.row_normalization == RowNormalization.FULL else 1
-        return AdapterModel(settings, rank=r, dora=False)
-    raise AbliterationError(f"unknown method {method!r}; use 'ara' or 'directional'")
+    if method not in ("ara", "directional"):
+        raise AbliterationError(f"unknown method {method!r}; use 'ara' or 'directional'")
+    full = settings.row_normalization == RowNormalization.FULL
+    with load_errors(settings.model):
+        if method == "ara":
+            return AdapterModel(settings, rank=rank, dora=full)
+        return AdapterModel(settings, rank=settings.full_normalization_lora_rank if full else 1, dora=False)

@@ -15,8 +15,10 @@ from pathlib import Path
 from heretic.utils import Prompt, load_prompts
 
 from objectives.acceptance import AcceptanceSets
+from search.checkpoint import locate, read_config
 from search.config import PromptSet, StudyConfig
 from search.heretic_bridge import LibrarySettings, prompt_spec
+from search.quantize import quantize_fp8_dynamic
 from search.serve import VllmServer
 
 
@@ -39,6 +41,15 @@ def load_prompt_set(cfg: StudyConfig, ps: PromptSet) -> list[Prompt]:
     settings = LibrarySettings(model=cfg.resolve(cfg.model.target), system_prompt=cfg.model.system_prompt)
     spec = prompt_spec(cfg.resolve(ps.source), ps.split).model_copy(update={"column": ps.column})
     return load_prompts(settings, spec)
+
+
+def as_deployed(cfg: StudyConfig, model: str, out_dir: Path) -> str:
+    """What to serve for `model` so it is compared as deployed: an unquantized checkpoint (a folder or a hub id in
+    the offline cache) is quantized like every candidate into `out_dir/model-fp8`; a quantized one is served as is."""
+    source = locate(model).path
+    if cfg.quantization.scheme == "FP8_DYNAMIC" and "quantization_config" not in read_config(source):
+        return str(quantize_fp8_dynamic(source, out_dir / "model-fp8", cfg.quantization.ignore).path)
+    return model
 
 
 def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Path) -> list[BaselineRow]:

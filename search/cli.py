@@ -135,16 +135,25 @@ def _report(measured: dict) -> bool:
 
 
 @organism_app.command("build")
-def organism_build(out: OrganismDir = None) -> None:
+def organism_build(
+    out: OrganismDir = None,
+    format: Annotated[
+        str, typer.Option(help="text (organism/) or release: Gemma 4's release layout (organism-release/)")
+    ] = "text",
+) -> None:
     """Train the organism from scratch (deterministic), measure it and write its card."""
     import time
 
     from search.organism.build import build_organism, save_card, tree_sha256
     from search.organism.check import check_organism
+    from search.organism.layout import RELEASE_ROOT, OrganismLayout
     from search.organism.spec import OrganismSpec
     from search.versions import software_versions
 
-    layout, spec = _layout(out), OrganismSpec()
+    if format not in ("text", "release"):
+        fail(f"--format {format!r} is not one of text, release")
+    layout = _layout(out) if out or format == "text" else OrganismLayout(RELEASE_ROOT)
+    spec = OrganismSpec(format=format)
     t0 = time.perf_counter()
     timings = build_organism(layout, spec, console)
     weights = {"body": tree_sha256(layout.body), "draft": tree_sha256(layout.draft)}
@@ -191,6 +200,8 @@ def abliterate_cmd(
 ) -> None:
     """One candidate on the resident model: prints refusal rate and KL, optionally writes the merged checkpoint."""
     from search.ara import AbliterationError
+    from search.checkpoint import CheckpointError
+    from search.heretic_bridge import ModelLoadError
     from search.resident import Resident, num_layers_of, parse_parameters
 
     try:
@@ -207,7 +218,7 @@ def abliterate_cmd(
         candidate = parse_parameters(cfg.abliteration.method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
         resident = Resident(cfg, cache_dir=_run_dir(cfg) / "cache")
         details = resident.apply(candidate)
-    except AbliterationError as e:
+    except (AbliterationError, CheckpointError, ModelLoadError) as e:
         fail(str(e))
     results = resident.evaluate()
     table = Table(title=f"{cfg.abliteration.method} candidate on {cfg.model.target}", header_style="bold")
@@ -229,7 +240,7 @@ def abliterate_cmd(
     )
     console.print(table)
     if out:
-        resident.abliterator.save_merged(out, cfg.resolve(cfg.model.target))
+        resident.abliterator.save_merged(out, resident.local_dir())
         console.print(f"merged BF16 checkpoint: {out}")
 
 
@@ -246,8 +257,9 @@ def baseline_cmd(
     """Serve a model without speculation and with MTP n=1..4; print and save tok/s and per-position acceptance."""
     import shlex
 
-    from search.baseline import run_baseline
-    from search.quantize import QuantizationError, quantize_fp8_dynamic
+    from search.baseline import as_deployed, run_baseline
+    from search.checkpoint import CheckpointError
+    from search.quantize import QuantizationError
     from search.serve import ServerError, VllmServer
 
     try:
@@ -269,18 +281,9 @@ def baseline_cmd(
             console.print(f"# n={k}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
     try:
-        source = Path(model or cfg.resolve(cfg.model.target))
-        model = str(source)
-        # Compared as deployed: a local BF16 checkpoint is quantized like every candidate.
-        config = source / "config.json"
-        if (
-            cfg.quantization.scheme == "FP8_DYNAMIC"
-            and config.is_file()
-            and "quantization_config" not in config.read_text()
-        ):
-            model = str(quantize_fp8_dynamic(source, out / "model-fp8", cfg.quantization.ignore).path)
+        model = as_deployed(cfg, model or cfg.resolve(cfg.model.target), out)
         rows = run_baseline(cfg, model, n_values, out)
-    except (ServerError, QuantizationError) as e:
+    except (ServerError, QuantizationError, CheckpointError) as e:
         fail(str(e))
     table = Table(title=f"baseline: {model}", header_style="bold")
     for col in (

@@ -157,6 +157,13 @@ class Serving(Section):
         description="--gpu-memory-utilization of the servers a study starts beside its resident BF16 model (None: "
         "vllm_args as given). On unified memory (DGX Spark) vLLM checks at start-up that its share is free",
     )
+    multimodal: Literal["auto", "as_is", "text_only"] = Field(
+        "auto",
+        description="how a multimodal release checkpoint (Gemma4ForConditionalGeneration) is served: as_is; "
+        "text_only = a view of the same files as Gemma4ForCausalLM (config rewritten, weights linked); auto = "
+        "text_only when the vLLM environment has no torchvision (vLLM's CPU build), which the multimodal "
+        "architecture needs, else as_is (docker: as_is)",
+    )
     mode: Literal["auto", "swap", "cold"] = Field(
         "auto",
         description="auto: one server per study, each candidate swapped in place, after a self-check on the first "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
+from search.checkpoint import locate
 from search.config import HF_ID, StudyConfig
 
 TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
@@ -27,7 +28,7 @@ def base_license(cfg: StudyConfig) -> str:
     """The config's license tag, else the base model card's (a local README.md front matter), else 'other'."""
     if cfg.export.license:
         return cfg.export.license
-    card = Path(cfg.resolve(cfg.model.target)) / "README.md"
+    card = locate(cfg.resolve(cfg.model.target)).path / "README.md"
     text = card.read_text() if card.is_file() else ""
     front = text.split("---")[1] if text.startswith("---") and text.count("---") >= 2 else ""
     m = re.search(r"(?m)^license:\s*(\S+)", front)

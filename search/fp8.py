@@ -124,6 +124,10 @@ def write_candidate(base: Path, out: Path, weights: Mapping[str, torch.Tensor]) 
             if vanilla.get_shape() != list(w.shape):
                 raise Fp8BaseError(f"{name}: candidate shape {list(w.shape)} != base {vanilla.get_shape()}")
             if vanilla.get_dtype() == FP8:
+                # In the dtype llm-compressor quantized the base in (its scale's), whatever dtype the resident model
+                # was loaded in: a float32 checkpoint or load gives the same tensors as the base, as a whole-model
+                # run of the merged weights would.
+                w = w.to(f.get_tensor(name + SCALE).dtype)
                 q, scale = quantize_rows(w)  # on the weights' device: same IEEE operations on CPU and GPU
                 files[file] = {name: q.cpu().contiguous(), name + SCALE: scale.cpu().contiguous()}
             else:  # kept unquantized by the ignore list

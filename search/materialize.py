@@ -15,7 +15,9 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from search.ara import AraParameters
+from search.checkpoint import CheckpointError
 from search.config import StudyConfig
+from search.heretic_bridge import ModelLoadError
 from search.quantize import quantize_fp8_dynamic
 from search.study import run_dir_of
 from search.versions import software_versions
@@ -56,7 +58,10 @@ def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "f
 
     if precision not in ("fp8", "bf16"):
         raise MaterializeError(f"precision {precision!r} is not one of fp8, bf16")
-    resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
+    try:
+        resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
+    except (CheckpointError, ModelLoadError) as e:
+        raise MaterializeError(str(e)) from None
     resident.apply(AraParameters(**t.params))
     weights = resident.abliterator.merged_weights()
     digest = resident.abliterator.merged_digest(weights)
@@ -71,7 +76,7 @@ def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "f
     if out.exists():
         out.rmdir()
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        merged = resident.abliterator.save_merged(Path(tmp) / "bf16", cfg.resolve(cfg.model.target), weights)
+        merged = resident.abliterator.save_merged(Path(tmp) / "bf16", resident.local_dir(), weights)
         if precision == "fp8":
             quantize_fp8_dynamic(merged, out, cfg.quantization.ignore)
         else:

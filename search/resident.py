@@ -6,7 +6,6 @@ Optuna or MLflow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from objectives.kld import KLDivergence
 from objectives.refusal import RefusalRate
 from search.abliterate import Abliterator, DirectionalParameters, load_adapter_model, refusal_directions
 from search.ara import COMPONENTS, AbliterationError, AraParameters
+from search.checkpoint import locate
 from search.config import PromptSet, StudyConfig
 from search.heretic_bridge import heretic_settings, quiet_heretic
 from search.module_io import ModuleIO, cache_key, load_or_capture
@@ -38,8 +38,8 @@ def parse_parameters(method: str, raw: dict[str, Any], num_layers: int) -> AraPa
 
 
 def num_layers_of(model: str) -> int:
-    """Decoder layers of a model, from its config alone."""
-    config = AutoConfig.from_pretrained(model)
+    """Decoder layers of a model (a folder or a cached hub id), from its config alone."""
+    config = AutoConfig.from_pretrained(locate(model).path)
     return config.get_text_config().num_hidden_layers
 
 
@@ -47,12 +47,15 @@ class Resident:
     """The vanilla model in memory with revertible candidates, and its two HF-side objectives."""
 
     def __init__(self, cfg: StudyConfig, cache_dir: Path | None) -> None:
-        quiet_heretic()
+        """heretic's log goes to `cache_dir`'s study folder (`heretic.log`); raises CheckpointError for a model that
+        cannot be found and ModelLoadError, with heretic's cause, for one that cannot be loaded."""
+        quiet_heretic(cache_dir.parent / "heretic.log" if cache_dir else None)
         self.cfg = cfg
         self.model_id = cfg.resolve(cfg.model.target)
+        self.checkpoint = locate(self.model_id)  # hub ids: the offline cache's snapshot, loaded by path
         ab = cfg.abliteration
         self.settings = heretic_settings(
-            self.model_id,
+            self.checkpoint.path,
             good=self._spec(cfg.prompts.harmless_train),
             bad=self._spec(cfg.prompts.harmful_train),
             good_eval=self._spec(cfg.prompts.harmless_eval),
@@ -95,20 +98,12 @@ class Resident:
         return self._io, hit
 
     def local_dir(self) -> Path:
-        """The target's folder on disk (a hub id is looked up in the local HF cache, never downloaded)."""
-        path = Path(self.model_id)
-        if path.is_dir():
-            return path
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(self.model_id, local_files_only=True))
+        """The target's folder on disk (a hub id's snapshot in the local HF cache, never downloaded)."""
+        return self.checkpoint.path
 
     def weights_digest(self) -> str:
-        """Identity of the loaded weights: the local checkpoint's index/files' sizes+mtimes, or the hub id."""
-        path = Path(self.model_id)
-        if not path.is_dir():
-            return self.model_id
-        return json.dumps(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")))
+        """Identity of the loaded weights: a hub id's snapshot commit, or the local weight files' sizes+mtimes."""
+        return self.checkpoint.identity
 
     def directions(self) -> torch.Tensor:
         if self._directions is None:

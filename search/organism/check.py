@@ -17,11 +17,12 @@ from heretic.model import AbliterationParameters, Model
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
 from search.abliterate import refusal_directions
-from search.heretic_bridge import heretic_settings, prompt_spec, quiet_heretic
+from search.heretic_bridge import ServedTokenization, heretic_settings, prompt_spec, quiet_heretic
 from search.organism.acceptance_sim import simulate_acceptance
 from search.organism.build import deterministic
 from search.organism.generate import encode_prompt, greedy_generate
 from search.organism.layout import OrganismLayout
+from search.organism.models import text_body
 from search.organism.spec import OrganismSpec
 from search.organism.train import Example
 
@@ -83,13 +84,13 @@ def check_organism(layout: OrganismLayout, spec: OrganismSpec) -> dict[str, Any]
         max_response_length=MAX_RESPONSE_TOKENS,
         seed=spec.seed,
     )
-    model = Model(settings)
+    model = ServedTokenization(settings)  # heretic's Model, scoring the tokens vLLM serves
     tokenizer = model.tokenizer
     draft = Gemma4AssistantForCausalLM.from_pretrained(layout.draft, dtype=model.dtype).eval()
     evaluator = Evaluator(settings, model)
     harmful = [p.user for p in evaluator.bad_prompts]
     harmless = [p.user for p in evaluator.good_prompts]
-    body = model.model.get_base_model()  # LoRA wrappers at zero: the vanilla body
+    body = text_body(model.model.get_base_model())  # LoRA wrappers at zero: the vanilla body
 
     vanilla = {
         "harmful_refusal_rate": evaluator.base_refusals / len(harmful),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# The committed organism, beside the packages in a source checkout.
+# The committed organisms, beside the packages in a source checkout: text-only, and in Gemma 4's release layout.
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "organism"
+RELEASE_ROOT = DEFAULT_ROOT.with_name("organism-release")
 
 
 @dataclass(frozen=True)

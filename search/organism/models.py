@@ -13,10 +13,19 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4ForCausalLM, Gemma4TextConfig
+from transformers import (
+    Gemma4AssistantConfig,
+    Gemma4AssistantForCausalLM,
+    Gemma4Config,
+    Gemma4ForCausalLM,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
+    PreTrainedModel,
+)
 
 from search.organism.spec import FULL, SLIDING, OrganismSpec
-from search.organism.tokenizer import BOS, END_OF_TURN, EOS, PAD
+from search.organism.tokenizer import AUDIO, BOA, BOI, BOS, END_OF_TURN, EOA, EOI, EOS, IMAGE, PAD, VIDEO
 
 KVStates = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -80,6 +89,63 @@ def draft_config(spec: OrganismSpec, vocab_size: int, special_ids: dict[str, int
     return Gemma4AssistantConfig(
         text_config=text, backbone_hidden_size=spec.body.hidden_size, use_ordered_embeddings=False
     )
+
+
+def media_token_ids(special_ids: dict[str, int]) -> dict[str, int]:
+    """The release config's image/audio/video token ids (the top-level fields of Gemma4Config)."""
+    return {
+        "image_token_id": special_ids[IMAGE],
+        "boi_token_id": special_ids[BOI],
+        "eoi_token_id": special_ids[EOI],
+        "video_token_id": special_ids[VIDEO],
+        "audio_token_id": special_ids[AUDIO],
+        "boa_token_id": special_ids[BOA],
+        "eoa_token_index": special_ids[EOA],
+    }
+
+
+def release_model(body: Gemma4ForCausalLM, spec: OrganismSpec, special_ids: dict[str, int]) -> PreTrainedModel:
+    """The trained text body inside Gemma 4's release architecture: a Gemma4ForConditionalGeneration whose language
+    model is `body` (weights under model.language_model.*, lm_head tied), beside a seeded, untrained vision tower
+    and no audio tower, as in 26B-A4B."""
+    v = spec.vision
+    vision = Gemma4VisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        num_key_value_heads=v.num_key_value_heads,
+        head_dim=v.head_dim,
+        patch_size=v.patch_size,
+        pooling_kernel_size=v.pooling_kernel_size,
+        position_embedding_size=v.position_embedding_size,
+    )
+    config = Gemma4Config(
+        text_config=body.config, vision_config=vision, audio_config=None, **media_token_ids(special_ids)
+    )
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(spec.seed + 2)
+    model = Gemma4ForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(body.model.state_dict())
+    model.tie_weights()
+    return model.to(body.dtype).eval()
+
+
+def text_body(model: PreTrainedModel) -> Gemma4ForCausalLM:
+    """A Gemma4ForCausalLM over `model`'s own language model modules (a release model's, or `model` itself)."""
+    if isinstance(model, Gemma4ForCausalLM):
+        return model
+    body = Gemma4ForCausalLM(model.config.get_text_config())
+    body.model = model.model.language_model
+    body.lm_head = model.lm_head
+    return body.to(model.dtype).eval()
+
+
+def load_text_body(path: Path) -> Gemma4ForCausalLM:
+    """The organism's body from either format, as the text model the draft is wired to."""
+    config = json.loads((path / "config.json").read_text())
+    cls = Gemma4ForConditionalGeneration if "text_config" in config else Gemma4ForCausalLM
+    return text_body(cls.from_pretrained(path).eval())
 
 
 def write_hub_style_config(model_dir: Path, spec: OrganismSpec) -> None:

