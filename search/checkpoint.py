@@ -55,15 +55,21 @@ def locate(ref: str | Path) -> Checkpoint:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    cache = hub_cache_dir()
     try:
-        snapshot = Path(snapshot_download(str(ref), local_files_only=True))
+        snapshot = Path(snapshot_download(str(ref), local_files_only=True, cache_dir=cache))
     except LocalEntryNotFoundError:
-        home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
         raise CheckpointError(
-            f"{ref} is not in the local Hugging Face cache ({home}/hub); download it first with "
+            f"{ref} is not in the local Hugging Face cache ({cache}); download it first with "
             f"`hf download {ref}` (set HF_HOME to the cache that holds it), or name its folder instead"
         ) from None
     return Checkpoint(snapshot, hub_id=str(ref), revision=snapshot.name)
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as huggingface_hub resolves it, read now (its own constant is fixed at import)."""
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return Path(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
 
 
 def read_config(path: Path) -> dict:
