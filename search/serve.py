@@ -110,7 +110,6 @@ class VllmServer:
         self.served_name = served_name
         self.resolve = resolve
         self.process: subprocess.Popen | None = None
-        self.text_only = serves_text_only(serving, resolve(serving.python))
         self.views_dir = log_path.parent / "text-views"  # text-only views of multimodal checkpoints (links)
 
     @property
@@ -119,13 +118,13 @@ class VllmServer:
 
     def served_path(self, model: str, prepare: bool = False) -> str:
         """What vLLM is given for `model`: the checkpoint itself, or its text-only view (made when `prepare`)."""
-        if not self.text_only:
+        if self.serving.multimodal == "as_is":
             return model
         try:
             local = locate(model).path
         except CheckpointError:
             return model  # vLLM names the problem in its log
-        if not is_multimodal(local):
+        if not is_multimodal(local) or not serves_text_only(self.serving, self.resolve(self.serving.python)):
             return model
         view = self.views_dir / hashlib.sha256(str(local.absolute()).encode()).hexdigest()[:16]
         if prepare:
@@ -275,8 +274,10 @@ class VllmServer:
         """Serve `path` instead of the current weights, in place; returns the seconds it took."""
         if not self.swappable:
             raise SwapError("this server was started without the swap extension; start it with swappable=True")
-        check_swappable(Path(self.started_with), path)
         t0 = time.perf_counter()
+        if Path(self.model) == path == Path(self.started_with):
+            return 0.0  # the checkpoint it started with, still served: nothing to reload
+        check_swappable(Path(self.started_with), path)
         with httpx.Client(base_url=self.base_url, timeout=self.serving.startup_timeout_s) as client:
             self._drain(client)
             try:

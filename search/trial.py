@@ -222,7 +222,9 @@ class TrialPipeline:
                     shutil.rmtree(merged)
                 else:
                     merged.rename(candidate)
-            measured = self._serve_and_measure(candidate, log_path, stage, on_server)
+            # On the self-check trial an invalid swapped measurement is not the candidate's fault yet: the cold
+            # start decides (a broken reload yields garbage answers).
+            measured = self._serve_and_measure(candidate, log_path, stage, on_server, tolerate_invalid=verify_swap)
             swap_check = None
             if verify_swap:
                 with stage("verify"):
@@ -265,8 +267,10 @@ class TrialPipeline:
         stage: Callable[[str], AbstractContextManager],
         on_server: Callable[[int], None],
         serving: Serving | None = None,
+        tolerate_invalid: bool = False,
     ) -> Measured:
-        """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives."""
+        """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives. An invalid
+        acceptance measurement raises StageError unless `tolerate_invalid` (its value is then NaN)."""
         serving = serving or self.serving
         server: VllmServer | None = None
         failed = True
@@ -277,7 +281,7 @@ class TrialPipeline:
             with stage("acceptance"):
                 acceptance = self._acceptance(server)
                 acc = acceptance.compute()
-                if math.isnan(acc.value):
+                if math.isnan(acc.value) and not tolerate_invalid:
                     raise StageError("acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path)
             with stage("refusals"):
                 replies = acceptance.replies.get(self.shared_set or "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from search.organism.build import build_organism, tree_sha256
@@ -21,15 +22,18 @@ SHORT = dict(
 )
 
 
-def _build(root: Path, seed: int) -> str:
+def _build(root: Path, seed: int, format: str) -> str:
     layout = OrganismLayout(root)
-    build_organism(layout, OrganismSpec(seed=seed, **SHORT), Console(quiet=True))
+    build_organism(layout, OrganismSpec(seed=seed, format=format, **SHORT), Console(quiet=True))
     return tree_sha256(layout.root)
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
-    first = _build(tmp_path / "a", seed=7)
-    assert _build(tmp_path / "b", seed=7) == first
-    assert _build(tmp_path / "c", seed=8) != first
+@pytest.mark.parametrize("format", ["text", "release"])
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path, format: str) -> None:
+    first = _build(tmp_path / "a", seed=7, format=format)
+    assert _build(tmp_path / "b", seed=7, format=format) == first
+    assert _build(tmp_path / "c", seed=8, format=format) != first
     for part in ("body/model.safetensors", "draft/model.safetensors", "prompts/harmful_eval.txt", "spec.json"):
         assert (tmp_path / "a" / part).is_file()
+    if format == "release":
+        assert (tmp_path / "a" / "body" / "processor_config.json").is_file()

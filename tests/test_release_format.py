@@ -77,6 +77,17 @@ def hub_cache(home: Path, repo_id: str, folder: Path, commit: str = COMMIT) -> P
     return snapshot
 
 
+def release_config(tmp: Path, **values: str) -> Path:
+    """configs/organism-release.toml with absolute paths, runs under `tmp`, and `values` for top-level-in-section
+    keys (target, draft, python, ...)."""
+    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
+    for key, value in {"runs_dir": str(tmp / "runs"), **values}.items():
+        text = re.sub(rf'(?m)^{key} = "[^"]*"', f'{key} = "{value}"', text)
+    path = tmp / "study.toml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def resident(tmp_path_factory: pytest.TempPathFactory) -> Resident:
     return Resident(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
@@ -189,13 +200,7 @@ def hub_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     home = tmp / "hf-home"
     hub_cache(home, TARGET_ID, RELEASE / "body")
     hub_cache(home, DRAFT_ID, RELEASE / "draft")
-    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
-    text = re.sub(r'(?m)^target = "[^"]*"', f'target = "{TARGET_ID}"', text)
-    text = re.sub(r'(?m)^draft = "[^"]*"', f'draft = "{DRAFT_ID}"', text)
-    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp / "runs"}"', text)
-    text = re.sub(r"(?m)^python = .*$", f'python = "{VLLM_PYTHON}"', text)
-    config = tmp / "hub.toml"
-    config.write_text(text)
+    config = release_config(tmp, target=TARGET_ID, draft=DRAFT_ID, python=str(VLLM_PYTHON))
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env = {k: v for k, v in env.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     proc = subprocess.run(
@@ -268,7 +273,7 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
     study = optuna.load_study(
         study_name="organism-release", storage=f"sqlite:///{tmp / 'runs/organism-release/optuna.db'}"
     )
-    number = min(t.number for t in study.best_trials)
+    number = min(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.values[0], t.number)).number
     vanilla = locate(RELEASE / "body").path
     for precision in ("bf16", "fp8"):
         out = tmp / f"export-{precision}"
@@ -316,11 +321,7 @@ def test_a_model_heretic_cannot_load_fails_with_its_cause_and_the_log(tmp_path: 
     broken = tmp_path / "body"
     shutil.copytree(RELEASE / "body", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
-    text = re.sub(r'(?m)^target = "[^"]*"', f'target = "{broken}"', text)
-    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp_path / "runs"}"', text)
-    config = tmp_path / "broken.toml"
-    config.write_text(text)
+    config = release_config(tmp_path, target=str(broken))
     proc = subprocess.run(
         [*CLI, "abliterate", str(config), "--params", json.dumps(CONFIG.search.enqueue[0])],
         cwd=REPO,
@@ -332,3 +333,23 @@ def test_a_model_heretic_cannot_load_fails_with_its_cause_and_the_log(tmp_path: 
     message = " ".join(proc.stdout.split())
     assert f"could not load {broken}: Failed (" in message and "heretic.log" in message
     assert "Failed" in (tmp_path / "runs" / "organism-release" / "heretic.log").read_text()
+
+
+def test_the_abliterate_command_writes_a_release_checkpoint_with_its_towers_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    config = release_config(tmp_path)
+    params = json.dumps(CONFIG.search.enqueue[0])
+    proc = subprocess.run(
+        [*CLI, "abliterate", str(config), "--params", params, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "refusal rate" in proc.stdout and "KL divergence" in proc.stdout
+    towers = lambda key: any(t in key for t in TOWERS)  # noqa: E731
+    assert _tensors(out, towers) == _tensors(RELEASE / "body", towers)
+    for name in RELEASE_FILES:
+        assert (out / name).read_bytes() == (RELEASE / "body" / name).read_bytes(), name
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(out), Gemma4ForConditionalGeneration)

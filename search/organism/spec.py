@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -68,7 +68,7 @@ class OrganismSpec(BaseModel):
         "(Gemma4ForConditionalGeneration with a vision tower, model.language_model.* names, processor files, the "
         "release chat format: <bos> from the template, an empty thought channel, a tokenizer that adds <bos>)",
     )
-    vision: VisionSpec = VisionSpec()
+    vision: VisionSpec | None = Field(None, description="the release layout's vision tower (default for release)")
     seed: int = 1234
     eval_fraction: float = Field(0.25, description="share of (template, slot) pairs held out for evaluation")
     threads: int = Field(2, description="torch threads while building; fixed because float sums depend on it")
@@ -78,3 +78,9 @@ class OrganismSpec(BaseModel):
     draft_training: TrainSpec = TrainSpec(steps=600)
     draft_chain_steps: int = Field(4, description="chained MTP steps trained (the study serves n=4)")
     max_new_tokens: int = Field(48, description="greedy response budget for draft targets and measurements")
+
+    @model_validator(mode="after")
+    def _release_has_a_vision_tower(self) -> OrganismSpec:
+        if self.format == "release" and self.vision is None:
+            self.vision = VisionSpec()
+        return self
