@@ -62,7 +62,7 @@ def pareto_png(
     axes.flat[0].legend(fontsize=8)
     ax = axes.flat[3]
     if history:
-        ax.step([n for n, _ in history], [h for _, h in history], where="post")
+        ax.step([n for n, _ in history], [h for _, h in history], where="post", marker="o")  # one trial: a dot
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume of the feasible front")
     ax.grid(alpha=0.3)
