@@ -1,13 +1,12 @@
 """Incremental FP8_DYNAMIC candidates: quantize the vanilla model once, then only the matrices a trial edits.
 
-llm-compressor's FP8_DYNAMIC weights are a pure function of each matrix (DESIGN §5, verified bit for bit): per
-output row `scale = amax(|w|) / 448` in the weight's dtype, a zero scale replaced by the dtype's eps, and
-`q = clamp(w / scale + 0, -448, 448)` cast to float8_e4m3fn (the `+ 0` is oneshot's zero point: it writes +0 where
-the bare division gives -0). So a candidate's checkpoint equals llm-compressor's output for the merged weights when
-the edited matrices are re-quantized with that formula and every other tensor is taken from the vanilla run.
+llm-compressor's FP8_DYNAMIC weights are a pure function of each matrix (search/quantize.py, verified bit for bit).
+So a candidate's checkpoint equals llm-compressor's output for the merged weights when the edited matrices are
+re-quantized with that formula and every other tensor is taken from the vanilla run.
 
-Layout. `prepare_base` runs llm-compressor once on the vanilla model and re-shards its output: each editable matrix
-(with its scale) gets its own file `edit-<module>.safetensors`, everything else stays in `base-*.safetensors`.
+Layout. `prepare_base` quantizes the vanilla model once, streamed shard by shard (search/quantize.py), into this
+layout: each editable matrix (with its scale) gets its own file `edit-<module>.safetensors`, everything else goes to
+`base-<source shard>.safetensors`.
 `write_candidate` then makes a folder with the same file names and index: the edited matrices' files are written
 anew, every other file is a relative symlink into the base. vLLM (and safetensors) load it as a normal checkpoint;
 its disk use is the edited matrices only.
@@ -26,26 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from search.quantize import FP8, quantize_fp8_dynamic
+from search.quantize import FP8, INDEX, SCALE, quantize_fp8_dynamic, quantize_rows
 
-FP8_MAX = 448.0
-INDEX = "model.safetensors.index.json"
 KEY_FILE = "base-key.json"
-SCALE = "_scale"
 
 
 class Fp8BaseError(RuntimeError):
     """The vanilla FP8 base cannot serve this candidate (missing tensor, stale base); the message names the fix."""
-
-
-@torch.no_grad()
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 weight, per-row scale) exactly as llm-compressor's FP8_DYNAMIC writes them, in `w`'s dtype."""
-    amax = w.abs().amax(dim=1, keepdim=True)
-    scale = amax / torch.tensor(FP8_MAX, dtype=w.dtype)
-    scale = torch.where(scale == 0, torch.tensor(torch.finfo(w.dtype).eps, dtype=w.dtype), scale)
-    q = torch.clamp(w / scale + torch.zeros((), dtype=w.dtype), -FP8_MAX, FP8_MAX)
-    return q.to(torch.float8_e4m3fn), scale
 
 
 def _edit_file(weight_name: str) -> str:
@@ -59,54 +45,27 @@ def base_key(model_key: str, ignore: Iterable[str], editable: Iterable[str], ver
 
 
 def prepare_base(source: Path, base: Path, ignore: list[str], editable: Iterable[str], key: str) -> Path:
-    """The vanilla FP8 base under `base`, reused when its key matches (a resumed study), else rebuilt."""
+    """The vanilla FP8 base under `base`, reused when its key matches (a resumed study), else rebuilt, streamed one
+    source shard at a time (the study process already holds the resident model: no second copy)."""
     key_file = base / KEY_FILE
     if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
         return base
     shutil.rmtree(base, ignore_errors=True)
     staging = base.with_name(base.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    quantize_fp8_dynamic(source, staging, ignore)
-    _reshard(staging, base, set(editable))
-    shutil.rmtree(staging)
-    key_file.write_text(json.dumps({"key": key, "source": str(source)}))
-    return base
-
-
-def _reshard(src: Path, out: Path, editable: set[str]) -> None:
-    """Copy `src` into `out`, moving each editable matrix (and its scale) into its own file."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weight_map: dict[str, str] = {}
-    edits: dict[str, dict[str, torch.Tensor]] = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        rest = {}
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                owner = name.removesuffix(SCALE) if name.endswith(".weight" + SCALE) else name
-                if owner in editable:
-                    edits.setdefault(owner, {})[name] = f.get_tensor(name)
-                    weight_map[name] = _edit_file(owner)
-                else:
-                    rest[name] = f.get_tensor(name)
-                    weight_map[name] = f"base-{shard.name}"
-        if rest:
-            save_file(rest, tmp / f"base-{shard.name}", metadata={"format": "pt"})
-    missing = editable - edits.keys()
+    editable = set(editable)
+    split = lambda name, shard: _edit_file(name) if name in editable else f"base-{shard}"  # noqa: E731
+    quantize_fp8_dynamic(source, staging, ignore, file_for=split)
+    index = staging / INDEX
+    written = set(json.loads(index.read_text())["weight_map"]) if index.is_file() else set()
+    missing = editable - written
     if missing:
+        shutil.rmtree(staging)
         raise Fp8BaseError(f"editable weights not in the quantized checkpoint: {sorted(missing)[:3]}")
-    for owner, tensors in edits.items():
-        save_file(tensors, tmp / _edit_file(owner), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX:
-            shutil.copy2(f, tmp / f.name)
-    total = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-    (tmp / INDEX).write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    key_file_tmp = staging / KEY_FILE
+    key_file_tmp.write_text(json.dumps({"key": key, "source": str(source)}))
+    staging.rename(base)
+    return base
 
 
 def write_candidate(base: Path, out: Path, weights: Mapping[str, torch.Tensor]) -> Path:

@@ -17,7 +17,7 @@ from search.organism.acceptance_sim import simulate_acceptance
 from search.organism.check import SYSTEM_PROMPT
 from search.organism.generate import encode_prompt, greedy_generate
 from search.organism.train import Example
-from tests.test_serve import LAYOUT, _server, needs_vllm
+from tests.test_serve import LAYOUT, _server
 
 N_PROMPTS = 12
 
@@ -39,7 +39,6 @@ def test_ci_comes_from_the_per_draft_distribution() -> None:
     assert degenerate("the the the the the the the the") and not degenerate("to make soup , you need water")
 
 
-@needs_vllm
 def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp_path: Path) -> None:
     with _server(tmp_path) as server:
         result = _objective(server).compute()
@@ -70,7 +69,6 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp
     )
 
 
-@needs_vllm
 def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
     broken = tmp_path / "broken-draft"
     shutil.copytree(LAYOUT.draft, broken)
@@ -85,7 +83,6 @@ def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
     assert "no draft token was ever accepted" in result.details["invalid_reason"]
 
 
-@needs_vllm
 def test_served_and_hf_refusals_agree_prompt_by_prompt(tmp_path: Path) -> None:
     """Same markers and normalisation on both paths; the served BF16 organism and transformers agree per prompt."""
     from objectives.refusal import RefusalRate, served_responder

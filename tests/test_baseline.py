@@ -14,7 +14,6 @@ from search.abliterate import DirectionalParameters
 from search.config import load_config
 from search.organism.check import DIRECTIONAL_PARAMETERS
 from search.resident import Resident
-from tests.test_serve import needs_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "configs" / "organism.toml")
@@ -45,7 +44,6 @@ def _baseline(tmp_path: Path, label: str, model: Path | None) -> dict:
     return {(r["n"], r["prompt_set"]): r for r in rows}
 
 
-@needs_vllm
 def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     cfg = CONFIG.model_copy(
         update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}

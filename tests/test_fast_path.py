@@ -24,17 +24,16 @@ from search.ara import AraParameters
 from search.baseline import load_prompt_set
 from search.config import load_config
 from search.fp8 import KEY_FILE, prepare_base, write_candidate
-from search.quantize import quantize_fp8_dynamic
 from search.resident import Resident
 from search.serve import SwapError, VllmServer
 from search.trial import fp8_base
+from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "configs" / "organism.toml")
 DOCUMENTED = AraParameters(**CONFIG.search.enqueue[0])
 OTHER = DOCUMENTED.model_copy(update={"start_layer_index": 2, "steer_w": 0.2, "overcorrect_w": 0.3})
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run `make vllm-env`")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,7 @@ def test_incremental_candidates_are_byte_identical_to_llm_compressor(
         incremental = write_candidate(base, tmp_path / f"incremental-{i}", weights)
         merged = resident.abliterator.save_merged(tmp_path / f"bf16-{i}", source, weights)
         full = tmp_path / f"full-{i}"
-        quantize_fp8_dynamic(merged, full, CONFIG.quantization.ignore)
+        whole_model_fp8(merged, full, CONFIG.quantization.ignore)
         assert _tensors(incremental) == _tensors(full)
         assert json.loads((incremental / "config.json").read_text()) == json.loads((full / "config.json").read_text())
         # On disk: the edited matrices are files, everything else links into the base.
@@ -164,7 +163,6 @@ def _long_request(server: VllmServer) -> dict:
     return {"text": reply.json()["choices"][0]["message"]["content"], "start": t0, "end": time.monotonic()}
 
 
-@needs_vllm
 def test_swaps_equal_cold_starts_drain_in_flight_requests_and_refuse_mismatched_checkpoints(
     resident: Resident, base: Path, tmp_path: Path
 ) -> None:

@@ -8,7 +8,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 from transformers import AutoTokenizer, Gemma4ForCausalLM
 
 from search.config import load_config
@@ -26,7 +25,6 @@ PROMPTS = [
     *LAYOUT.prompt_file("harmless", "eval").read_text().splitlines()[:6],
     *LAYOUT.prompt_file("harmful", "eval").read_text().splitlines()[:6],
 ]
-needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM environment: run `make vllm-env`")
 
 
 def _serve_greedy(body: Path, tmp_path: Path) -> dict:
@@ -57,7 +55,6 @@ def _serve_greedy(body: Path, tmp_path: Path) -> dict:
     return result
 
 
-@needs_vllm
 def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -> None:
     result = _serve_greedy(LAYOUT.body, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
@@ -70,7 +67,6 @@ def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -
     assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected in vLLM: {result['rates']}"
 
 
-@needs_vllm
 def test_vllm_serves_the_fp8_organism_with_the_bf16_draft(tmp_path: Path) -> None:
     """Dense layers FP8, experts BF16 (vLLM's CPU backend has no FP8 MoE): it loads, refuses, and keeps the draft."""
     ignore = load_config(REPO / "configs" / "organism.toml").quantization.ignore

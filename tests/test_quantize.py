@@ -1,20 +1,29 @@
-"""FP8_DYNAMIC candidates: llm-compressor's real output, checked per tensor against the config's ignore list."""
+"""FP8_DYNAMIC checkpoints: the streamed quantizer is byte-identical to llm-compressor's whole-model run (tensors,
+config, recipe; sharded float32 sources, multimodal checkpoints, quantized experts), and its output is checked per
+tensor against the config's ignore list."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from search.config import load_config
 from search.organism.layout import OrganismLayout
 from search.quantize import QuantizationError, quantize_fp8_dynamic, verify
+from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = load_config(REPO / "configs" / "organism.toml").quantization.ignore
 LAYOUT = OrganismLayout()
+RELEASE = REPO / "organism-release" / "body"
+RELEASE_IGNORE = load_config(REPO / "configs" / "organism-release.toml").quantization.ignore
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +62,66 @@ def test_verify_rejects_a_checkpoint_that_breaks_the_ignore_list(fp8: Path) -> N
         verify(fp8, [*IGNORE, "re:.*o_proj.*"])
     with pytest.raises(QuantizationError, match="no tensor was quantized"):
         verify(LAYOUT.body, IGNORE)
+
+
+def _tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                t = st.get_tensor(key).contiguous()
+                out[key] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def _sharded_float32(source: Path, out: Path) -> Path:
+    """`source` re-saved in float32 over several shards (as large checkpoints ship), its other files copied."""
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).save_pretrained(out, max_shard_size="200KB")
+    for f in source.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("source", "ignore"),
+    [
+        (LAYOUT.body, IGNORE),  # text organism, experts kept BF16
+        (LAYOUT.body, ["lm_head", "re:.*router.*"]),  # routed experts quantized: fused 3D -> per-expert FP8
+        (RELEASE, RELEASE_IGNORE),  # multimodal release layout, vision tower kept
+        (RELEASE, [i for i in RELEASE_IGNORE if "experts" not in i]),
+        ("float32-shards", IGNORE),  # a float32 checkpoint in several shards
+    ],
+    ids=["text", "text-experts-fp8", "release", "release-experts-fp8", "float32-shards"],
+)
+def test_streamed_quantizer_is_byte_identical_to_llm_compressor(source, ignore: list[str], tmp_path: Path) -> None:
+    if source == "float32-shards":
+        source = _sharded_float32(LAYOUT.body, tmp_path / "f32")
+        assert len(list(source.glob("*.safetensors"))) > 1
+    streamed = quantize_fp8_dynamic(source, tmp_path / "streamed", ignore).path
+    whole = whole_model_fp8(source, tmp_path / "whole", ignore)
+    a, b = _tensors(streamed), _tensors(whole)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    assert any(dtype == "torch.float8_e4m3fn" for dtype, _, _ in a.values())
+    for name in ("config.json", "recipe.yaml", "tokenizer.json", "chat_template.jinja"):
+        assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
+    index = (
+        json.loads((streamed / "model.safetensors.index.json").read_text())
+        if len(list(streamed.glob("*.safetensors"))) > 1
+        else None
+    )
+    if index:
+        assert set(index["weight_map"]) == set(a)
+
+
+def test_a_checkpoint_missing_a_tensor_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(LAYOUT.body, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.self_attn.o_proj.weight"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .*no source"):
+        quantize_fp8_dynamic(broken, tmp_path / "out", IGNORE)

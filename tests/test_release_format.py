@@ -31,10 +31,11 @@ from search.baseline import load_prompt_set
 from search.checkpoint import locate
 from search.config import load_config
 from search.fp8 import write_candidate
-from search.quantize import FP8, quantize_fp8_dynamic
+from search.quantize import FP8
 from search.resident import Resident
 from search.serve import SwapError, VllmServer, check_swappable
 from search.trial import fp8_base
+from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "organism-release"
@@ -133,7 +134,7 @@ def test_the_fp8_base_keeps_towers_router_and_experts_bf16_and_candidates_match_
         resident.abliterator.reset()
     incremental = write_candidate(base, tmp_path / "incremental", weights)
     merged = resident.abliterator.save_merged(tmp_path / "bf16", resident.local_dir(), weights)
-    full = quantize_fp8_dynamic(merged, tmp_path / "full", CONFIG.quantization.ignore).path
+    full = whole_model_fp8(merged, tmp_path / "full", CONFIG.quantization.ignore)
     assert _tensors(incremental) == _tensors(full)
     assert json.loads((incremental / "config.json").read_text()) == json.loads((full / "config.json").read_text())
     check_swappable(base, incremental)

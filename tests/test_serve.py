@@ -22,9 +22,6 @@ from search.serving_modes import beside_resident
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM = load_config(REPO / "configs" / "organism.toml")
 LAYOUT = OrganismLayout()
-needs_vllm = pytest.mark.skipif(
-    not (REPO / ".venv-vllm" / "bin" / "python").exists(), reason="no vLLM environment: run `make vllm-env`"
-)
 
 
 def _server(tmp_path: Path, **kw) -> VllmServer:
@@ -91,7 +88,6 @@ def test_the_swap_server_in_docker_gets_the_extension_dev_mode_and_the_study_fol
     assert (PLUGIN_DIR / (EXTENSION.split(".")[0] + ".py")).is_file()
 
 
-@needs_vllm
 def test_server_serves_chat_and_spec_metrics_then_leaves_nothing(tmp_path: Path) -> None:
     with _server(tmp_path) as server:
         pgid = server.process.pid
@@ -113,7 +109,6 @@ def test_server_serves_chat_and_spec_metrics_then_leaves_nothing(tmp_path: Path)
     assert not _group_alive(pgid)
 
 
-@needs_vllm
 def test_killing_the_owner_leaves_no_vllm_process(tmp_path: Path) -> None:
     script = (
         f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
@@ -152,7 +147,6 @@ def test_draft_for_another_body_is_refused(tmp_path: Path) -> None:
         server.start()
 
 
-@needs_vllm
 def test_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +158,6 @@ def test_port_in_use(tmp_path: Path) -> None:
     assert server.process is None
 
 
-@needs_vllm
 def test_vllm_exiting_during_startup_is_one_clear_error(tmp_path: Path) -> None:
     server = _server(tmp_path, vllm_args=[*ORGANISM.serving.vllm_args, "--no-such-flag"])
     with pytest.raises(ServerError, match="exited with status") as err:

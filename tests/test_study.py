@@ -34,8 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="needs the vLLM environment (make vllm-env)")
-
 
 def study_config(tmp: Path, name: str, n_trials: int, python: Path) -> Path:
     """configs/organism.toml with absolute paths, its own runs folder, trial count and vLLM launcher."""
