@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from search.config import load_config
@@ -106,13 +106,8 @@ def test_streamed_quantizer_is_byte_identical_to_llm_compressor(source, ignore: 
     assert any(dtype == "torch.float8_e4m3fn" for dtype, _, _ in a.values())
     for name in ("config.json", "recipe.yaml", "tokenizer.json", "chat_template.jinja"):
         assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
-    index = (
-        json.loads((streamed / "model.safetensors.index.json").read_text())
-        if len(list(streamed.glob("*.safetensors"))) > 1
-        else None
-    )
-    if index:
-        assert set(index["weight_map"]) == set(a)
+    if len(list(streamed.glob("*.safetensors"))) > 1:
+        assert set(json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]) == set(a)
 
 
 def test_a_checkpoint_missing_a_tensor_is_named(tmp_path: Path) -> None:
@@ -120,8 +115,6 @@ def test_a_checkpoint_missing_a_tensor_is_named(tmp_path: Path) -> None:
     shutil.copytree(LAYOUT.body, broken)
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.self_attn.o_proj.weight"]
-    from safetensors.torch import save_file
-
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(QuantizationError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight .*no source"):
         quantize_fp8_dynamic(broken, tmp_path / "out", IGNORE)
