@@ -60,7 +60,7 @@ def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Pat
     for n in n_values:
         serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(n, 1)})
         draft = cfg.resolve(cfg.model.draft) if n else None
-        server = VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve)
+        server = VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve, label=cfg.name)
         with server:
             objective = AcceptanceSets(
                 server.base_url,

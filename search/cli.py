@@ -285,6 +285,7 @@ def baseline_cmd(
                 cfg.resolve(cfg.model.draft) if k else None,
                 out / f"server-n{k}.log",
                 resolve=cfg.resolve,
+                label=cfg.name,
             )
             console.print(f"# n={k}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
@@ -384,6 +385,34 @@ def _open_existing_study(target: Path):
         fail(f"no study {cfg.name!r} in {storage_url(cfg)}; start it with `mtp-abliterate study run CONFIG`")
 
 
+def print_study_servers(cfg: StudyConfig) -> None:
+    """The exact commands a study starts: the swap server on the FP8 base and a cold server for a candidate."""
+    import shlex
+
+    from search.serve import VllmServer
+    from search.serving_modes import beside_resident
+
+    run_dir = _run_dir(cfg)
+    draft = cfg.resolve(cfg.model.draft)
+    servers = []
+    if cfg.serving.mode != "cold":
+        servers.append(("study server (swaps)", run_dir / "fp8-base", True, (run_dir,)))
+    candidate = run_dir / "trials" / "0" / "candidate"
+    servers.append(("cold server (a candidate; the swap self-check)", candidate, False, (candidate.parent,)))
+    for title, model, swappable, mounts in servers:
+        server = VllmServer(
+            beside_resident(cfg.serving),
+            str(model),
+            draft,
+            run_dir / "server.log",
+            resolve=cfg.resolve,
+            swappable=swappable,
+            mounts=mounts,
+            label=cfg.name,
+        )
+        console.print(f"# {title}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
+
+
 @study_app.command("run")
 def study_run(
     file: Path,
@@ -393,6 +422,7 @@ def study_run(
     ] = None,
     timeout: Annotated[str | None, typer.Option(help="run at most this long, e.g. 8h or 90m")] = None,
     runs_dir: Annotated[Path | None, typer.Option(help="write the study here instead of the config's runs_dir")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the commands of the study's vLLM servers and exit")] = False,
 ) -> None:
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
     import time
@@ -417,6 +447,9 @@ def study_run(
             deadline = now + parse_duration(timeout)
     except (ConfigError, ValueError) as e:
         fail(str(e))
+    if dry_run:
+        print_study_servers(cfg)
+        return
     limits = RunLimits(n_trials or cfg.search.n_trials, deadline, cfg.search.max_consecutive_failures)
     runner = StudyRunner(cfg, console, file)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -140,10 +141,12 @@ class Serving(Section):
     launcher: Literal["python", "docker"] = Field("python", description="a virtualenv's python, or a docker command")
     python: str = Field(".venv-vllm/bin/python", description="python of the vLLM environment (launcher = python)")
     docker_template: str = Field(
-        "docker run --rm --gpus all --ipc host -p {port}:{port} -v {models}:{models} -e HF_HOME={hf_home} {image} "
-        "--host 0.0.0.0 --port {port}",
-        description="launcher = docker: command before the model args; {port}, {models} (the checkpoints' folder, "
-        "or the HF cache for hub ids), {hf_home}, {image} are filled in",
+        "docker run --rm --gpus all --ipc host -p 127.0.0.1:{port}:{port} {image} --host 0.0.0.0 --port {port}",
+        description="launcher = docker: command before the model args; {port} and {image} are filled in. The tool "
+        "adds --name/--label (the container is removed on stop and on the next start after a crash), -e for "
+        "serving.env, and -v for every folder the server reads at the same path (local checkpoints, the HF cache "
+        "read-only for hub ids, the study folder). Publish on 127.0.0.1 only: the swap server's dev endpoints run "
+        "methods on its workers",
     )
     image: str = Field("vllm/vllm-openai:latest", description="launcher = docker: the user's vLLM image")
     vllm_args: list[str] = Field(default_factory=list, description="passed through to vLLM unchanged")
@@ -170,6 +173,29 @@ class Serving(Section):
         "candidate proves swap == cold start (else cold starts); swap: swap without the self-check; cold: a fresh "
         "server per candidate",
     )
+
+    @field_validator("docker_template")
+    @classmethod
+    def _loopback_only(cls, template: str) -> str:
+        words = shlex.split(template)
+        if len(words) < 2 or Path(words[0]).name != "docker" or words[1] != "run":
+            raise ValueError("must start with `docker run`")
+        for flag, value in zip(words, [*words[1:], ""], strict=True):
+            published = value if flag in ("-p", "--publish") else None
+            if flag.startswith("--publish="):
+                published = flag.split("=", 1)[1]
+            if published is not None and not published.startswith("127.0.0.1:"):
+                raise ValueError(
+                    f"publishes {published} on every network interface; write -p 127.0.0.1:{{port}}:{{port}} (the "
+                    "swap server's dev endpoints can run code on its workers)"
+                )
+        for placeholder in ("{models}", "{hf_home}"):
+            if placeholder in template:
+                raise ValueError(
+                    f"{placeholder} is no longer filled in: the tool mounts the checkpoints and the HF cache itself; "
+                    "remove the -v/-e that use it"
+                )
+        return template
 
     @field_validator("vllm_args")
     @classmethod

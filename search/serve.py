@@ -34,13 +34,14 @@ from pathlib import Path
 import httpx
 from safetensors import safe_open
 
-from search.checkpoint import CheckpointError, is_multimodal, locate, text_config, text_only_view
+from search.checkpoint import CheckpointError, hub_cache_dir, is_multimodal, locate, text_config, text_only_view
 from search.config import Serving
 
 LOG_TAIL_LINES = 30
 PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
 EXTENSION = "mtp_abliterate_swap.SwapRepairs"
 DOCKER_PLUGIN_DIR = "/opt/mtp-abliterate-plugin"
+CONTAINER_LABEL = "mtp-abliterate.study"
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
 
 
@@ -98,6 +99,7 @@ class VllmServer:
         resolve=lambda value: value,
         swappable: bool = False,
         mounts: tuple[Path, ...] = (),
+        label: str = "mtp-abliterate",
     ) -> None:
         self.serving = serving
         self.swappable = swappable
@@ -111,6 +113,8 @@ class VllmServer:
         self.resolve = resolve
         self.process: subprocess.Popen | None = None
         self.views_dir = log_path.parent / "text-views"  # text-only views of multimodal checkpoints (links)
+        self.label = label  # docker: the study whose containers these are
+        self.container: str | None = None  # docker: the running container's name
 
     @property
     def base_url(self) -> str:
@@ -170,19 +174,26 @@ class VllmServer:
                 str(port),
                 *self.vllm_args(prepare),
             ]
-        # Docker: mount the local checkpoints' common folder (or the HF cache for hub ids) at the same path, and
-        # hand serving.env to the container, not to the docker client.
-        local = [str(d) for p in (self.model, self.draft) if p and Path(p).is_absolute() for d in _host_dirs(Path(p))]
-        hf_home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-        models = os.path.commonpath(local) if local else hf_home
-        head = shlex.split(
-            self.serving.docker_template.format(port=port, models=models, image=self.serving.image, hf_home=hf_home)
-        )
-        env = [arg for k, v in self.server_env().items() for arg in ("-e", f"{k}={v}")]
-        env += [arg for m in self.mounts for arg in ("-v", f"{m}:{m}")]
+        head = shlex.split(self.serving.docker_template.format(port=port, image=self.serving.image))
+        env = {**self.server_env()}
+        local = [Path(p) for p in (self.model, self.draft) if p and (Path(p).is_absolute() or Path(p).exists())]
+        hub_ids = [p for p in (self.model, self.draft) if p and Path(p) not in local]
+        mounts = [d for p in local for d in _host_dirs(p)]
+        mounts += list(self.mounts)
+        flags = ["--name", self.container_name(port), "--label", f"{CONTAINER_LABEL}={self.label}"]
+        if hub_ids:  # the host's HF cache, read-only, where the container's huggingface_hub looks; never downloads
+            cache = hub_cache_dir().absolute()
+            env.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+            flags += ["-v", f"{cache}:{cache}:ro"]
+        flags += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+        flags += [a for m in _outermost(mounts) for a in ("-v", f"{m}:{m}")]
         if self.swappable:
-            env += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
-        return head[:2] + env + head[2:] + self.vllm_args(prepare)
+            flags += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
+        return head[:2] + flags + head[2:] + self.vllm_args(prepare)
+
+    def container_name(self, port: int) -> str:
+        """Unique per server; carries the study process's pid, so a later start can tell a crashed study's."""
+        return f"mtp-abliterate-{self.label}-{os.getpid()}-{port}"
 
     def _check_inputs(self) -> None:
         for what, path in (("model", self.model), ("draft", self.draft)):
@@ -207,6 +218,9 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.server_env()} if self.serving.launcher == "python" else dict(os.environ)
         self.log_path.write_text("")
+        if self.serving.launcher == "docker":
+            remove_orphan_containers(self.serving, self.label)
+            self.container = self.container_name(self.port)
         command = self.command(prepare=True)
         with self.log_path.open("a") as log:
             log.write("$ " + shlex.join(command) + "\n")
@@ -249,9 +263,18 @@ class VllmServer:
         )
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL what is left after `grace_s`; then drop the text-only views."""
-        if self.process is None or self.process.poll() is not None and not _group_alive(self.process.pid):
+        """SIGTERM the process group, SIGKILL what is left after `grace_s`; remove the container (docker); then drop
+        the text-only views."""
+        try:
+            self._stop_process(grace_s)
+        finally:
+            if self.container:
+                _docker(self.serving, "rm", "-f", self.container)
+                self.container = None
             shutil.rmtree(self.views_dir, ignore_errors=True)
+
+    def _stop_process(self, grace_s: float) -> None:
+        if self.process is None or self.process.poll() is not None and not _group_alive(self.process.pid):
             return
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
@@ -265,7 +288,6 @@ class VllmServer:
             if not _group_alive(self.process.pid):
                 break
         self.process.wait(timeout=5)
-        shutil.rmtree(self.views_dir, ignore_errors=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -316,6 +338,40 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _docker(serving: Serving, *args: str) -> str:
+    """Run the docker client of serving.docker_template; its stdout ('' when it failed: cleanup is best effort)."""
+    client = shlex.split(serving.docker_template)[0]
+    try:
+        done = subprocess.run([client, *args], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def remove_orphan_containers(serving: Serving, label: str) -> list[str]:
+    """Remove this study's containers whose study process is gone (killed with -9, a crashed machine): a docker
+    container is not the client's child, so nothing else stops it. Returns the names removed."""
+    names = _docker(serving, "ps", "-a", "--filter", f"label={CONTAINER_LABEL}={label}", "--format", "{{.Names}}")
+    orphans = []
+    for name in names.split():
+        pid = name.removeprefix(f"mtp-abliterate-{label}-").split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            orphans.append(name)
+    if orphans:
+        _docker(serving, "rm", "-f", *orphans)
+    return orphans
+
+
+def _outermost(paths: list[Path]) -> list[Path]:
+    """The folders to mount: each path once, none inside another."""
+    unique = sorted({p.absolute() for p in paths}, key=lambda p: len(p.parts))
+    out: list[Path] = []
+    for p in unique:
+        if not any(p.is_relative_to(o) for o in out):
+            out.append(p)
+    return out
 
 
 def _host_dirs(path: Path) -> list[Path]:

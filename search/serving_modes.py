@@ -57,7 +57,13 @@ class ColdServing:
     def open(self, candidate: Path, log_path: Path) -> VllmServer:
         cfg = self.cfg
         server = VllmServer(
-            beside_resident(cfg.serving), str(candidate), cfg.resolve(cfg.model.draft), log_path, resolve=cfg.resolve
+            beside_resident(cfg.serving),
+            str(candidate),
+            cfg.resolve(cfg.model.draft),
+            log_path,
+            resolve=cfg.resolve,
+            mounts=(candidate.parent,),  # a trial folder (an incremental candidate links into the FP8 base)
+            label=cfg.name,
         )
         return server.start()
 
@@ -95,6 +101,7 @@ class SwapServing:
                 resolve=cfg.resolve,
                 swappable=True,
                 mounts=(self.base.parent,),  # the study folder: candidates are swapped in from trials/
+                label=cfg.name,
             ).start()
         self.server.swap(candidate)
         return self.server

@@ -42,7 +42,10 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
     )
     cmd = server.command()
     assert cmd[:2] == ["docker", "run"] and cfg.serving.image in cmd and "--gpus" in cmd
-    assert "/models:/models" in cmd  # both checkpoints mounted
+    for model in ("/models/gemma-4-26B-A4B-it-fp8", "/models/gemma-4-26B-A4B-it-assistant"):
+        assert f"{model}:{model}" in cmd  # both checkpoints mounted at the same path
+    assert cmd[cmd.index("-p") + 1] == "127.0.0.1:8000:8000"  # published on the loopback only
+    assert not any(a.startswith(("HF_HUB_CACHE=", "HF_HOME=")) for a in cmd)  # local folders: no HF cache
     for flag, value in (
         ("--kv-cache-dtype", "fp8"),
         ("--gpu-memory-utilization", "0.65"),
