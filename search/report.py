@@ -81,8 +81,10 @@ def swap_summary(cfg: StudyConfig, check: dict[str, Any] | None) -> str:
         return f"serving: swap (serving.mode = '{mode}'), " + (
             "no self-check (forced)" if mode == "swap" else "self-check pending (first candidate)"
         )
-    if check["identical"]:
-        return f"serving: swap, self-check passed on trial {check['trial']} (swapped == cold start)"
-    return f"serving: cold starts since trial {check['trial']}: the swap self-check found differences in " + ", ".join(
-        check["differences"][:4]
+    if check.get("passed", check["identical"]):  # verdicts of earlier versions have only `identical`
+        return f"serving: swap, self-check passed on trial {check['trial']} ({check.get('rule', 'bit-identical')})"
+    return (
+        f"serving: cold starts since trial {check['trial']}: the swap self-check found differences in "
+        + ", ".join(check["differences"][:4])
+        + (f" ({check['rule']})" if "rule" in check else "")
     )

@@ -281,7 +281,12 @@ class StudyRunner:
             return ColdServing(c)
         verdict = self.study.user_attrs.get("swap_check")
         key = self._swap_key(base)
-        if c.serving.mode == "auto" and verdict and verdict["key"] == key and not verdict["identical"]:
+        if (
+            c.serving.mode == "auto"
+            and verdict
+            and verdict["key"] == key
+            and not verdict.get("passed", verdict["identical"])
+        ):
             self.console.print(f"serving: cold starts (the swap self-check failed on trial {verdict['trial']})")
             return ColdServing(c)
         self.check_swap = c.serving.mode == "auto" and not (verdict and verdict["key"] == key)
@@ -465,13 +470,13 @@ class StudyRunner:
         self.check_swap = False
         verdict = {**check, "trial": number, "key": self._swap_key(pipeline.base)}
         self.study.set_user_attr("swap_check", verdict)
-        if check["identical"]:
-            console.print(f"swap self-check passed on trial {number}: swapped == cold start (texts and counters)")
+        if check["passed"]:
+            console.print(f"swap self-check passed on trial {number}: {check['rule']}")
             return
         console.print(
             f"[yellow]swap self-check FAILED on trial {number}: swapped and cold-start measurements differ in "
-            f"{', '.join(check['differences'][:4])}; this vLLM's in-place reload is not trusted: cold starts from "
-            "now on (trial values come from the cold start)[/]"
+            f"{', '.join(check['differences'][:4])} ({check['rule']}); this vLLM's in-place reload is not trusted: "
+            "cold starts from now on (trial values come from the cold start)[/]"
         )
         pipeline.serving.close()
         pipeline.serving = ColdServing(self.cfg)
