@@ -1,8 +1,10 @@
 """`mtp-abliterate baseline`: one model served without speculation and with MTP n = 1..N, measured in one run.
 
-Per prompt set and n: output tok/s, speed-up over no speculation, per-position acceptance, mean accepted tokens per
-draft with its 95 % CI, and tokens per target step implied by acceptance (1 + mean accepted), which is the speed-up
-a memory-bound GPU approaches and is free of this machine's timing noise.
+Per prompt set and n: output tok/s single-stream (one request at a time: what public figures for this model
+quote, e.g. ~108 tok/s vanilla n=4 on a DGX Spark) and aggregate (acceptance.concurrency requests in flight), each
+with its speed-up over no speculation; per-position acceptance, mean accepted tokens per draft with its 95 % CI
+(from the aggregate run: greedy acceptance does not depend on batching on a batch-invariant vLLM), and tokens per
+target step implied by acceptance (1 + mean accepted), the speed-up a memory-bound GPU approaches.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from search.serve import VllmServer
 class BaselineRow:
     n: int  # 0 = no speculation
     prompt_set: str
-    tok_s: float
-    speedup: float
+    single_stream_tok_s: float  # concurrency 1
+    single_stream_speedup: float  # over no speculation, single-stream
+    aggregate_tok_s: float  # acceptance.concurrency requests in flight
+    aggregate_speedup: float
+    concurrency: int  # of the aggregate figures
     per_position: list[float]
     mean_accepted_tokens: float
     ci95: float
@@ -56,32 +61,39 @@ def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Pat
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
     a = cfg.acceptance
     rows: list[BaselineRow] = []
-    no_spec: dict[str, float] = {}
+    no_spec: dict[tuple[str, int], float] = {}  # (set, concurrency) -> tok/s without speculation
     for n in n_values:
         serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(n, 1)})
         draft = cfg.resolve(cfg.model.draft) if n else None
         server = VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve, label=cfg.name)
         with server:
-            objective = AcceptanceSets(
-                server.base_url,
-                server.served_name,
-                sets,
-                max(n, 1),
-                a.max_tokens,
-                a.temperature,
-                a.seeds,
-                a.concurrency,
+            single_stream, aggregate = (
+                AcceptanceSets(
+                    server.base_url,
+                    server.served_name,
+                    sets,
+                    max(n, 1),
+                    a.max_tokens,
+                    a.temperature,
+                    a.seeds,
+                    concurrency,
+                )
+                for concurrency in (1, a.concurrency)
             )
             for name, prompts, _ in sets:
-                m = objective.measure_set(name, prompts)
+                single = single_stream.measure_set(name, prompts)
+                m = aggregate.measure_set(name, prompts)
                 if n == 0:
-                    no_spec[name] = m.tok_s
+                    no_spec[(name, 1)], no_spec[(name, a.concurrency)] = single.tok_s, m.tok_s
                 rows.append(
                     BaselineRow(
                         n,
                         name,
+                        single.tok_s,
+                        single.tok_s / no_spec.get((name, 1), float("nan")),
                         m.tok_s,
-                        m.tok_s / no_spec[name] if name in no_spec else float("nan"),
+                        m.tok_s / no_spec.get((name, a.concurrency), float("nan")),
+                        a.concurrency,
                         m.per_position if n else [],
                         m.mean_accepted_tokens if n else 0.0,
                         m.ci95 if n else 0.0,

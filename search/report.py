@@ -53,7 +53,7 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
 def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
     front = sorted(pareto_front(study.get_trials(deepcopy=False), objectives), key=lambda t: t.values[0])
     table = Table(title=f"Pareto set: {len(front)} trial(s), after vanilla and references", header_style="bold")
-    for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/s"):
+    for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/s (aggregate)"):
         table.add_column(col, no_wrap=True)
     table.add_column("parameters", overflow="fold")
     for label, point in reference_points(study).items():
@@ -62,13 +62,19 @@ def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
             label,
             *[f"{point.get(o.name, float('nan')):.4g}" for o in objectives],
             _acc(point),
-            f"{point.get('tok_s', 0):.1f}",
+            f"{point.get('aggregate_tok_s', point.get('tok_s', 0)):.1f}",
             f"{params.get('method', '')} {params.get('params', '')}"[:200] if params else "-",
             style="dim",
         )
     for t in front:
         m = t.user_attrs.get("metrics", {})
-        table.add_row(str(t.number), *[f"{v:.4g}" for v in t.values], _acc(m), f"{m.get('tok_s', 0):.1f}", _params(t))
+        table.add_row(
+            str(t.number),
+            *[f"{v:.4g}" for v in t.values],
+            _acc(m),
+            f"{m.get('aggregate_tok_s', m.get('tok_s', 0)):.1f}",
+            _params(t),
+        )
     return table
 
 

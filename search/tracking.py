@@ -176,7 +176,7 @@ class Tracker:
 
 def write_front_csv(path: Path, front: list[FrozenTrial], objectives: list[ObjectiveSpec]) -> None:
     names = sorted({k for t in front for k in t.params})
-    metric_names = ["acc_pos_0", "acc_pos_1", "acc_pos_2", "acc_pos_3", "tok_s", "trial_s"]
+    metric_names = ["acc_pos_0", "acc_pos_1", "acc_pos_2", "acc_pos_3", "aggregate_tok_s", "trial_s"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *[o.name for o in objectives], *metric_names, *names])

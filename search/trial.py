@@ -86,7 +86,7 @@ class TrialResult:
             out |= {f"{name}.acc_pos_{i}": a for i, a in enumerate(s["per_position"])}
             out |= {f"{name}.mean_accepted_tokens": s["mean_accepted_tokens"], f"{name}.ci95": s["ci95"]}
             out[f"{name}.num_drafts"] = s["num_drafts"]
-        out["tok_s"] = self.tok_s
+        out["aggregate_tok_s"] = self.tok_s  # at acceptance.concurrency: what the search compares
         out |= {f"stage_{k}_s": v for k, v in self.durations.items()}
         out["trial_s"] = sum(self.durations.values())
         return out

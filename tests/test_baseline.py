@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "configs" / "organism.toml")
 
 
-def _baseline(tmp_path: Path, label: str, model: Path | None) -> dict:
+def _baseline(tmp_path: Path, label: str, model: Path | None, n: str = "1,4") -> dict:
     cmd = [
         sys.executable,
         "-c",
@@ -27,7 +27,7 @@ def _baseline(tmp_path: Path, label: str, model: Path | None) -> dict:
         "baseline",
         str(REPO / "configs" / "organism.toml"),
         "--n",
-        "1,4",
+        n,
         "--label",
         label,
     ]
@@ -38,6 +38,7 @@ def _baseline(tmp_path: Path, label: str, model: Path | None) -> dict:
     cmd[4] = str(study)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "tok/s 1 stream" in proc.stdout and f"tok/s {CONFIG.acceptance.concurrency} streams" in proc.stdout
     out = tmp_path / "organism" / "baseline" / label
     assert (out / "baseline.csv").is_file() and "model-fp8" in json.loads((out / "baseline.json").read_text())["model"]
     rows = json.loads((out / "baseline.json").read_text())["rows"]
@@ -53,10 +54,14 @@ def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     assert resident.evaluate()["refusal_rate"].value <= 0.2
     abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
 
-    vanilla = _baseline(tmp_path, "vanilla", None)
+    vanilla = _baseline(tmp_path, "vanilla", None, n="0,1,4")
     ablit = _baseline(tmp_path, "abliterated", abliterated)
     for rows in (vanilla, ablit):
         assert all(r["invalid_reason"] is None for r in rows.values())
+        assert all(r["single_stream_tok_s"] > 0 and r["aggregate_tok_s"] > 0 for r in rows.values())
+    # Speed-ups over no speculation, single-stream and aggregate, both measured in the same run.
+    assert vanilla[(0, "harmful")]["single_stream_speedup"] == 1.0 == vanilla[(0, "harmful")]["aggregate_speedup"]
+    assert all(r["single_stream_speedup"] > 0 and r["aggregate_speedup"] > 0 for r in vanilla.values())
     v4, a4 = vanilla[(4, "harmful")], ablit[(4, "harmful")]
     print("harmful n=4 vanilla", v4["per_position"], "abliterated", a4["per_position"])
     assert all(a < v for a, v in zip(a4["per_position"], v4["per_position"], strict=True))
