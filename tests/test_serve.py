@@ -167,3 +167,40 @@ def test_vllm_exiting_during_startup_is_one_clear_error(tmp_path: Path) -> None:
         server.start()
     assert "no-such-flag" in str(err.value)  # the log's tail says why
     assert not _group_alive(server.process.pid)
+
+
+def test_the_real_configs_server_arguments_parse_under_vllms_own_parser(tmp_path: Path) -> None:
+    """Every argument the Spark's study server gets (after the image) through vLLM's own CLI parser: names and value
+    formats (JSON for --speculative-config and --limit-mm-per-prompt), as the serving environment's vLLM reads them."""
+    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    server = VllmServer(
+        beside_resident(cfg.serving),
+        "/models/gemma-4-26B-A4B-it-fp8",
+        "google/gemma-4-26B-A4B-it-assistant",
+        tmp_path / "server.log",
+        port=8000,
+        swappable=True,
+    )
+    cmd = server.command()
+    args = cmd[cmd.index(cfg.serving.image) + 1 :]
+    parse = (
+        "import json, sys\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "ns = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
+        "print(json.dumps({k: getattr(ns, k) for k in ('model', 'speculative_config', 'kv_cache_dtype', "
+        "'limit_mm_per_prompt', 'gpu_memory_utilization', 'max_model_len', 'worker_extension_cls', 'host')}))\n"
+    )
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    proc = subprocess.run([str(python), "-c", parse, json.dumps(args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert parsed["speculative_config"] == {
+        "method": "mtp",
+        "model": "google/gemma-4-26B-A4B-it-assistant",
+        "num_speculative_tokens": 4,
+    }
+    assert parsed["kv_cache_dtype"] == "fp8" and parsed["max_model_len"] == 8192
+    assert parsed["limit_mm_per_prompt"] == {"image": 0, "audio": 0, "video": 0}
+    assert parsed["gpu_memory_utilization"] == cfg.serving.resident_gpu_memory_utilization  # the last one wins
+    assert parsed["worker_extension_cls"] == EXTENSION and parsed["host"] == "0.0.0.0"
