@@ -14,7 +14,7 @@ demo: venv vllm-env
 
 test: venv vllm-env
 	$(VENV)/bin/ruff check search objectives tests
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra --durations=25
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
