@@ -95,6 +95,9 @@ Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}`
 {cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token
 KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: vLLM's own counters over
 /v1/chat/completions, a_i = share of drafts whose first i+1 tokens were accepted, mixed over {sets}.
+Tokens / step = 1 + mean accepted tokens per draft: the speed-up over no speculation a memory-bound GPU approaches.
+No tok/s is quoted here: the study measured throughput with {cfg.acceptance.concurrency} requests in flight, not the
+single-stream figure public numbers quote; `mtp-abliterate baseline` prints both on your hardware.
 Per set, with a 95 % interval on the mean:
 
 | set | acceptance per position | mean accepted ± 95 % CI | drafts |
