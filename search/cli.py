@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -252,6 +253,42 @@ def abliterate_cmd(
         console.print(f"merged BF16 checkpoint: {out}")
 
 
+def baseline_table(model: str, rows: list) -> Table:
+    """`baseline`'s rows: single-stream and aggregate tok/s side by side, then acceptance."""
+    table = Table(title=f"baseline: {model}", header_style="bold", box=box.SIMPLE_HEAD)
+    concurrency = rows[0].concurrency
+    notes = any(r.invalid_reason for r in rows)
+    for col in (
+        "n",
+        "prompts",
+        "tok/s 1 stream",
+        "vs n=0",
+        f"tok/s {concurrency} streams",
+        "vs n=0",
+        "acceptance a0..a3",
+        "mean acc ± 95% CI",
+        "tokens/step",
+        "drafts",
+        *(["note"] if notes else []),
+    ):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r.n),
+            r.prompt_set,
+            f"{r.single_stream_tok_s:.1f}",
+            f"{r.single_stream_speedup:.2f}x",
+            f"{r.aggregate_tok_s:.1f}",
+            f"{r.aggregate_speedup:.2f}x",
+            "/".join(f"{x:.3f}" for x in r.per_position) or "-",
+            f"{r.mean_accepted_tokens:.3f} ± {r.ci95:.3f}" if r.n else "-",
+            f"{r.tokens_per_step:.2f}",
+            str(r.num_drafts),
+            *([r.invalid_reason or ""] if notes else []),
+        )
+    return table
+
+
 @app.command("baseline")
 def baseline_cmd(
     file: Path,
@@ -294,37 +331,8 @@ def baseline_cmd(
         rows = run_baseline(cfg, model, n_values, out)
     except (ServerError, QuantizationError, CheckpointError) as e:
         fail(str(e))
-    table = Table(title=f"baseline: {model}", header_style="bold")
+    console.print(baseline_table(model, rows))
     concurrency = rows[0].concurrency
-    for col in (
-        "n",
-        "prompts",
-        "tok/s 1 stream",
-        "speed-up",
-        f"tok/s {concurrency} streams",
-        "speed-up",
-        "acceptance a0..a3",
-        "mean acc ± 95% CI",
-        "tokens/step",
-        "drafts",
-        "note",
-    ):
-        table.add_column(col, no_wrap=True)
-    for r in rows:
-        table.add_row(
-            str(r.n) if r.n else "no spec",
-            r.prompt_set,
-            f"{r.single_stream_tok_s:.1f}",
-            f"{r.single_stream_speedup:.2f}x",
-            f"{r.aggregate_tok_s:.1f}",
-            f"{r.aggregate_speedup:.2f}x",
-            "/".join(f"{x:.3f}" for x in r.per_position) or "-",
-            f"{r.mean_accepted_tokens:.3f} ± {r.ci95:.3f}" if r.n else "-",
-            f"{r.tokens_per_step:.2f}",
-            str(r.num_drafts),
-            r.invalid_reason or "",
-        )
-    console.print(table)
     console.print(
         "tok/s 1 stream: one request at a time (what public figures quote); "
         f"tok/s {concurrency} streams: acceptance.concurrency requests in flight (aggregate); acceptance from the "
