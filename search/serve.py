@@ -209,6 +209,12 @@ class VllmServer:
                 )
         if self.serving.launcher == "python" and not Path(self.resolve(self.serving.python)).exists():
             raise ServerError(f"vLLM python {self.resolve(self.serving.python)} not found; run `make vllm-env`")
+        client = shlex.split(self.serving.docker_template)[0]
+        if self.serving.launcher == "docker" and not shutil.which(client):
+            raise ServerError(
+                f"{client} not found on PATH (serving.launcher = 'docker'); install docker, or serve with "
+                "serving.launcher = 'python' and a vLLM environment"
+            )
         if self.port is not None and port_in_use(self.port):
             raise ServerError(f"port {self.port} is already in use; stop what listens there or pick another port")
 

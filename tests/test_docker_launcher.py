@@ -131,3 +131,10 @@ def test_a_template_publishing_on_every_interface_is_refused(tmp_path: Path) -> 
     (tmp_path / "open.toml").write_text(text)
     with pytest.raises(ConfigError, match=r"serving.docker_template: .*write -p 127.0.0.1:\{port\}:\{port\}"):
         load_config(tmp_path / "open.toml")
+
+
+def test_a_missing_docker_client_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no docker here
+    server = VllmServer(_serving(tmp_path), str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log")
+    with pytest.raises(ServerError, match=r"^docker not found on PATH .*install docker, or serve with"):
+        server.start()
