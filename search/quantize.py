@@ -184,19 +184,16 @@ def _origin(name: str, plan: Fp8Plan, file_of: dict[str, str]) -> tuple[str, Cal
         return name, lambda t: t
     m = EXPERT.fullmatch(name)
     if m and m["experts"] in plan.transposed:
-        index, proj, t_ = int(m["index"]), m["proj"], plan.transposed[m["experts"]]
-        fused = f"{m['experts']}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-        if proj != "down_proj" and fused not in file_of:
-            fused = f"{m['experts']}.up_proj"  # experts without a gate: up_proj and down_proj only
-            return fused, lambda t: t[index].T if t_ else t[index]
+        experts, index, proj, transposed = m["experts"], int(m["index"]), m["proj"], plan.transposed[m["experts"]]
+        gated = f"{experts}.gate_up_proj" in file_of  # else experts without a gate: up_proj and down_proj only
+        fused = f"{experts}.{'gate_up_proj' if gated and proj != 'down_proj' else proj}"
 
         def cut(t: torch.Tensor) -> torch.Tensor:
-            w = t[index]
-            if proj == "down_proj":
-                return w.T if t_ else w
-            half = (w.shape[1] if t_ else w.shape[0]) // 2
-            part = slice(None, half) if proj == "gate_proj" else slice(half, None)
-            return w[:, part].T if t_ else w[part]
+            w = t[index].T if transposed else t[index]  # (out, in), as the per-expert Linear holds it
+            if fused.endswith("gate_up_proj"):
+                half = w.shape[0] // 2
+                w = w[:half] if proj == "gate_proj" else w[half:]
+            return w
 
         if fused in file_of:
             return fused, cut

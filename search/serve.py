@@ -209,7 +209,7 @@ class VllmServer:
                 )
         if self.serving.launcher == "python" and not Path(self.resolve(self.serving.python)).exists():
             raise ServerError(f"vLLM python {self.resolve(self.serving.python)} not found; run `make vllm-env`")
-        client = shlex.split(self.serving.docker_template)[0]
+        client = _docker_client(self.serving)
         if self.serving.launcher == "docker" and not shutil.which(client):
             raise ServerError(
                 f"{client} not found on PATH (serving.launcher = 'docker'); install docker, or serve with "
@@ -346,11 +346,14 @@ class VllmServer:
         self.stop()
 
 
+def _docker_client(serving: Serving) -> str:
+    return shlex.split(serving.docker_template)[0]
+
+
 def _docker(serving: Serving, *args: str) -> str:
     """Run the docker client of serving.docker_template; its stdout ('' when it failed: cleanup is best effort)."""
-    client = shlex.split(serving.docker_template)[0]
     try:
-        done = subprocess.run([client, *args], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([_docker_client(serving), *args], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return done.stdout if done.returncode == 0 else ""
