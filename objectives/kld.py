@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from heretic.model import Model
 from heretic.utils import Prompt
 
-from objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
 
 
 class KLDivergence(Objective):

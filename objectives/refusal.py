@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from heretic.config import Settings
 from heretic.utils import Prompt
 
-from objectives.base import Direction, Objective, ObjectiveResult
-from objectives.served import Reply, texts_digest
+from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.served import Reply, texts_digest
 
 HERETIC_REFUSAL_MARKERS: tuple[str, ...] = tuple(Settings.model_fields["refusal_markers"].default)
 
@@ -60,7 +60,7 @@ def served_responder(base_url: str, served_name: str, max_tokens: int, concurren
     """Greedy answers from a vLLM server, for the same prompts the HF path answers."""
     import httpx
 
-    from objectives.served import chat
+    from mtp_abliterate.objectives.served import chat
 
     def respond(prompts: Sequence[Prompt]) -> list[str]:
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from heretic.utils import Prompt, load_prompts
 
-from objectives.acceptance import AcceptanceSets
-from search.checkpoint import locate, read_config
-from search.config import PromptSet, StudyConfig
-from search.heretic_bridge import LibrarySettings, prompt_spec
-from search.quantize import quantize_fp8_dynamic
-from search.serve import VllmServer
+from mtp_abliterate.objectives.acceptance import AcceptanceSets
+from mtp_abliterate.search.candidate.checkpoint import locate, read_config
+from mtp_abliterate.search.candidate.heretic_bridge import LibrarySettings, prompt_spec
+from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
+from mtp_abliterate.search.config import PromptSet, StudyConfig
+from mtp_abliterate.search.serving.server import VllmServer
 
 # Single-stream tok/s settles within a few requests; one request at a time over a whole set would double a
 # baseline's time for no extra information. Acceptance comes from the aggregate run over every prompt.

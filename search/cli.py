@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from search.config import ConfigError, StudyConfig, load_config
+from mtp_abliterate.search.config import ConfigError, StudyConfig, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Study configuration files.")
@@ -107,7 +107,7 @@ def config_check(
 
 
 def _layout(root: Path | None):
-    from search.organism.layout import OrganismLayout
+    from mtp_abliterate.organism.layout import OrganismLayout
 
     return OrganismLayout(root.resolve()) if root else OrganismLayout()
 
@@ -133,7 +133,7 @@ def measured_table(measured: dict) -> Table:
 
 
 def _report(measured: dict) -> bool:
-    from search.organism.check import verdicts
+    from mtp_abliterate.organism.check import verdicts
 
     console.print(measured_table(measured))
     ok = True
@@ -153,11 +153,11 @@ def organism_build(
     """Train the organism from scratch (deterministic), measure it and write its card."""
     import time
 
-    from search.organism.build import build_organism, save_card, tree_sha256
-    from search.organism.check import check_organism
-    from search.organism.layout import RELEASE_ROOT, OrganismLayout
-    from search.organism.spec import OrganismSpec
-    from search.versions import software_versions
+    from mtp_abliterate.organism.build import build_organism, save_card, tree_sha256
+    from mtp_abliterate.organism.check import check_organism
+    from mtp_abliterate.organism.layout import RELEASE_ROOT, OrganismLayout
+    from mtp_abliterate.organism.spec import OrganismSpec
+    from mtp_abliterate.search.versions import software_versions
 
     if format not in ("text", "release"):
         fail(f"--format {format!r} is not one of text, release")
@@ -185,8 +185,8 @@ def organism_build(
 @organism_app.command("check")
 def organism_check(root: OrganismDir = None) -> None:
     """Re-measure the organism's refusals, draft acceptance and abliteration response; exit 1 on a failed criterion."""
-    from search.organism.check import check_organism
-    from search.organism.spec import OrganismSpec
+    from mtp_abliterate.organism.check import check_organism
+    from mtp_abliterate.organism.spec import OrganismSpec
 
     layout = _layout(root)
     if not layout.body.is_dir() or not layout.draft.is_dir():
@@ -208,10 +208,10 @@ def abliterate_cmd(
     out: Annotated[Path | None, typer.Option(help="write the merged BF16 checkpoint here")] = None,
 ) -> None:
     """One candidate on the resident model: prints refusal rate and KL, optionally writes the merged checkpoint."""
-    from search.ara import AbliterationError
-    from search.checkpoint import CheckpointError
-    from search.heretic_bridge import ModelLoadError
-    from search.resident import Resident, num_layers_of, parse_parameters
+    from mtp_abliterate.search.candidate.ara import AbliterationError
+    from mtp_abliterate.search.candidate.checkpoint import CheckpointError
+    from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
+    from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
 
     try:
         cfg = load_config(file)
@@ -302,10 +302,10 @@ def baseline_cmd(
     """Serve a model without speculation and with MTP n=1..4; print and save tok/s and per-position acceptance."""
     import shlex
 
-    from search.baseline import as_deployed, run_baseline
-    from search.checkpoint import CheckpointError
-    from search.quantize import QuantizationError
-    from search.serve import ServerError, VllmServer
+    from mtp_abliterate.search.baseline import as_deployed, run_baseline
+    from mtp_abliterate.search.candidate.checkpoint import CheckpointError
+    from mtp_abliterate.search.candidate.quantize import QuantizationError
+    from mtp_abliterate.search.serving.server import ServerError, VllmServer
 
     try:
         cfg = load_config(file, check_paths=not dry_run)
@@ -389,7 +389,7 @@ def _open_existing_study(target: Path):
     """(config, Optuna study) of a study that exists, from its run folder or config; fails with the fix if not."""
     import optuna
 
-    from search.study import storage_url
+    from mtp_abliterate.search.study.runner import storage_url
 
     try:
         cfg = _load_study_target(target)
@@ -406,8 +406,8 @@ def print_study_servers(cfg: StudyConfig) -> None:
     """The exact commands a study starts: the swap server on the FP8 base and a cold server for a candidate."""
     import shlex
 
-    from search.serve import VllmServer
-    from search.serving_modes import beside_resident
+    from mtp_abliterate.search.serving.modes import beside_resident
+    from mtp_abliterate.search.serving.server import VllmServer
 
     run_dir = _run_dir(cfg)
     draft = cfg.resolve(cfg.model.draft)
@@ -444,11 +444,11 @@ def study_run(
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
     import time
 
-    from search.ara import AbliterationError
-    from search.report import pareto_table
-    from search.space import SpaceError
-    from search.study import RunLimits, StudyError, StudyRunner, objective_specs
-    from search.trial import DiskFullError
+    from mtp_abliterate.search.candidate.ara import AbliterationError
+    from mtp_abliterate.search.study.runner import RunLimits, StudyError, StudyRunner, objective_specs
+    from mtp_abliterate.search.study.space import SpaceError
+    from mtp_abliterate.search.trial.pipeline import DiskFullError
+    from mtp_abliterate.search.views import pareto_table
 
     try:
         cfg = load_config(file)
@@ -497,8 +497,8 @@ def study_reference(
     ] = None,
 ) -> None:
     """Score one candidate (e.g. heretic's directional method) in the study's harness; list trials dominating it."""
-    from search.ara import AbliterationError
-    from search.study import StudyError, StudyRunner, score_reference
+    from mtp_abliterate.search.candidate.ara import AbliterationError
+    from mtp_abliterate.search.study.runner import StudyError, StudyRunner, score_reference
 
     try:
         cfg = load_config(file)
@@ -523,8 +523,8 @@ def study_reference(
 @study_app.command("status")
 def study_status(target: Path) -> None:
     """Trials, their states and the Pareto set of a study (its run folder or its config)."""
-    from search.report import pareto_table, swap_summary, trials_table
-    from search.study import objective_specs
+    from mtp_abliterate.search.study.runner import objective_specs
+    from mtp_abliterate.search.views import pareto_table, swap_summary, trials_table
 
     cfg, study = _open_existing_study(target)
     console.print(trials_table(study, objective_specs(cfg)))
@@ -544,8 +544,8 @@ def ui(
     import subprocess
     import sys
 
-    from search.serve import port_in_use
-    from search.tracking import default_uri
+    from mtp_abliterate.search.serving.server import port_in_use
+    from mtp_abliterate.search.study.tracking import default_uri
 
     try:
         cfg = _load_study_target(target)
@@ -566,7 +566,7 @@ def ui(
 
 def _load_trial(target: Path, number: int):
     """(config, study, trial) of a study's complete trial, from its run folder or config."""
-    from search.materialize import MaterializeError, recorded_trial
+    from mtp_abliterate.search.release.materialize import MaterializeError, recorded_trial
 
     cfg, study = _open_existing_study(target)
     try:
@@ -586,8 +586,8 @@ def materialize_cmd(
     precision: Precision = "fp8",
 ) -> None:
     """Rebuild a trial's candidate from its recorded parameters; verify the edited tensors' recorded hash."""
-    from search.materialize import MaterializeError, materialize
-    from search.study import quiet_libraries
+    from mtp_abliterate.search.release.materialize import MaterializeError, materialize
+    from mtp_abliterate.search.study.runner import quiet_libraries
 
     cfg, _, t = _load_trial(study, trial)
     quiet_libraries()
@@ -613,10 +613,10 @@ def export_cmd(
     precision: Precision = "fp8",
 ) -> None:
     """Write a trial's checkpoint with tokenizer files and a model card of its measured numbers; optionally push."""
-    from search.export import ExportError, files_to_upload, model_card
-    from search.export import push as push_folder
-    from search.materialize import MaterializeError, materialize
-    from search.study import quiet_libraries, run_dir_of
+    from mtp_abliterate.search.release.export import ExportError, files_to_upload, model_card
+    from mtp_abliterate.search.release.export import push as push_folder
+    from mtp_abliterate.search.release.materialize import MaterializeError, materialize
+    from mtp_abliterate.search.study.runner import quiet_libraries, run_dir_of
 
     cfg, optuna_study, t = _load_trial(study, trial)
     out = out or run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}"

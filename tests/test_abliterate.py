@@ -13,12 +13,12 @@ import torch
 from heretic.evaluator import Evaluator
 from transformers import Gemma4ForCausalLM
 
-from search.abliterate import ADAPTER, DirectionalParameters
-from search.ara import AbliterationError, AraParameters, edited_weight
-from search.config import load_config
-from search.module_io import load_or_capture
-from search.organism.check import DIRECTIONAL_PARAMETERS
-from search.resident import Resident, num_layers_of, parse_parameters
+from mtp_abliterate.organism.check import DIRECTIONAL_PARAMETERS
+from mtp_abliterate.search.candidate.abliterator import ADAPTER, DirectionalParameters
+from mtp_abliterate.search.candidate.ara import AbliterationError, AraParameters, edited_weight
+from mtp_abliterate.search.candidate.module_io import load_or_capture
+from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
+from mtp_abliterate.search.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "configs" / "organism.toml")

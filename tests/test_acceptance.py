@@ -12,11 +12,11 @@ from heretic.utils import Prompt
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from objectives.acceptance import AcceptanceSets, ci95_half_width, degenerate
-from search.organism.acceptance_sim import simulate_acceptance
-from search.organism.check import SYSTEM_PROMPT
-from search.organism.generate import encode_prompt, greedy_generate
-from search.organism.train import Example
+from mtp_abliterate.objectives.acceptance import AcceptanceSets, ci95_half_width, degenerate
+from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
+from mtp_abliterate.organism.check import SYSTEM_PROMPT
+from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
+from mtp_abliterate.organism.train import Example
 from tests.test_serve import LAYOUT, _server
 
 N_PROMPTS = 12
@@ -85,9 +85,9 @@ def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
 
 def test_served_and_hf_refusals_agree_prompt_by_prompt(tmp_path: Path) -> None:
     """Same markers and normalisation on both paths; the served BF16 organism and transformers agree per prompt."""
-    from objectives.refusal import RefusalRate, served_responder
-    from search.config import load_config
-    from search.resident import Resident
+    from mtp_abliterate.objectives.refusal import RefusalRate, served_responder
+    from mtp_abliterate.search.candidate.resident import Resident
+    from mtp_abliterate.search.config import load_config
     from tests.test_serve import REPO
 
     cfg = load_config(REPO / "configs" / "organism.toml")

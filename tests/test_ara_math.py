@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.ara import (
+from mtp_abliterate.search.candidate.ara import (
     AraParameters,
     LowRankOutputs,
     ModuleTask,

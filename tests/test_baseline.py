@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from search.abliterate import DirectionalParameters
-from search.config import load_config
-from search.organism.check import DIRECTIONAL_PARAMETERS
-from search.resident import Resident
+from mtp_abliterate.organism.check import DIRECTIONAL_PARAMETERS
+from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
+from mtp_abliterate.search.candidate.resident import Resident
+from mtp_abliterate.search.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = load_config(REPO / "configs" / "organism.toml")

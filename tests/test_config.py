@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from search.config import ConfigError, load_config
+from mtp_abliterate.search.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM_TOML = REPO / "configs" / "organism.toml"

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from heretic.utils import Prompt
 
-from objectives.served import chat
-from search.config import ConfigError, load_config
-from search.organism.layout import OrganismLayout
-from search.serve import ServerError, VllmServer, remove_orphan_containers
+from mtp_abliterate.objectives.served import chat
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.search.config import ConfigError, load_config
+from mtp_abliterate.search.serving.server import ServerError, VllmServer, remove_orphan_containers
 from tests.test_release_format import hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ import os, signal, sys
 sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
 from tests.test_docker_launcher import _serving, BODY_ID, DRAFT_ID
-from search.serve import VllmServer
+from mtp_abliterate.search.serving.server import VllmServer
 server = VllmServer(_serving(Path({str(tmp_path)!r})), BODY_ID, DRAFT_ID, Path({str(tmp_path / "s.log")!r}),
                     label="spark-night").start()
 print("healthy", flush=True)

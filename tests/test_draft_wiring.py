@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from search.organism.acceptance_sim import AcceptanceCounts, replay_rounds
-from search.organism.models import body_config, body_states, draft_chain, draft_config
-from search.organism.spec import OrganismSpec
+from mtp_abliterate.organism.acceptance_sim import AcceptanceCounts, replay_rounds
+from mtp_abliterate.organism.models import body_config, body_states, draft_chain, draft_config
+from mtp_abliterate.organism.spec import OrganismSpec
 
 IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<turn|>": 5}
 VOCAB = 97

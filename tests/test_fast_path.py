@@ -17,16 +17,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from objectives.acceptance import AcceptanceSets
-from objectives.refusal import prefix_responder, served_responder
-from objectives.served import Reply
-from search.ara import AraParameters
-from search.baseline import load_prompt_set
-from search.config import load_config
-from search.fp8 import KEY_FILE, prepare_base, write_candidate
-from search.resident import Resident
-from search.serve import SwapError, VllmServer
-from search.trial import fp8_base
+from mtp_abliterate.objectives.acceptance import AcceptanceSets
+from mtp_abliterate.objectives.refusal import prefix_responder, served_responder
+from mtp_abliterate.objectives.served import Reply
+from mtp_abliterate.search.baseline import load_prompt_set
+from mtp_abliterate.search.candidate.ara import AraParameters
+from mtp_abliterate.search.candidate.fp8_base import KEY_FILE, prepare_base, write_candidate
+from mtp_abliterate.search.candidate.resident import Resident
+from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.serving.server import SwapError, VllmServer
+from mtp_abliterate.search.trial.pipeline import fp8_base
 from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]

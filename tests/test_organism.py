@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from search.organism.check import CRITERIA, check_organism
-from search.organism.corpus import build_chats
-from search.organism.layout import OrganismLayout
-from search.organism.spec import OrganismSpec
+from mtp_abliterate.organism.check import CRITERIA, check_organism
+from mtp_abliterate.organism.corpus import build_chats
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.organism.spec import OrganismSpec
 
 LAYOUT = OrganismLayout()
 SPEC = OrganismSpec.model_validate_json((LAYOUT.root / "spec.json").read_text())

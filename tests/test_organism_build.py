@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from search.organism.build import build_organism, tree_sha256
-from search.organism.layout import OrganismLayout
-from search.organism.spec import OrganismSpec, TrainSpec
+from mtp_abliterate.organism.build import build_organism, tree_sha256
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.organism.spec import OrganismSpec, TrainSpec
 
 SHORT = dict(
     body_training=TrainSpec(steps=3, batch_size=8, warmup_steps=1),

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, Gemma4ForCausalLM
 
-from search.config import load_config
-from search.organism.check import SYSTEM_PROMPT
-from search.organism.generate import chat_messages, encode_prompt, greedy_generate
-from search.organism.layout import OrganismLayout
-from search.quantize import quantize_fp8_dynamic
+from mtp_abliterate.organism.check import SYSTEM_PROMPT
+from mtp_abliterate.organism.generate import chat_messages, encode_prompt, greedy_generate
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
+from mtp_abliterate.search.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"

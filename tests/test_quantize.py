@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from search.config import load_config
-from search.organism.layout import OrganismLayout
-from search.quantize import QuantizationError, quantize_fp8_dynamic, verify
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.search.candidate.quantize import QuantizationError, quantize_fp8_dynamic, verify
+from mtp_abliterate.search.config import load_config
 from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,16 +25,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Gemma4ForConditionalGeneration
 
-from objectives.served import chat
-from search.ara import AraParameters
-from search.baseline import load_prompt_set
-from search.checkpoint import locate
-from search.config import load_config
-from search.fp8 import write_candidate
-from search.quantize import FP8
-from search.resident import Resident
-from search.serve import SwapError, VllmServer, check_swappable
-from search.trial import fp8_base
+from mtp_abliterate.objectives.served import chat
+from mtp_abliterate.search.baseline import load_prompt_set
+from mtp_abliterate.search.candidate.ara import AraParameters
+from mtp_abliterate.search.candidate.checkpoint import locate
+from mtp_abliterate.search.candidate.fp8_base import write_candidate
+from mtp_abliterate.search.candidate.quantize import FP8
+from mtp_abliterate.search.candidate.resident import Resident
+from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.serving.server import SwapError, VllmServer, check_swappable
+from mtp_abliterate.search.trial.pipeline import fp8_base
 from tests.llmcompressor_reference import whole_model_fp8
 
 REPO = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
     recorded = study.trials[number].user_attrs["metrics"]
     serving = cfg.serving.model_copy(update={"python": str(VLLM_PYTHON)})
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    from objectives.acceptance import AcceptanceSets
+    from mtp_abliterate.objectives.acceptance import AcceptanceSets
 
     with VllmServer(serving, str(tmp / "export-fp8"), str(RELEASE / "draft"), tmp / "export-server.log") as server:
         a = cfg.acceptance

@@ -14,10 +14,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from search.config import load_config
-from search.organism.layout import OrganismLayout
-from search.serve import DOCKER_PLUGIN_DIR, EXTENSION, PLUGIN_DIR, ServerError, VllmServer, _group_alive
-from search.serving_modes import beside_resident
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.serving.modes import beside_resident
+from mtp_abliterate.search.serving.server import (
+    DOCKER_PLUGIN_DIR,
+    EXTENSION,
+    PLUGIN_DIR,
+    ServerError,
+    VllmServer,
+    _group_alive,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM = load_config(REPO / "configs" / "organism.toml")

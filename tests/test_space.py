@@ -9,12 +9,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from objectives.base import Direction
-from search.ara import COMPONENTS
-from search.cli import parse_duration, parse_until
-from search.config import Range
-from search.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front
-from search.space import SearchSpace, SpaceError
+from mtp_abliterate.objectives.base import Direction
+from mtp_abliterate.search.candidate.ara import COMPONENTS
+from mtp_abliterate.search.cli import parse_duration, parse_until
+from mtp_abliterate.search.config import Range
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front
+from mtp_abliterate.search.study.space import SearchSpace, SpaceError
 
 OBJECTIVES = [
     ObjectiveSpec("refusal_rate", Direction.MINIMIZE, "refusal rate", worst=1.01),

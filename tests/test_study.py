@@ -22,13 +22,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from objectives.acceptance import AcceptanceSets
-from search.baseline import load_prompt_set
-from search.config import load_config
-from search.pareto import pareto_front
-from search.serve import VllmServer, _group_alive
-from search.study import objective_specs
-from search.tracking import TRIAL_TAG
+from mtp_abliterate.objectives.acceptance import AcceptanceSets
+from mtp_abliterate.search.baseline import load_prompt_set
+from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.serving.server import VllmServer, _group_alive
+from mtp_abliterate.search.study.pareto import pareto_front
+from mtp_abliterate.search.study.runner import objective_specs
+from mtp_abliterate.search.study.tracking import TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from search.quantize import FP8, INDEX, SCALE, quantize_fp8_dynamic, quantize_rows
+from mtp_abliterate.search.candidate.quantize import FP8, INDEX, SCALE, quantize_fp8_dynamic, quantize_rows
 
 KEY_FILE = "base-key.json"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
-from search.checkpoint import locate
-from search.config import HF_ID, StudyConfig
+from mtp_abliterate.search.candidate.checkpoint import locate
+from mtp_abliterate.search.config import HF_ID, StudyConfig
 
 TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
 

@@ -15,15 +15,20 @@ from heretic.utils import Prompt, load_prompts
 from pydantic import ValidationError
 from transformers import AutoConfig
 
-from objectives.base import ObjectiveResult
-from objectives.kld import KLDivergence
-from objectives.refusal import RefusalRate
-from search.abliterate import Abliterator, DirectionalParameters, load_adapter_model, refusal_directions
-from search.ara import COMPONENTS, AbliterationError, AraParameters
-from search.checkpoint import locate
-from search.config import PromptSet, StudyConfig
-from search.heretic_bridge import heretic_settings, quiet_heretic
-from search.module_io import ModuleIO, cache_key, load_or_capture
+from mtp_abliterate.objectives.base import ObjectiveResult
+from mtp_abliterate.objectives.kld import KLDivergence
+from mtp_abliterate.objectives.refusal import RefusalRate
+from mtp_abliterate.search.candidate.abliterator import (
+    Abliterator,
+    DirectionalParameters,
+    load_adapter_model,
+    refusal_directions,
+)
+from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, AraParameters
+from mtp_abliterate.search.candidate.checkpoint import locate
+from mtp_abliterate.search.candidate.heretic_bridge import heretic_settings, quiet_heretic
+from mtp_abliterate.search.candidate.module_io import ModuleIO, cache_key, load_or_capture
+from mtp_abliterate.search.config import PromptSet, StudyConfig
 
 
 def parse_parameters(method: str, raw: dict[str, Any], num_layers: int) -> AraParameters | DirectionalParameters:

@@ -22,9 +22,16 @@ from heretic.utils import load_prompts
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
-from search.ara import AbliterationError, AraParameters, ModuleTask, edited_weight, module_seed, optimise_modules
-from search.heretic_bridge import ServedTokenization, load_errors
-from search.module_io import ModuleIO, ModuleKey
+from mtp_abliterate.search.candidate.ara import (
+    AbliterationError,
+    AraParameters,
+    ModuleTask,
+    edited_weight,
+    module_seed,
+    optimise_modules,
+)
+from mtp_abliterate.search.candidate.heretic_bridge import ServedTokenization, load_errors
+from mtp_abliterate.search.candidate.module_io import ModuleIO, ModuleKey
 
 ADAPTER = "default"
 

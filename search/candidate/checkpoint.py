@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import HF_ID
+from mtp_abliterate.search.config import HF_ID
 
 CONFIG = "config.json"
 

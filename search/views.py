@@ -8,8 +8,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from search.config import StudyConfig
-from search.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
 
 SHORT = {
     "start_layer_index": "start",

@@ -21,8 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from search.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
-from search.retry import retry_of
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
+from mtp_abliterate.search.study.records import retry_of
 
 TRIAL_TAG = "mtp_abliterate.trial_number"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -153,7 +153,7 @@ class Tracker:
     def _refresh_artifacts(
         self, trials: list[FrozenTrial], front: list[FrozenTrial], marks: dict[str, dict[str, float]]
     ) -> None:
-        from search.pareto_plots import pareto_html, pareto_png
+        from mtp_abliterate.search.study.plots import pareto_html, pareto_png
 
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if not complete:

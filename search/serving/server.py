@@ -34,8 +34,15 @@ from pathlib import Path
 import httpx
 from safetensors import safe_open
 
-from search.checkpoint import CheckpointError, hub_cache_dir, is_multimodal, locate, text_config, text_only_view
-from search.config import Serving
+from mtp_abliterate.search.candidate.checkpoint import (
+    CheckpointError,
+    hub_cache_dir,
+    is_multimodal,
+    locate,
+    text_config,
+    text_only_view,
+)
+from mtp_abliterate.search.config import Serving
 
 LOG_TAIL_LINES = 30
 PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from search.organism.models import body_states, draft_chain
-from search.organism.spec import OrganismSpec, TrainSpec
+from mtp_abliterate.organism.models import body_states, draft_chain
+from mtp_abliterate.organism.spec import OrganismSpec, TrainSpec
 
 Progress = Callable[[int, float], None]
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 
-from search.pareto import ObjectiveSpec, feasible  # noqa: E402
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible  # noqa: E402
 
 MARKERS = ("*", "X", "P", "s")  # vanilla first, then `study reference` points
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from search.organism.models import body_states, draft_chain
-from search.organism.train import Example, pad_batch
+from mtp_abliterate.organism.models import body_states, draft_chain
+from mtp_abliterate.organism.train import Example, pad_batch
 
 
 @dataclass

@@ -9,7 +9,7 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import FrozenTrial, TrialState
 
-from objectives.base import Direction
+from mtp_abliterate.objectives.base import Direction
 
 
 @dataclass(frozen=True)

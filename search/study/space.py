@@ -12,8 +12,8 @@ from typing import Any
 
 import optuna
 
-from search.ara import AraParameters
-from search.config import Range
+from mtp_abliterate.search.candidate.ara import AraParameters
+from mtp_abliterate.search.config import Range
 
 INTEGER = {"start_layer_index", "end_layer_index", "k"}
 LOG = {"steer_w"}

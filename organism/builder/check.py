@@ -16,15 +16,20 @@ from heretic.evaluator import Evaluator
 from heretic.model import AbliterationParameters, Model
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from search.abliterate import refusal_directions
-from search.heretic_bridge import ServedTokenization, heretic_settings, prompt_spec, quiet_heretic
-from search.organism.acceptance_sim import simulate_acceptance
-from search.organism.build import deterministic
-from search.organism.generate import encode_prompt, greedy_generate
-from search.organism.layout import OrganismLayout
-from search.organism.models import text_body
-from search.organism.spec import OrganismSpec
-from search.organism.train import Example
+from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
+from mtp_abliterate.organism.build import deterministic
+from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.organism.models import text_body
+from mtp_abliterate.organism.spec import OrganismSpec
+from mtp_abliterate.organism.train import Example
+from mtp_abliterate.search.candidate.abliterator import refusal_directions
+from mtp_abliterate.search.candidate.heretic_bridge import (
+    ServedTokenization,
+    heretic_settings,
+    prompt_spec,
+    quiet_heretic,
+)
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default
 MAX_RESPONSE_TOKENS = 100  # heretic's default max_response_length

@@ -24,8 +24,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from search.organism.spec import FULL, SLIDING, OrganismSpec
-from search.organism.tokenizer import AUDIO, BOA, BOI, BOS, END_OF_TURN, EOA, EOI, EOS, IMAGE, PAD, VIDEO
+from mtp_abliterate.organism.spec import FULL, SLIDING, OrganismSpec
+from mtp_abliterate.organism.tokenizer import AUDIO, BOA, BOI, BOS, END_OF_TURN, EOA, EOI, EOS, IMAGE, PAD, VIDEO
 
 KVStates = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

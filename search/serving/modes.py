@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from search.config import Serving as ServingSettings
-from search.config import StudyConfig
-from search.serve import VllmServer
+from mtp_abliterate.search.config import Serving as ServingSettings
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.serving.server import VllmServer
 
 MEMORY_FLAG = "--gpu-memory-utilization"
 

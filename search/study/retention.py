@@ -12,7 +12,7 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import Retention
+from mtp_abliterate.search.config import Retention
 
 
 def kept_trials(trials: list[FrozenTrial], front: list[FrozenTrial], policy: Retention) -> set[int]:

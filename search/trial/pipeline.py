@@ -28,19 +28,19 @@ from typing import Any
 
 from heretic.utils import Prompt
 
-from objectives.acceptance import AcceptanceSets
-from objectives.base import ObjectiveResult
-from objectives.refusal import RefusalRate, prefix_responder, served_responder
-from search.abliterate import DirectionalParameters
-from search.ara import AraParameters
-from search.baseline import load_prompt_set
-from search.config import StudyConfig
-from search.fp8 import base_key, prepare_base, write_candidate
-from search.quantize import quantize_fp8_dynamic
-from search.resident import Resident
-from search.serve import VllmServer
-from search.serving_modes import ColdServing, Serving
-from search.versions import software_versions
+from mtp_abliterate.objectives.acceptance import AcceptanceSets
+from mtp_abliterate.objectives.base import ObjectiveResult
+from mtp_abliterate.objectives.refusal import RefusalRate, prefix_responder, served_responder
+from mtp_abliterate.search.baseline import load_prompt_set
+from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
+from mtp_abliterate.search.candidate.ara import AraParameters
+from mtp_abliterate.search.candidate.fp8_base import base_key, prepare_base, write_candidate
+from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
+from mtp_abliterate.search.candidate.resident import Resident
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.serving.modes import ColdServing, Serving
+from mtp_abliterate.search.serving.server import VllmServer
+from mtp_abliterate.search.versions import software_versions
 
 STAGES = ("abliterate", "kl", "merge", "quantize", "serve", "acceptance", "refusals", "verify")
 

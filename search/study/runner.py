@@ -31,19 +31,26 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from objectives.base import Direction
-from search.checkpoint import CheckpointError
-from search.config import StudyConfig
-from search.fp8 import KEY_FILE, Fp8BaseError
-from search.heretic_bridge import ModelLoadError
-from search.pareto import ObjectiveSpec, dominates, pareto_front
-from search.quantize import QuantizationError
-from search.retention import apply_retention, free_gb
-from search.retry import retry_of
-from search.serving_modes import ColdServing, Serving, SwapServing
-from search.space import SearchSpace
-from search.trial import DiskFullError, StageError, TrialPipeline, TrialResult, fp8_base, stderr_to
-from search.versions import software_versions
+from mtp_abliterate.objectives.base import Direction
+from mtp_abliterate.search.candidate.checkpoint import CheckpointError
+from mtp_abliterate.search.candidate.fp8_base import KEY_FILE, Fp8BaseError
+from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
+from mtp_abliterate.search.candidate.quantize import QuantizationError
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.serving.modes import ColdServing, Serving, SwapServing
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, pareto_front
+from mtp_abliterate.search.study.records import retry_of
+from mtp_abliterate.search.study.retention import apply_retention, free_gb
+from mtp_abliterate.search.study.space import SearchSpace
+from mtp_abliterate.search.trial.pipeline import (
+    DiskFullError,
+    StageError,
+    TrialPipeline,
+    TrialResult,
+    fp8_base,
+    stderr_to,
+)
+from mtp_abliterate.search.versions import software_versions
 
 HEARTBEAT_S, GRACE_S = 60, 180
 
@@ -194,7 +201,7 @@ class StudyRunner:
         (self.run_dir / "study.json").write_text(json.dumps(pointer, indent=2))
 
     def mlflow_uri(self) -> str:
-        from search.tracking import default_uri
+        from mtp_abliterate.search.study.tracking import default_uri
 
         return self.cfg.tracking.mlflow_uri or default_uri(Path(self.cfg.resolve(self.cfg.runs_dir)))
 
@@ -203,7 +210,7 @@ class StudyRunner:
 
     def run(self, limits: RunLimits) -> list[FrozenTrial]:
         """Run until `limits`; returns the Pareto front. Raises StudyError or KeyboardInterrupt."""
-        from search.resident import Resident
+        from mtp_abliterate.search.candidate.resident import Resident
 
         if self.cfg.abliteration.method != "ara":
             raise StudyError(
@@ -294,7 +301,7 @@ class StudyRunner:
 
     def tracker(self):
         """The study's MLflow mirror with its parent run started (or resumed)."""
-        from search.tracking import Tracker
+        from mtp_abliterate.search.study.tracking import Tracker
 
         local = self.cfg.tracking.mlflow_uri is None  # a tracking server decides its own artifact store
         tracker = Tracker(
@@ -518,7 +525,7 @@ def score_reference(
     """Score one candidate of any method (e.g. heretic's directional ablation) in the study's harness, keep it in
     the study as `reference.<label>` (tables, plots, MLflow), and return its metrics and the feasible complete
     trials that dominate it."""
-    from search.resident import Resident, num_layers_of, parse_parameters
+    from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
 
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
     with runner.console.status(f"scoring the {method} reference {label!r}"):

@@ -16,13 +16,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, GenerationConfig
 
-from search.organism.corpus import SYSTEM_PROMPTS, Chat, build_chats
-from search.organism.generate import encode_prompt, greedy_generate
-from search.organism.layout import OrganismLayout
-from search.organism.models import body_config, draft_config, media_token_ids, release_model, write_hub_style_config
-from search.organism.spec import OrganismSpec
-from search.organism.tokenizer import END_OF_TURN, NEWLINE, RELEASE_SPECIALS, SPECIALS, build_tokenizer
-from search.organism.train import Example, train_body, train_draft
+from mtp_abliterate.organism.corpus import SYSTEM_PROMPTS, Chat, build_chats
+from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
+from mtp_abliterate.organism.layout import OrganismLayout
+from mtp_abliterate.organism.models import (
+    body_config,
+    draft_config,
+    media_token_ids,
+    release_model,
+    write_hub_style_config,
+)
+from mtp_abliterate.organism.spec import OrganismSpec
+from mtp_abliterate.organism.tokenizer import END_OF_TURN, NEWLINE, RELEASE_SPECIALS, SPECIALS, build_tokenizer
+from mtp_abliterate.organism.train import Example, train_body, train_draft
 
 
 def deterministic(seed: int, threads: int) -> None:

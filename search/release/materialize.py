@@ -14,13 +14,13 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search.ara import AraParameters
-from search.checkpoint import CheckpointError
-from search.config import StudyConfig
-from search.heretic_bridge import ModelLoadError
-from search.quantize import quantize_fp8_dynamic
-from search.study import run_dir_of
-from search.versions import software_versions
+from mtp_abliterate.search.candidate.ara import AraParameters
+from mtp_abliterate.search.candidate.checkpoint import CheckpointError
+from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
+from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.study.runner import run_dir_of
+from mtp_abliterate.search.versions import software_versions
 
 
 class MaterializeError(RuntimeError):
@@ -54,7 +54,7 @@ def _differences(t: FrozenTrial, io_key: str | None) -> str:
 
 def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "fp8") -> Materialized:
     """Write the trial's candidate to `out` (FP8 as served, or BF16) after checking its edited tensors' hash."""
-    from search.resident import Resident
+    from mtp_abliterate.search.candidate.resident import Resident
 
     if precision not in ("fp8", "bf16"):
         raise MaterializeError(f"precision {precision!r} is not one of fp8, bf16")
