@@ -26,7 +26,7 @@ from mtp_abliterate.search.candidate.ara import AraParameters, ModuleTask, modul
 
 console = Console(width=120)
 
-# Gemma 4 26B-A4B text stack (DESIGN §5): 30 layers, 5 sliding : 1 full; o_proj takes 16 heads x 256 (sliding) or
+# Gemma 4 26B-A4B text stack: 30 layers, 5 sliding : 1 full; o_proj takes 16 heads x 256 (sliding) or
 # x 512 (full); the dense MLP's down_proj takes 2112; all write the 2816-wide residual.
 HIDDEN, HEADS, SLIDING_HEAD, FULL_HEAD, DENSE_FF, LAYERS = 2816, 16, 256, 512, 2112, 30
 CANDIDATES = {

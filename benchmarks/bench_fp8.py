@@ -6,7 +6,7 @@ Random BF16 weights at the real shapes of every editable matrix (30 layers: o_pr
 2816x8192 on full ones, dense down_proj 2816x2112; 60 matrices, 1.16 G values), with edge rows (all-zero, values
 that round to -0, a lone outlier). Times, per all-layer candidate:
   digest    sha256 of the edited matrices' BF16 bytes (the trial's merged_digest)
-  quantize  `quantize_rows` (search/fp8.py) on the device, copied to the host
+  quantize  `quantize_rows` (search/candidate/quantize.py) on the device, copied to the host
   write     one safetensors file per matrix (what `write_candidate` writes; symlinks are free)
 and checks the formula against compressed-tensors' own `quantize` for the same scales: its eager path and, on a GPU
 with triton, its fused kernel (which divides in fp32: why `quantize_fp8_dynamic` forces the eager path).

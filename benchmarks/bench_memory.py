@@ -36,7 +36,7 @@ ORGANISM = REPO / "organism-release"
 REAL_LAYERS = 30
 GIB = 2**30
 
-# Gemma 4 26B-A4B (DESIGN §5): the organism's config.json (the project's field names) with the real sizes.
+# Gemma 4 26B-A4B: the organism's config.json (the project's field names) with the real sizes.
 TEXT = dict(
     hidden_size=2816,
     intermediate_size=2112,

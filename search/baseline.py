@@ -14,14 +14,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from heretic.utils import Prompt, load_prompts
-
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.search.candidate.checkpoint import locate, read_config
-from mtp_abliterate.search.candidate.heretic_bridge import LibrarySettings, prompt_spec
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
-from mtp_abliterate.search.config import PromptSet, StudyConfig
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import VllmServer
+from mtp_abliterate.search.study.storage import run_dir_of
 
 # Single-stream tok/s settles within a few requests; one request at a time over a whole set would double a
 # baseline's time for no extra information. Acceptance comes from the aggregate run over every prompt.
@@ -45,13 +44,6 @@ class BaselineRow:
     invalid_reason: str | None
 
 
-def load_prompt_set(cfg: StudyConfig, ps: PromptSet) -> list[Prompt]:
-    """heretic's loader (text file or dataset, split, column), with the study's system prompt."""
-    settings = LibrarySettings(model=cfg.resolve(cfg.model.target), system_prompt=cfg.model.system_prompt)
-    spec = prompt_spec(cfg.resolve(ps.source), ps.split).model_copy(update={"column": ps.column})
-    return load_prompts(settings, spec)
-
-
 def as_deployed(cfg: StudyConfig, model: str, out_dir: Path) -> str:
     """What to serve for `model` so it is compared as deployed: an unquantized checkpoint (a folder or a hub id in
     the offline cache) is quantized like every candidate into `out_dir/model-fp8`; a quantized one is served as is."""
@@ -61,16 +53,24 @@ def as_deployed(cfg: StudyConfig, model: str, out_dir: Path) -> str:
     return model
 
 
+def baseline_dir(cfg: StudyConfig, label: str) -> Path:
+    return run_dir_of(cfg) / "baseline" / label
+
+
+def baseline_server(cfg: StudyConfig, model: str, n: int, out_dir: Path) -> VllmServer:
+    """The server of one row group: `model` without speculation (n = 0) or with the draft at n."""
+    serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(n, 1)})
+    draft = cfg.resolve(cfg.model.draft) if n else None
+    return VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve, label=cfg.name)
+
+
 def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Path) -> list[BaselineRow]:
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
     a = cfg.acceptance
     rows: list[BaselineRow] = []
     no_spec: dict[tuple[str, int], float] = {}  # (set, concurrency) -> tok/s without speculation
     for n in n_values:
-        serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(n, 1)})
-        draft = cfg.resolve(cfg.model.draft) if n else None
-        server = VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve, label=cfg.name)
-        with server:
+        with baseline_server(cfg, model, n, out_dir) as server:
             single_stream, aggregate = (
                 AcceptanceSets(
                     server.base_url,
@@ -106,10 +106,15 @@ def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Pat
                         m.invalid_reason if n else None,
                     )
                 )
+    save_rows(rows, model, out_dir)
+    return rows
+
+
+def save_rows(rows: list[BaselineRow], model: str, out_dir: Path) -> None:
+    """baseline.json and baseline.csv in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "baseline.json").write_text(json.dumps({"model": model, "rows": [asdict(r) for r in rows]}, indent=2))
     with (out_dir / "baseline.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows({**asdict(r), "per_position": "/".join(f"{x:.4f}" for x in r.per_position)} for r in rows)
-    return rows

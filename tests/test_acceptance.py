@@ -17,6 +17,7 @@ from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
 from mtp_abliterate.organism.train import Example
+from tests.conftest import ORGANISM_CONFIG
 from tests.test_serve import LAYOUT, _server
 
 N_PROMPTS = 12
@@ -39,6 +40,7 @@ def test_ci_comes_from_the_per_draft_distribution() -> None:
     assert degenerate("the the the the the the the the") and not degenerate("to make soup , you need water")
 
 
+@pytest.mark.usefixtures("vllm_python")
 def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp_path: Path) -> None:
     with _server(tmp_path) as server:
         result = _objective(server).compute()
@@ -69,6 +71,7 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp
     )
 
 
+@pytest.mark.usefixtures("vllm_python")
 def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
     broken = tmp_path / "broken-draft"
     shutil.copytree(LAYOUT.draft, broken)
@@ -83,16 +86,14 @@ def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
     assert "no draft token was ever accepted" in result.details["invalid_reason"]
 
 
-def test_served_and_hf_refusals_agree_prompt_by_prompt(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("vllm_python")
+def test_served_and_hf_refusals_agree_prompt_by_prompt(resident, tmp_path: Path) -> None:
     """Same markers and normalisation on both paths; the served BF16 organism and transformers agree per prompt."""
     from mtp_abliterate.objectives.refusal import RefusalRate, served_responder
-    from mtp_abliterate.search.candidate.resident import Resident
-    from mtp_abliterate.search.config import load_config
-    from tests.test_serve import REPO
 
-    cfg = load_config(REPO / "configs" / "organism.toml")
+    cfg = ORGANISM_CONFIG
     prompts = _prompts("harmful") + _prompts("harmless")
-    resident = Resident(cfg, cache_dir=None)
+    resident.abliterator.reset()  # the vanilla organism, as served
     hf = RefusalRate(resident.respond, prompts, samples=len(prompts)).compute()
     with _server(tmp_path) as server:
         respond = served_responder(server.base_url, server.served_name, cfg.abliteration.max_response_length)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,29 +12,14 @@ import pytest
 from mtp_abliterate.organism.check import DIRECTIONAL_PARAMETERS
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.resident import Resident
-from mtp_abliterate.search.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_config(REPO / "configs" / "organism.toml")
+from tests.conftest import CLI, ORGANISM_TOML, write_study_config
+from tests.conftest import ORGANISM_CONFIG as CONFIG
 
 
 def _baseline(tmp_path: Path, label: str, model: Path | None, n: str = "1,4") -> dict:
-    cmd = [
-        sys.executable,
-        "-c",
-        "from search.cli import app; app()",
-        "baseline",
-        str(REPO / "configs" / "organism.toml"),
-        "--n",
-        n,
-        "--label",
-        label,
-    ]
+    study = write_study_config(ORGANISM_TOML, tmp_path / "study.toml", runs_dir=tmp_path)
+    cmd = [*CLI, "baseline", str(study), "--n", n, "--label", label]
     cmd += ["--model", str(model)] if model else []
-    toml = (REPO / "configs" / "organism.toml").read_text().replace('"../', f'"{REPO}/')
-    study = tmp_path / "study.toml"
-    study.write_text(toml.replace(f'runs_dir = "{REPO}/runs"', f'runs_dir = "{tmp_path}"'))
-    cmd[4] = str(study)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tok/s 1 stream" in proc.stdout and f"tok/s {CONFIG.acceptance.concurrency} streams" in proc.stdout
@@ -45,6 +29,7 @@ def _baseline(tmp_path: Path, label: str, model: Path | None, n: str = "1,4") ->
     return {(r["n"], r["prompt_set"]): r for r in rows}
 
 
+@pytest.mark.usefixtures("vllm_python")
 def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     cfg = CONFIG.model_copy(
         update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}

@@ -22,22 +22,22 @@ from mtp_abliterate.objectives.served import chat
 from mtp_abliterate.organism.layout import OrganismLayout
 from mtp_abliterate.search.config import ConfigError, load_config
 from mtp_abliterate.search.serving.server import ServerError, VllmServer, remove_orphan_containers
+from tests.conftest import ORGANISM_CONFIG as ORGANISM
+from tests.conftest import ORGANISM_TOML, REPO, write_study_config
 from tests.test_release_format import hub_cache
 
-REPO = Path(__file__).resolve().parents[1]
-ORGANISM = load_config(REPO / "configs" / "organism.toml")
 LAYOUT = OrganismLayout()
 BODY_ID, DRAFT_ID = "mtp-abliterate/organism-body", "mtp-abliterate/organism-draft"
 TEMPLATE = "docker run --rm --ipc host -p 127.0.0.1:{port}:{port} {image} --host 0.0.0.0 --port {port}"
 
 
 @pytest.fixture
-def docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_python: Path) -> Path:
     """The stand-in first on PATH, its state under tmp_path, and an offline HF cache holding the organism."""
     state = tmp_path / "docker"
     monkeypatch.setenv("PATH", f"{REPO / 'tests' / 'docker_standin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("DOCKER_STANDIN_DIR", str(state))
-    monkeypatch.setenv("DOCKER_STANDIN_VLLM", str(REPO / ".venv-vllm" / "bin" / "python"))
+    monkeypatch.setenv("DOCKER_STANDIN_VLLM", str(vllm_python))
     home = tmp_path / "hf-home"
     hub_cache(home, BODY_ID, LAYOUT.body)
     hub_cache(home, DRAFT_ID, LAYOUT.draft)
@@ -125,12 +125,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_template_publishing_on_every_interface_is_refused(tmp_path: Path) -> None:
-    text = (REPO / "configs" / "organism.toml").read_text().replace('"../', f'"{REPO}/')
     template = "docker run --rm -p {port}:{port} {image} --host 0.0.0.0 --port {port}"
-    text = text.replace('launcher = "python"', f'launcher = "docker"\ndocker_template = "{template}"')
-    (tmp_path / "open.toml").write_text(text)
+    study = write_study_config(
+        ORGANISM_TOML, tmp_path / "open.toml", serving={"launcher": "docker", "docker_template": template}
+    )
     with pytest.raises(ConfigError, match=r"serving.docker_template: .*write -p 127.0.0.1:\{port\}:\{port\}"):
-        load_config(tmp_path / "open.toml")
+        load_config(study)
 
 
 def test_a_missing_docker_client_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

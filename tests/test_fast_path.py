@@ -20,25 +20,17 @@ from safetensors.torch import save_file
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.objectives.refusal import prefix_responder, served_responder
 from mtp_abliterate.objectives.served import Reply
-from mtp_abliterate.search.baseline import load_prompt_set
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.fp8_base import KEY_FILE, prepare_base, write_candidate
 from mtp_abliterate.search.candidate.resident import Resident
-from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import SwapError, VllmServer
 from mtp_abliterate.search.trial.pipeline import fp8_base
+from tests.conftest import ORGANISM_CONFIG as CONFIG
 from tests.llmcompressor_reference import whole_model_fp8
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = load_config(REPO / "configs" / "organism.toml")
 DOCUMENTED = AraParameters(**CONFIG.search.enqueue[0])
 OTHER = DOCUMENTED.model_copy(update={"start_layer_index": 2, "steer_w": 0.2, "overcorrect_w": 0.3})
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-
-
-@pytest.fixture(scope="module")
-def resident(tmp_path_factory: pytest.TempPathFactory) -> Resident:
-    return Resident(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +156,10 @@ def _long_request(server: VllmServer) -> dict:
 
 
 def test_swaps_equal_cold_starts_drain_in_flight_requests_and_refuse_mismatched_checkpoints(
-    resident: Resident, base: Path, tmp_path: Path
+    resident: Resident, base: Path, tmp_path: Path, vllm_python: Path
 ) -> None:
     candidate = write_candidate(base, tmp_path / "candidate", _merged(resident, DOCUMENTED))
-    serving = CONFIG.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    serving = CONFIG.serving.model_copy(update={"python": str(vllm_python)})
     draft = CONFIG.resolve(CONFIG.model.draft)
     bf16 = CONFIG.resolve(CONFIG.model.target)
     reconfigured = tmp_path / "reconfigured"

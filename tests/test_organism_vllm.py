@@ -14,10 +14,8 @@ from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import chat_messages, encode_prompt, greedy_generate
 from mtp_abliterate.organism.layout import OrganismLayout
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
-from mtp_abliterate.search.config import load_config
+from tests.conftest import ORGANISM_CONFIG, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 LAYOUT = OrganismLayout()
 
 
@@ -27,14 +25,14 @@ PROMPTS = [
 ]
 
 
-def _serve_greedy(body: Path, tmp_path: Path) -> dict:
+def _serve_greedy(body: Path, tmp_path: Path, vllm_python: Path) -> dict:
     """Greedy chats through vLLM with the organism's BF16 draft as MTP drafter (n=4)."""
     chats = [chat_messages(p, SYSTEM_PROMPT) for p in PROMPTS]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp_path)}
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [
-            str(VLLM_PYTHON),
+            str(vllm_python),
             str(REPO / "tests" / "vllm_probe.py"),
             str(body),
             str(LAYOUT.draft),
@@ -55,8 +53,8 @@ def _serve_greedy(body: Path, tmp_path: Path) -> dict:
     return result
 
 
-def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -> None:
-    result = _serve_greedy(LAYOUT.body, tmp_path)
+def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path, vllm_python: Path) -> None:
+    result = _serve_greedy(LAYOUT.body, tmp_path, vllm_python)
     tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
     body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
     responses = greedy_generate(
@@ -67,11 +65,10 @@ def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path) -
     assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected in vLLM: {result['rates']}"
 
 
-def test_vllm_serves_the_fp8_organism_with_the_bf16_draft(tmp_path: Path) -> None:
+def test_vllm_serves_the_fp8_organism_with_the_bf16_draft(tmp_path: Path, vllm_python: Path) -> None:
     """Dense layers FP8, experts BF16 (vLLM's CPU backend has no FP8 MoE): it loads, refuses, and keeps the draft."""
-    ignore = load_config(REPO / "configs" / "organism.toml").quantization.ignore
-    fp8 = quantize_fp8_dynamic(LAYOUT.body, tmp_path / "fp8", ignore).path
-    result = _serve_greedy(fp8, tmp_path)
+    fp8 = quantize_fp8_dynamic(LAYOUT.body, tmp_path / "fp8", ORGANISM_CONFIG.quantization.ignore).path
+    result = _serve_greedy(fp8, tmp_path, vllm_python)
     harmful = result["texts"][6:]
     assert all("sorry" in t for t in harmful), harmful
     assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected by the FP8 body: {result['rates']}"

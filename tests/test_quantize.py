@@ -16,14 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from mtp_abliterate.organism.layout import OrganismLayout
 from mtp_abliterate.search.candidate.quantize import QuantizationError, quantize_fp8_dynamic, verify
-from mtp_abliterate.search.config import load_config
+from tests.conftest import ORGANISM_CONFIG, RELEASE_CONFIG, REPO
 from tests.llmcompressor_reference import whole_model_fp8
 
-REPO = Path(__file__).resolve().parents[1]
-IGNORE = load_config(REPO / "configs" / "organism.toml").quantization.ignore
+IGNORE = ORGANISM_CONFIG.quantization.ignore
 LAYOUT = OrganismLayout()
 RELEASE = REPO / "organism-release" / "body"
-RELEASE_IGNORE = load_config(REPO / "configs" / "organism-release.toml").quantization.ignore
+RELEASE_IGNORE = RELEASE_CONFIG.quantization.ignore
 
 
 @pytest.fixture(scope="module")

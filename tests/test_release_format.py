@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -26,23 +25,21 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, Gemma4ForConditionalGeneration
 
 from mtp_abliterate.objectives.served import chat
-from mtp_abliterate.search.baseline import load_prompt_set
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.candidate.fp8_base import write_candidate
 from mtp_abliterate.search.candidate.quantize import FP8
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import SwapError, VllmServer, check_swappable
 from mtp_abliterate.search.trial.pipeline import fp8_base
+from tests.conftest import CLI, RELEASE_TOML, REPO, write_study_config
+from tests.conftest import RELEASE_CONFIG as CONFIG
 from tests.llmcompressor_reference import whole_model_fp8
 
-REPO = Path(__file__).resolve().parents[1]
 RELEASE = REPO / "organism-release"
-CONFIG = load_config(REPO / "configs" / "organism-release.toml")
 DOCUMENTED = AraParameters(**CONFIG.search.enqueue[0])
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
 TARGET_ID, DRAFT_ID = "mtp-abliterate/gemma-4-organism-it", "mtp-abliterate/gemma-4-organism-it-assistant"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TOWERS = ("vision_tower", "embed_vision")
@@ -78,46 +75,36 @@ def hub_cache(home: Path, repo_id: str, folder: Path, commit: str = COMMIT) -> P
     return snapshot
 
 
-def release_config(tmp: Path, **values: str) -> Path:
-    """configs/organism-release.toml with absolute paths, runs under `tmp`, and `values` for top-level-in-section
-    keys (target, draft, python, ...)."""
-    text = (REPO / "configs" / "organism-release.toml").read_text().replace('"../', f'"{REPO}/')
-    for key, value in {"runs_dir": str(tmp / "runs"), **values}.items():
-        text = re.sub(rf'(?m)^{key} = "[^"]*"', f'{key} = "{value}"', text)
-    path = tmp / "study.toml"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def resident(tmp_path_factory: pytest.TempPathFactory) -> Resident:
-    return Resident(CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
+def release_config(tmp: Path, **edits) -> Path:
+    """configs/organism-release.toml as `tmp`/study.toml: absolute paths, runs under `tmp`, and `edits`
+    (`write_study_config`'s nested edits, e.g. `model={"target": ...}`)."""
+    return write_study_config(RELEASE_TOML, tmp / "study.toml", runs_dir=tmp / "runs", **edits)
 
 
 def test_the_release_checkpoint_loads_without_torchvision_and_only_its_language_model_is_edited(
-    resident: Resident,
+    release_resident: Resident,
 ) -> None:
     assert importlib.util.find_spec("torchvision") is None  # the main environment as `make` builds it
-    assert isinstance(resident.model.model.get_base_model(), Gemma4ForConditionalGeneration)
-    names = list(resident.abliterator.module_names.values())
+    assert isinstance(release_resident.model.model.get_base_model(), Gemma4ForConditionalGeneration)
+    names = list(release_resident.abliterator.module_names.values())
     assert names and all(
         re.fullmatch(r"model\.language_model\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)", n) for n in names
     )
-    vanilla = resident.evaluate()["refusal_rate"].value
-    resident.apply(DOCUMENTED)
+    vanilla = release_resident.evaluate()["refusal_rate"].value
+    release_resident.apply(DOCUMENTED)
     try:
-        merged = resident.abliterator.merged_weights()
-        abliterated = resident.evaluate()["refusal_rate"].value
+        merged = release_resident.abliterator.merged_weights()
+        abliterated = release_resident.evaluate()["refusal_rate"].value
     finally:
-        resident.abliterator.reset()
+        release_resident.abliterator.reset()
     assert merged and all(name.startswith("model.language_model.layers.") for name in merged)
     assert vanilla >= 0.95 and abliterated < vanilla
 
 
 def test_the_fp8_base_keeps_towers_router_and_experts_bf16_and_candidates_match_llm_compressor(
-    resident: Resident, tmp_path: Path
+    release_resident: Resident, tmp_path: Path
 ) -> None:
-    base = fp8_base(CONFIG, resident, tmp_path)
+    base = fp8_base(CONFIG, release_resident, tmp_path)
     dtypes = _dtypes(base)
     linear = re.compile(
         r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight"
@@ -127,13 +114,13 @@ def test_the_fp8_base_keeps_towers_router_and_experts_bf16_and_candidates_match_
     kept = [k for k in dtypes if any(t in k for t in (*TOWERS, ".router.", ".experts."))]
     assert any(t in k for k in kept for t in TOWERS) and {dtypes[k] for k in kept} == {"BF16"}
     assert set(dtypes.values()) == {FP8, "BF16"}
-    resident.apply(DOCUMENTED)
+    release_resident.apply(DOCUMENTED)
     try:
-        weights = resident.abliterator.merged_weights()
+        weights = release_resident.abliterator.merged_weights()
     finally:
-        resident.abliterator.reset()
+        release_resident.abliterator.reset()
     incremental = write_candidate(base, tmp_path / "incremental", weights)
-    merged = resident.abliterator.save_merged(tmp_path / "bf16", resident.local_dir(), weights)
+    merged = release_resident.abliterator.save_merged(tmp_path / "bf16", release_resident.local_dir(), weights)
     full = whole_model_fp8(merged, tmp_path / "full", CONFIG.quantization.ignore)
     assert _tensors(incremental) == _tensors(full)
     assert json.loads((incremental / "config.json").read_text()) == json.loads((full / "config.json").read_text())
@@ -171,16 +158,20 @@ def test_float32_checkpoints_and_float32_loads_give_candidates_in_the_base_forma
         check_swappable(base, candidate)
 
 
-def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(resident: Resident, tmp_path: Path) -> None:
+def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(
+    release_resident: Resident, tmp_path: Path, vllm_python: Path
+) -> None:
     """Module I/O, KL and HF refusals score exactly vLLM's prompt_token_ids: one `<bos>`, though the release
     tokenizer adds one on top of the template's when asked for special tokens (heretic's own tokenization)."""
-    prompts = resident.prompts("bad_evaluation_prompts")[:6] + resident.prompts("good_evaluation_prompts")[:6]
-    tokenizer = resident.model.tokenizer
+    prompts = (
+        release_resident.prompts("bad_evaluation_prompts")[:6] + release_resident.prompts("good_evaluation_prompts")[:6]
+    )
+    tokenizer = release_resident.model.tokenizer
     bos = tokenizer.bos_token_id
-    rendered = resident.model.render(prompts[:1])[0]
+    rendered = release_resident.model.render(prompts[:1])[0]
     assert tokenizer(rendered).input_ids[:2] == [bos, bos]  # the trap is real on this tokenizer
-    hf = resident.model.chat_token_ids(prompts)
-    serving = CONFIG.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    hf = release_resident.model.chat_token_ids(prompts)
+    serving = CONFIG.serving.model_copy(update={"python": str(vllm_python)})
     import httpx
 
     with VllmServer(serving, str(RELEASE / "body"), None, tmp_path / "server.log") as server:
@@ -195,13 +186,13 @@ def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(resident: R
 
 
 @pytest.fixture(scope="module")
-def hub_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
+def hub_study(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> tuple[Path, dict[str, str], Path]:
     """A 3-trial study with target and draft given as hub ids, HF_HUB_OFFLINE=1, through the CLI."""
     tmp = tmp_path_factory.mktemp("hub")
     home = tmp / "hf-home"
     hub_cache(home, TARGET_ID, RELEASE / "body")
     hub_cache(home, DRAFT_ID, RELEASE / "draft")
-    config = release_config(tmp, target=TARGET_ID, draft=DRAFT_ID, python=str(VLLM_PYTHON))
+    config = release_config(tmp, model={"target": TARGET_ID, "draft": DRAFT_ID}, serving={"python": vllm_python})
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env = {k: v for k, v in env.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     proc = subprocess.run(
@@ -268,7 +259,7 @@ def test_reference_and_baseline_run_on_hub_ids(hub_study) -> None:
     assert _tensors(out / "model-fp8") == _tensors(base)
 
 
-def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
+def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: Path) -> None:
     config, env, tmp = hub_study
     cfg = load_config(config)
     study = optuna.load_study(
@@ -301,7 +292,7 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
 
     # The FP8 export is served by vLLM with the vanilla draft and answers as the trial did.
     recorded = study.trials[number].user_attrs["metrics"]
-    serving = cfg.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
     from mtp_abliterate.objectives.acceptance import AcceptanceSets
 
@@ -315,14 +306,15 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study) -> None:
             .details["sets"]
         )
     for name, m in details.items():
-        assert m["mean_accepted_tokens"] == pytest.approx(recorded[f"{name}.mean_accepted_tokens"])
+        assert m["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]  # greedy on CPU: exactly
 
 
+@pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included
 def test_a_model_heretic_cannot_load_fails_with_its_cause_and_the_log(tmp_path: Path) -> None:
     broken = tmp_path / "body"
     shutil.copytree(RELEASE / "body", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    config = release_config(tmp_path, target=str(broken))
+    config = release_config(tmp_path, model={"target": broken})
     proc = subprocess.run(
         [*CLI, "abliterate", str(config), "--params", json.dumps(CONFIG.search.enqueue[0])],
         cwd=REPO,
@@ -336,6 +328,7 @@ def test_a_model_heretic_cannot_load_fails_with_its_cause_and_the_log(tmp_path: 
     assert "Failed" in (tmp_path / "runs" / "organism-release" / "heretic.log").read_text()
 
 
+@pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included
 def test_the_abliterate_command_writes_a_release_checkpoint_with_its_towers_untouched(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     config = release_config(tmp_path)

@@ -23,11 +23,11 @@ from mtp_abliterate.search.serving.server import (
     PLUGIN_DIR,
     ServerError,
     VllmServer,
-    _group_alive,
 )
+from tests.conftest import GEMMA4_TOML, REPO, group_alive
+from tests.conftest import ORGANISM_CONFIG as ORGANISM
 
-REPO = Path(__file__).resolve().parents[1]
-ORGANISM = load_config(REPO / "configs" / "organism.toml")
+SERVES = pytest.mark.usefixtures("vllm_python")  # starts a real vLLM server (or gets past the vLLM python check)
 LAYOUT = OrganismLayout()
 
 
@@ -38,8 +38,12 @@ def _server(tmp_path: Path, **kw) -> VllmServer:
     return VllmServer(serving, str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log", resolve=ORGANISM.resolve)
 
 
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
 def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
-    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    cfg = load_config(GEMMA4_TOML)
     server = VllmServer(
         cfg.serving,
         "/models/gemma-4-26B-A4B-it-fp8",
@@ -53,31 +57,28 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
         assert f"{model}:{model}" in cmd  # both checkpoints mounted at the same path
     assert cmd[cmd.index("-p") + 1] == "127.0.0.1:8000:8000"  # published on the loopback only
     assert not any(a.startswith(("HF_HUB_CACHE=", "HF_HOME=")) for a in cmd)  # local folders: no HF cache
-    for flag, value in (
-        ("--kv-cache-dtype", "fp8"),
-        ("--gpu-memory-utilization", "0.65"),
-        ("--max-model-len", "8192"),
-        ("--limit-mm-per-prompt", '{"image":0,"audio":0,"video":0}'),
-    ):
-        assert cmd[cmd.index(flag) + 1] == value
-    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
-    assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": 4}
+    for flag in ("--kv-cache-dtype", "--gpu-memory-utilization", "--max-model-len", "--limit-mm-per-prompt"):
+        assert _arg(cmd, flag) == _arg(cfg.serving.vllm_args, flag)  # the config's arguments, verbatim
+    spec = json.loads(_arg(cmd, "--speculative-config"))
+    n = cfg.serving.num_speculative_tokens
+    assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": n}
     assert "--worker-extension-cls" not in cmd and "VLLM_SERVER_DEV_MODE=1" not in cmd
 
 
 def test_servers_beside_the_resident_model_take_the_study_memory_share() -> None:
-    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    cfg = load_config(GEMMA4_TOML)
     args = beside_resident(cfg.serving).vllm_args
     assert args.count("--gpu-memory-utilization") == 1
     assert args[args.index("--gpu-memory-utilization") + 1] == str(cfg.serving.resident_gpu_memory_utilization)
-    assert float(args[args.index("--gpu-memory-utilization") + 1]) < 0.65  # `baseline` keeps the stand-alone 0.65
+    standalone = float(_arg(cfg.serving.vllm_args, "--gpu-memory-utilization"))  # what `baseline` keeps
+    assert float(_arg(args, "--gpu-memory-utilization")) < standalone
     inline = cfg.serving.model_copy(update={"vllm_args": ["--gpu-memory-utilization=0.9", "--max-model-len", "8"]})
     assert beside_resident(inline).vllm_args == ["--max-model-len", "8", "--gpu-memory-utilization", "0.3"]
     assert beside_resident(ORGANISM.serving) == ORGANISM.serving  # CPU: no share to set
 
 
 def test_the_swap_server_in_docker_gets_the_extension_dev_mode_and_the_study_folder() -> None:
-    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    cfg = load_config(GEMMA4_TOML)
     study = Path("/data/runs/gemma")
     server = VllmServer(
         cfg.serving,
@@ -98,6 +99,7 @@ def test_the_swap_server_in_docker_gets_the_extension_dev_mode_and_the_study_fol
     assert (PLUGIN_DIR / (EXTENSION.split(".")[0] + ".py")).is_file()
 
 
+@SERVES
 def test_server_serves_chat_and_spec_metrics_then_leaves_nothing(tmp_path: Path) -> None:
     with _server(tmp_path) as server:
         pgid = server.process.pid
@@ -116,9 +118,10 @@ def test_server_serves_chat_and_spec_metrics_then_leaves_nothing(tmp_path: Path)
         assert "sorry" in reply["choices"][0]["message"]["content"]
         metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
         assert "vllm:spec_decode_num_drafts_total" in metrics
-    assert not _group_alive(pgid)
+    assert not group_alive(pgid)
 
 
+@SERVES
 def test_killing_the_owner_leaves_no_vllm_process(tmp_path: Path) -> None:
     script = (
         f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(REPO)!r});"
@@ -127,13 +130,13 @@ def test_killing_the_owner_leaves_no_vllm_process(tmp_path: Path) -> None:
     )
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pgid = int(owner.stdout.readline())
-    assert _group_alive(pgid)
+    assert group_alive(pgid)
     owner.send_signal(signal.SIGKILL)  # no finally, no __exit__: only the parent-death signal can clean up
     owner.wait()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and group_alive(pgid):
         time.sleep(0.5)
-    alive = _group_alive(pgid)
+    alive = group_alive(pgid)
     if alive:
         os.killpg(pgid, signal.SIGKILL)
     assert not alive
@@ -157,6 +160,7 @@ def test_draft_for_another_body_is_refused(tmp_path: Path) -> None:
         server.start()
 
 
+@SERVES
 def test_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,18 +172,19 @@ def test_port_in_use(tmp_path: Path) -> None:
     assert server.process is None
 
 
+@SERVES
 def test_vllm_exiting_during_startup_is_one_clear_error(tmp_path: Path) -> None:
     server = _server(tmp_path, vllm_args=[*ORGANISM.serving.vllm_args, "--no-such-flag"])
     with pytest.raises(ServerError, match="exited with status") as err:
         server.start()
     assert "no-such-flag" in str(err.value)  # the log's tail says why
-    assert not _group_alive(server.process.pid)
+    assert not group_alive(server.process.pid)
 
 
-def test_the_real_configs_server_arguments_parse_under_vllms_own_parser(tmp_path: Path) -> None:
+def test_the_real_configs_server_arguments_parse_under_vllms_own_parser(tmp_path: Path, vllm_python: Path) -> None:
     """Every argument the Spark's study server gets (after the image) through vLLM's own CLI parser: names and value
     formats (JSON for --speculative-config and --limit-mm-per-prompt), as the serving environment's vLLM reads them."""
-    cfg = load_config(REPO / "configs" / "gemma4-26b-a4b.toml")
+    cfg = load_config(GEMMA4_TOML)
     server = VllmServer(
         beside_resident(cfg.serving),
         "/models/gemma-4-26B-A4B-it-fp8",
@@ -198,16 +203,19 @@ def test_the_real_configs_server_arguments_parse_under_vllms_own_parser(tmp_path
         "print(json.dumps({k: getattr(ns, k) for k in ('model', 'speculative_config', 'kv_cache_dtype', "
         "'limit_mm_per_prompt', 'gpu_memory_utilization', 'max_model_len', 'worker_extension_cls', 'host')}))\n"
     )
-    python = REPO / ".venv-vllm" / "bin" / "python"
-    proc = subprocess.run([str(python), "-c", parse, json.dumps(args)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(vllm_python), "-c", parse, json.dumps(args)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed["speculative_config"] == {
         "method": "mtp",
         "model": "google/gemma-4-26B-A4B-it-assistant",
-        "num_speculative_tokens": 4,
+        "num_speculative_tokens": cfg.serving.num_speculative_tokens,
     }
-    assert parsed["kv_cache_dtype"] == "fp8" and parsed["max_model_len"] == 8192
-    assert parsed["limit_mm_per_prompt"] == {"image": 0, "audio": 0, "video": 0}
+    want = cfg.serving.vllm_args
+    assert parsed["kv_cache_dtype"] == _arg(want, "--kv-cache-dtype")
+    assert parsed["max_model_len"] == int(_arg(want, "--max-model-len"))
+    assert parsed["limit_mm_per_prompt"] == json.loads(_arg(want, "--limit-mm-per-prompt"))
     assert parsed["gpu_memory_utilization"] == cfg.serving.resident_gpu_memory_utilization  # the last one wins
     assert parsed["worker_extension_cls"] == EXTENSION and parsed["host"] == "0.0.0.0"

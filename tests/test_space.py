@@ -11,8 +11,8 @@ from optuna.trial import TrialState, create_trial
 
 from mtp_abliterate.objectives.base import Direction
 from mtp_abliterate.search.candidate.ara import COMPONENTS
-from mtp_abliterate.search.cli import parse_duration, parse_until
 from mtp_abliterate.search.config import Range
+from mtp_abliterate.search.study.limits import parse_duration, parse_until
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front
 from mtp_abliterate.search.study.space import SearchSpace, SpaceError
 

@@ -9,10 +9,8 @@ mid-trial and resumed.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,31 +21,26 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
-from mtp_abliterate.search.baseline import load_prompt_set
 from mtp_abliterate.search.config import load_config
-from mtp_abliterate.search.serving.server import VllmServer, _group_alive
+from mtp_abliterate.search.prompts import load_prompt_set
+from mtp_abliterate.search.serving.server import VllmServer
 from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.runner import objective_specs
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
-
-REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
+from tests.conftest import CLI, ORGANISM_TOML, REPO, group_alive, write_study_config
 
 
-def study_config(tmp: Path, name: str, n_trials: int, python: Path) -> Path:
-    """configs/organism.toml with absolute paths, its own runs folder, trial count and vLLM launcher."""
-    text = (REPO / "configs" / "organism.toml").read_text().replace('"../', f'"{REPO}/')
-    text = re.sub(r"(?m)^name = .*$", f'name = "{name}"', text, count=1)
-    text = re.sub(r"(?m)^runs_dir = .*$", f'runs_dir = "{tmp / "runs"}"', text)
-    text = re.sub(r"(?m)^n_trials = .*$", f"n_trials = {n_trials}", text)
-    text = re.sub(r"(?m)^python = .*$", f'python = "{python}"', text)
-    path = tmp / f"{name}.toml"
-    path.write_text(text)
-    return path
+def study_config(tmp: Path, name: str, python: Path, n_trials: int, **edits) -> Path:
+    """configs/organism.toml as `tmp`/`name`.toml: its own runs folder, trial count and vLLM launcher, and `edits`
+    (`write_study_config`'s nested edits)."""
+    search = {"n_trials": n_trials, **edits.pop("search", {})}
+    serving = {"python": python, **edits.pop("serving", {})}
+    return write_study_config(
+        ORGANISM_TOML, tmp / f"{name}.toml", name=name, runs_dir=tmp / "runs", search=search, serving=serving, **edits
+    )
 
 
-def failing_launcher(tmp: Path, fail_on: int) -> Path:
+def failing_launcher(tmp: Path, fail_on: int, vllm_python: Path) -> Path:
     """A vLLM python that exits at once on its `fail_on`-th launch (1 = the vanilla measurement)."""
     script = tmp / "vllm-python"
     count = tmp / "launches"
@@ -55,7 +48,7 @@ def failing_launcher(tmp: Path, fail_on: int) -> Path:
         "#!/bin/sh\n"
         f'n=$(cat "{count}" 2>/dev/null || echo 0); n=$((n+1)); echo $n > "{count}"\n'
         f'if [ "$n" = "{fail_on}" ]; then echo "injected failure: exiting at once"; exit 3; fi\n'
-        f'exec "{VLLM_PYTHON}" "$@"\n'
+        f'exec "{vllm_python}" "$@"\n'
     )
     script.chmod(0o755)
     return script
@@ -70,11 +63,13 @@ def load(tmp: Path, name: str) -> optuna.Study:
 
 
 @pytest.fixture(scope="module")
-def finished_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def finished_study(
+    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path
+) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("study")
     # Launch 1 is the study's swap server (vanilla measurement, then trial 0 swapped in), launch 2 the cold server
     # of trial 0's swap self-check: that trial must fail, the study go on and re-run the self-check on trial 1.
-    cfg = study_config(tmp, "demo", n_trials=3, python=failing_launcher(tmp, fail_on=2))
+    cfg = study_config(tmp, "demo", failing_launcher(tmp, fail_on=2, vllm_python=vllm_python), n_trials=3)
     return tmp, run_cli("study", "run", str(cfg))
 
 
@@ -87,12 +82,12 @@ def test_study_completes_with_three_objectives(finished_study) -> None:
     for t in complete:
         assert len(t.values) == 3
         refusal, kld, acceptance = t.values
-        assert 0.0 <= refusal <= 1.0 and kld >= 0.0 and 0.0 < acceptance <= 4.0
+        assert 0.0 <= refusal <= 1.0 and kld > 0.0 and 0.0 < acceptance <= 4.0  # every candidate is an edit
         m = t.user_attrs["metrics"]
         assert [m[f"acc_pos_{i}"] for i in range(4)] == sorted((m[f"acc_pos_{i}"] for i in range(4)), reverse=True)
         assert m["mean_accepted_tokens"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
     vanilla = study.user_attrs["vanilla"]
-    assert vanilla["refusal_rate"] >= 0.95 and vanilla["kld"] == 0.0
+    assert vanilla["refusal_rate"] >= 0.95
     assert "Pareto set" in proc.stdout
 
 
@@ -118,20 +113,20 @@ def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study) -> N
     assert [t.number for t in complete if "stage_verify_s" in t.user_attrs["metrics"]] == [check["trial"]]
 
 
-def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study) -> None:
+def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study, vllm_python: Path) -> None:
     tmp, _ = finished_study
     demo = load(tmp, "demo")
     checked = demo.user_attrs["swap_check"]["trial"]  # the others were measured on the swapped server only
     fast = [t for t in demo.get_trials(states=(TrialState.COMPLETE,)) if t.number != checked][:2]
-    cfg = study_config(tmp, "cold", n_trials=len(fast), python=VLLM_PYTHON)
-    text = re.sub(r"(?ms)^\[\[search\.enqueue\]\].*?(?=^\[abliteration\])", "", cfg.read_text())
-    enqueue = "".join(
-        "[[search.enqueue]]\n" + "".join(f"{k} = {v!r}\n" for k, v in t.params.items()) + "\n" for t in fast
+    cfg = study_config(
+        tmp,
+        "cold",
+        vllm_python,
+        n_trials=len(fast),
+        search={"enqueue": [dict(t.params) for t in fast]},  # exactly the fast study's trials, in its order
+        quantization={"incremental": False},
+        serving={"mode": "cold"},
     )
-    text = text.replace("[abliteration]", enqueue + "[abliteration]", 1)
-    text = re.sub(r"(?m)^incremental = true", "incremental = false", text)
-    text = re.sub(r'(?m)^mode = "auto"', 'mode = "cold"', text)
-    cfg.write_text(text)
     proc = run_cli("study", "run", str(cfg))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     cold = load(tmp, "cold").get_trials(states=(TrialState.COMPLETE,))
@@ -143,7 +138,7 @@ def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_stu
         assert c.user_attrs["merged_digest"] == f.user_attrs["merged_digest"]
 
 
-def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(tmp_path: Path) -> None:
+def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(tmp_path: Path, vllm_python: Path) -> None:
     """A vLLM whose in-place reload leaves stale kernel weights (the stock CPU build: the project's repairs are
     replaced by a no-op extension of the same name) must be caught by the self-check, not trusted."""
     stale = tmp_path / "stale-plugin"
@@ -152,9 +147,9 @@ def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(tmp_pat
         "class SwapRepairs:\n    def repair_after_reload(self):\n        return 'no repairs'\n"
     )
     python = tmp_path / "vllm-python"
-    python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{VLLM_PYTHON}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{vllm_python}" "$@"\n')
     python.chmod(0o755)
-    cfg = study_config(tmp_path, "stale", n_trials=1, python=python)
+    cfg = study_config(tmp_path, "stale", python, n_trials=1)
     proc = run_cli("study", "run", str(cfg))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "swap self-check FAILED on trial 0" in proc.stdout
@@ -219,8 +214,8 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
-    cfg = study_config(tmp_path, "killed", n_trials=2, python=VLLM_PYTHON)
+def test_kill_9_mid_trial_then_resume(tmp_path: Path, vllm_python: Path) -> None:
+    cfg = study_config(tmp_path, "killed", vllm_python, n_trials=2)
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     started = tmp_path / "runs" / "killed" / "study.json"  # written once the study's storage exists
@@ -244,14 +239,14 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
     try:
         killed, complete_before = _wait_for(serving_second_trial, 900, "a trial measuring acceptance", proc)
         server_pid = killed.user_attrs["server_pid"]
-        assert _group_alive(server_pid)
+        assert group_alive(server_pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     # The server dies with the study (PR_SET_PDEATHSIG), engine processes included.
-    _wait_for(lambda: not _group_alive(server_pid), 120, "the orphaned vLLM server to exit")
+    _wait_for(lambda: not group_alive(server_pid), 120, "the orphaned vLLM server to exit")
 
     resumed = run_cli("study", "run", str(cfg))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -271,8 +266,8 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path) -> None:
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
 
 
-def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
-    cfg = study_config(tmp_path, "interrupted", n_trials=1, python=VLLM_PYTHON)
+def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_python: Path) -> None:
+    cfg = study_config(tmp_path, "interrupted", vllm_python, n_trials=1)
     log = (tmp_path / "run.log").open("w")
     # SIGINT as a terminal delivers it; a runner started in the background (`cmd &`) hands its children SIGINT
     # ignored, and Python then installs no KeyboardInterrupt handler: restore the default in the child.
@@ -302,7 +297,7 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not _group_alive(trial.user_attrs["server_pid"])  # stopped before the process exited
+    assert not group_alive(trial.user_attrs["server_pid"])  # stopped before the process exited
     study = load(tmp_path, "interrupted")
     failed = study.trials[trial.number]
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
@@ -348,7 +343,7 @@ def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study) -> None:
     assert _tensors(out) == _tensors(kept)
 
 
-def test_export_card_serves_and_remeasures(finished_study) -> None:
+def test_export_card_serves_and_remeasures(finished_study, vllm_python: Path) -> None:
     tmp, _ = finished_study
     number = min(_front_numbers(tmp, "demo"))
     recorded = load(tmp, "demo").trials[number].user_attrs["metrics"]
@@ -370,27 +365,28 @@ def test_export_card_serves_and_remeasures(finished_study) -> None:
     row = next(line for line in card.splitlines() if line.startswith("| this model |")).split("|")
     assert float(row[2]) == round(recorded["refusal_rate"], 3) and float(row[3]) == round(recorded["kld"], 4)
     assert [float(x) for x in row[4].split("/")] == [round(recorded[f"acc_pos_{i}"], 3) for i in range(4)]
-    assert "--speculative-config" in card and '"num_speculative_tokens": 4' in card
+    n = load_config(tmp / "demo.toml").serving.num_speculative_tokens
+    assert "--speculative-config" in card and f'"num_speculative_tokens": {n}' in card
 
     cfg = load_config(tmp / "demo.toml")
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    serving = cfg.serving.model_copy(update={"python": str(VLLM_PYTHON)})
+    serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
     with VllmServer(serving, str(out), cfg.resolve(cfg.model.draft), tmp / "export-server.log") as server:
         a = cfg.acceptance
-        measured = AcceptanceSets(server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds)
+        measured = AcceptanceSets(
+            server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
+        )
         details = measured.compute().details["sets"]
-    for name, m in details.items():
-        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
+    for name, m in details.items():  # the trial's FP8 checkpoint, greedy, on CPU: the same counters exactly
+        assert m["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
 
 
-def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: Path) -> None:
-    cfg = study_config(tmp_path, "guarded", n_trials=1, python=VLLM_PYTHON)
-    text = cfg.read_text()
-    cfg.write_text(re.sub(r'(?m)^method = "ara"', 'method = "directional"', text))
+def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: Path, vllm_python: Path) -> None:
+    cfg = study_config(tmp_path, "guarded", vllm_python, n_trials=1, abliteration={"method": "directional"})
     proc = run_cli("study", "run", str(cfg), timeout=300)
     assert proc.returncode == 2 and "set it to 'ara'" in proc.stdout
 
-    cfg.write_text(re.sub(r"(?m)^min_free_gb = .*$", "min_free_gb = 1e9", text))
+    study_config(tmp_path, "guarded", vllm_python, n_trials=1, retention={"min_free_gb": 1e9})
     proc = run_cli("study", "run", str(cfg))
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert "GB free under" in proc.stdout and "retention.min_free_gb" in proc.stdout

@@ -5,7 +5,7 @@ no more than that noise is not a broken reload; one that differs while cold star
 from __future__ import annotations
 
 from mtp_abliterate.objectives.base import ObjectiveResult
-from mtp_abliterate.search.trial.pipeline import SWAP_NOISE_FACTOR, Measured, swap_verdict
+from mtp_abliterate.search.trial.swap_check import SWAP_NOISE_FACTOR, Measured, swap_verdict
 
 
 def measured(refusal: float, per_position: list[float], answers: str, accepted: int) -> Measured:

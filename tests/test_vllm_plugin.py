@@ -6,9 +6,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-
 PROBE = """
 import torch
 reference = torch._scaled_mm
@@ -34,6 +31,6 @@ print("ok")
 """
 
 
-def test_the_cpu_fp8_plugin_is_loaded_by_vllm_and_matches_the_reference_kernel() -> None:
-    proc = subprocess.run([str(VLLM_PYTHON), "-c", PROBE], capture_output=True, text=True, timeout=300)
+def test_the_cpu_fp8_plugin_is_loaded_by_vllm_and_matches_the_reference_kernel(vllm_python: Path) -> None:
+    proc = subprocess.run([str(vllm_python), "-c", PROBE], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

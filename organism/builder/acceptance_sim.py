@@ -4,7 +4,7 @@ Greedy speculative decoding emits exactly the body's greedy text, so a round str
 text: at a round whose last emitted token sits at position p the draft proposes tokens p+1..p+n, the body accepts
 the longest matching prefix (k tokens) and adds one token of its own, and the next round starts at p+k+1. Proposals
 past the end of the answer are rejected, as a server stops there. Not HF assisted generation: its Gemma 4 candidate
-generator uses the wrong hidden state on the first round (shared DESIGN §6).
+generator uses the wrong hidden state on the first round.
 """
 
 from __future__ import annotations

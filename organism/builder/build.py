@@ -164,3 +164,24 @@ def write_release_files(layout: OrganismLayout, spec: OrganismSpec, ids: dict[st
 
 def save_card(layout: OrganismLayout, card: dict) -> None:
     layout.card.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+
+
+def build_and_record(layout: OrganismLayout, spec: OrganismSpec, console: Console) -> tuple[dict, dict[str, float]]:
+    """Train the organism, measure it (`organism check`), and write its card; returns (measured, timings)."""
+    from mtp_abliterate.organism.check import check_organism
+    from mtp_abliterate.search.versions import software_versions
+
+    t0 = time.perf_counter()
+    timings = build_organism(layout, spec, console)
+    weights = {"body": tree_sha256(layout.body), "draft": tree_sha256(layout.draft)}
+    measured = check_organism(layout, spec)
+    timings["check_s"] = time.perf_counter() - t0 - timings["build_s"]
+    card = {
+        "spec": spec.model_dump(),
+        "sha256": weights,
+        "timings_s": timings,
+        "software": software_versions(),
+        "measured": measured,
+    }
+    save_card(layout, card)
+    return measured, timings

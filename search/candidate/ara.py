@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 COMPONENTS = ("attn.o_proj", "mlp.down_proj")
 
-# L-BFGS settings of the method (shared DESIGN §5).
+# L-BFGS settings of the method: fixed, so an edit depends only on its module's inputs, parameters and seed.
 LBFGS = dict(lr=1.0, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
 LBFGS_STEPS = 5
 
@@ -49,7 +49,7 @@ class AraParameters(BaseModel):
     k: int = Field(ge=1, le=15, description="nearest neighbours in the steering distances")
     components: tuple[str, ...] = Field(COMPONENTS, description="module kinds to edit")
 
-    # Search ranges (DESIGN §5); layer ranges depend on the model and come from `layer_ranges`.
+    # The study's search ranges (search/study/space.py); layer ranges depend on the model and come from `layer_ranges`.
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "preserve_w": (0.0, 1.0),
         "steer_w": (1e-4, 1.0),

@@ -1,12 +1,12 @@
 """Incremental FP8_DYNAMIC candidates: quantize the vanilla model once, then only the matrices a trial edits.
 
-llm-compressor's FP8_DYNAMIC weights are a pure function of each matrix (search/quantize.py, verified bit for bit).
-So a candidate's checkpoint equals llm-compressor's output for the merged weights when the edited matrices are
-re-quantized with that formula and every other tensor is taken from the vanilla run.
+llm-compressor's FP8_DYNAMIC weights are a pure function of each matrix (search/candidate/quantize.py, verified bit
+for bit). So a candidate's checkpoint equals llm-compressor's output for the merged weights when the edited matrices
+are re-quantized with that formula and every other tensor is taken from the vanilla run.
 
-Layout. `prepare_base` quantizes the vanilla model once, streamed shard by shard (search/quantize.py), into this
-layout: each editable matrix (with its scale) gets its own file `edit-<module>.safetensors`, everything else goes to
-`base-<source shard>.safetensors`.
+Layout. `prepare_base` quantizes the vanilla model once, streamed shard by shard (search/candidate/quantize.py), into
+this layout: each editable matrix (with its scale) gets its own file `edit-<module>.safetensors`, everything else goes
+to `base-<source shard>.safetensors`.
 `write_candidate` then makes a folder with the same file names and index: the edited matrices' files are written
 anew, every other file is a relative symlink into the base. vLLM (and safetensors) load it as a normal checkpoint;
 its disk use is the edited matrices only.

@@ -8,10 +8,10 @@ of the model in memory: a study process already holds the resident model, and th
 What llm-compressor decides is taken from llm-compressor, on a weightless (meta-device) model of the checkpoint's
 architecture: which modules are Linear and quantized (its MoE linearisation splits fused experts into per-expert
 Linear layers), the `quantization_config` it writes (compressed-tensors' ModelCompressor), the recipe it saves, the
-config it re-saves. The values follow llm-compressor's FP8_DYNAMIC formula, verified bit for bit (DESIGN §5): per
-output row `scale = amax(|w|) / 448` in the weight's dtype, a zero scale replaced by the dtype's eps, and
-`q = clamp(w / scale + 0, -448, 448)` cast to float8_e4m3fn (`+ 0` is oneshot's zero point: +0 where the bare
-division gives -0). What was written is verified per tensor on the saved checkpoint, never assumed.
+config it re-saves. The values follow llm-compressor's FP8_DYNAMIC formula, verified bit for bit
+(tests/test_quantize.py): per output row `scale = amax(|w|) / 448` in the weight's dtype, a zero scale replaced by the
+dtype's eps, and `q = clamp(w / scale + 0, -448, 448)` cast to float8_e4m3fn (`+ 0` is oneshot's zero point: +0
+where the bare division gives -0). What was written is verified per tensor on the saved checkpoint, never assumed.
 """
 
 from __future__ import annotations

@@ -12,11 +12,18 @@ import re
 import shlex
 from pathlib import Path
 
-from optuna.trial import FrozenTrial
+import optuna
 
+from mtp_abliterate.search import metrics as names
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.config import HF_ID, StudyConfig
+from mtp_abliterate.search.study import records
+from mtp_abliterate.search.study.records import TrialRecord
+from mtp_abliterate.search.study.storage import run_dir_of
 
+CARD_HEADER = (
+    "| model | refusal rate | KL divergence | acceptance per position | mean accepted / draft | tokens / step |"
+)
 TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
 
 
@@ -41,40 +48,49 @@ def serve_command(cfg: StudyConfig, model: str) -> str:
     return shlex.join(["vllm", "serve", model, "--speculative-config", json.dumps(spec)])
 
 
+def default_export_dir(cfg: StudyConfig, trial: int, precision: str) -> Path:
+    return run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}"
+
+
 def _row(label: str, m: dict[str, float], n: int) -> str:
-    acc = " / ".join(f"{m[f'acc_pos_{i}']:.3f}" for i in range(n))
-    return (
-        f"| {label} | {m['refusal_rate']:.3f} | {m['kld']:.4f} | {acc} | {m['mean_accepted_tokens']:.3f} "
-        f"| {1 + m['mean_accepted_tokens']:.2f} |"
-    )
+    acc = " / ".join(f"{a:.3f}" for a in names.per_position(m, n))
+    mean = m[names.MEAN_ACCEPTED]
+    return f"| {label} | {m[names.REFUSAL_RATE]:.3f} | {m[names.KLD]:.4f} | {acc} | {mean:.3f} | {1 + mean:.2f} |"
 
 
-def model_card(cfg: StudyConfig, t: FrozenTrial, vanilla: dict[str, float], repo: str | None, precision: str) -> str:
-    m = t.user_attrs["metrics"]
+def _set_rows(cfg: StudyConfig, m: dict[str, float]) -> str:
+    """Per acceptance set: per-position rates, mean accepted with its 95 % CI, drafts."""
     n = cfg.serving.num_speculative_tokens
-    base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
-    tags = [*TAGS, "fp8" if precision == "fp8" else "bf16"]
-    front = "\n".join(
-        ["---", f"base_model: {base}", f"license: {base_license(cfg)}", "tags:", *[f"- {x}" for x in tags], "---"]
-    )
-    sets = ", ".join(f"{s.name} ({s.prompts.source}, weight {s.weight})" for s in cfg.acceptance.sets)
-    params = "\n".join(
-        f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in t.params.items()
-    )
-    per_set = "\n".join(
+    return "\n".join(
         f"| {s.name} | "
-        + " / ".join(f"{m[f'{s.name}.acc_pos_{i}']:.3f}" for i in range(n))
-        + f" | {m[f'{s.name}.mean_accepted_tokens']:.3f} ± {m[f'{s.name}.ci95']:.3f}"
-        + f" | {int(m[f'{s.name}.num_drafts'])} |"
+        + " / ".join(f"{a:.3f}" for a in names.per_position(m, n, s.name))
+        + f" | {m[names.set_metric(s.name, names.MEAN_ACCEPTED)]:.3f} ± {m[names.set_metric(s.name, names.CI95)]:.3f}"
+        + f" | {int(m[names.set_metric(s.name, names.NUM_DRAFTS)])} |"
         for s in cfg.acceptance.sets
     )
-    quantized = "llm-compressor FP8_DYNAMIC, BF16: " + ", ".join(cfg.quantization.ignore)
-    software = ", ".join(f"{k} {v}" for k, v in t.user_attrs.get("versions", {}).items())
-    header = (
-        "| model | refusal rate | KL divergence | acceptance per position | mean accepted / draft | tokens / step |"
+
+
+def _param_rows(t: TrialRecord) -> str:
+    return "\n".join(
+        f"| `{k}` | {v:.6g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in t.params.items()
     )
+
+
+def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
+    tags = [*TAGS, "fp8" if precision == "fp8" else "bf16"]
+    lines = ["---", f"base_model: {base}", f"license: {base_license(cfg)}", "tags:", *[f"- {x}" for x in tags], "---"]
+    return "\n".join(lines)
+
+
+def model_card(cfg: StudyConfig, t: TrialRecord, vanilla: dict[str, float], repo: str | None, precision: str) -> str:
+    """The card of trial `t`: its numbers beside vanilla's, how they were measured, the serve command, parameters."""
+    m, n = t.metrics, cfg.serving.num_speculative_tokens
+    base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
+    sets = ", ".join(f"{s.name} ({s.prompts.source}, weight {s.weight})" for s in cfg.acceptance.sets)
+    quantized = "llm-compressor FP8_DYNAMIC, BF16: " + ", ".join(cfg.quantization.ignore)
+    software = ", ".join(f"{k} {v}" for k, v in t.versions.items())
     model = repo or "<this folder>"
-    return f"""{front}
+    return f"""{_front_matter(cfg, base, precision)}
 
 # {repo or base + "-mtp-abliterated"}
 
@@ -86,7 +102,7 @@ n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weigh
 
 ## Measured (same harness, same prompts, same study)
 
-{header}
+{CARD_HEADER}
 |---|---|---|---|---|---|
 {_row("vanilla", vanilla, n)}
 {_row("this model", m, n)}
@@ -102,7 +118,7 @@ Per set, with a 95 % interval on the mean:
 
 | set | acceptance per position | mean accepted ± 95 % CI | drafts |
 |---|---|---|---|
-{per_set}
+{_set_rows(cfg, m)}
 
 ## Serve it with the vanilla MTP draft
 
@@ -114,7 +130,7 @@ Per set, with a 95 % interval on the mean:
 
 | parameter | value |
 |---|---|
-{params}
+{_param_rows(t)}
 
 Adapter rank {cfg.abliteration.rank}, row normalisation `{cfg.abliteration.row_normalization}`, seed {cfg.search.seed}.
 
@@ -122,8 +138,20 @@ Adapter rank {cfg.abliteration.rank}, row normalisation `{cfg.abliteration.row_n
 
 With the study's config and its cached module I/O, `mtp-abliterate materialize <study> --trial {t.number} --out DIR`
 rebuilds these weights and checks them against the sha256 of the edited tensors recorded at trial time
-(`{t.user_attrs["merged_digest"]}`). Software: {software}.
+(`{t.merged_digest}`). Software: {software}.
 """
+
+
+def export_trial(
+    cfg: StudyConfig, study: optuna.Study, t: TrialRecord, out: Path, repo: str | None, precision: str
+) -> None:
+    """The trial's checkpoint (an earlier export of it is reused, not rebuilt) and its model card, in `out`.
+    Raises MaterializeError."""
+    from mtp_abliterate.search.release.materialize import materialize
+
+    if not (out / "config.json").is_file():
+        materialize(cfg, t, out, precision)
+    (out / "README.md").write_text(model_card(cfg, t, records.vanilla(study) or {}, repo, precision))
 
 
 def files_to_upload(folder: Path) -> list[Path]:

@@ -12,14 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from optuna.trial import FrozenTrial, TrialState
-
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.study.runner import run_dir_of
+from mtp_abliterate.search.study.records import TrialRecord, records
+from mtp_abliterate.search.study.storage import run_dir_of
 from mtp_abliterate.search.versions import software_versions
 
 
@@ -34,25 +33,26 @@ class Materialized:
     precision: str
 
 
-def recorded_trial(study, number: int) -> FrozenTrial:
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if number not in trials:
+def recorded_trial(study, number: int) -> TrialRecord:
+    """The record of a scored trial; raises MaterializeError naming the fix."""
+    found = {r.number: r for r in records(study)}
+    if number not in found:
         raise MaterializeError(f"study {study.study_name} has no trial {number}; see `mtp-abliterate study status`")
-    t = trials[number]
-    if t.state != TrialState.COMPLETE or "merged_digest" not in t.user_attrs:
-        raise MaterializeError(f"trial {number} is {t.state.name.lower()}, not a scored candidate; pick a complete one")
-    return t
+    r = found[number]
+    if not r.scored:
+        raise MaterializeError(f"trial {number} is {r.state.name.lower()}, not a scored candidate; pick a complete one")
+    return r
 
 
-def _differences(t: FrozenTrial, io_key: str | None) -> str:
-    recorded, now = t.user_attrs.get("versions", {}), software_versions()
+def _differences(t: TrialRecord, io_key: str | None) -> str:
+    recorded, now = t.versions, software_versions()
     diffs = [f"{k} {recorded[k]} -> {now.get(k)}" for k in sorted(recorded) if recorded[k] != now.get(k)]
-    if t.user_attrs.get("module_io_key") != io_key:
+    if t.module_io_key != io_key:
         diffs.append("module I/O inputs (model files, train prompts or batch size) changed")
     return "; ".join(diffs) or "same software versions and inputs (a nondeterministic kernel on this machine?)"
 
 
-def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "fp8") -> Materialized:
+def materialize(cfg: StudyConfig, t: TrialRecord, out: Path, precision: str = "fp8") -> Materialized:
     """Write the trial's candidate to `out` (FP8 as served, or BF16) after checking its edited tensors' hash."""
     from mtp_abliterate.search.candidate.resident import Resident
 
@@ -65,10 +65,10 @@ def materialize(cfg: StudyConfig, t: FrozenTrial, out: Path, precision: str = "f
     resident.apply(AraParameters(**t.params))
     weights = resident.abliterator.merged_weights()
     digest = resident.abliterator.merged_digest(weights)
-    if digest != t.user_attrs["merged_digest"]:
+    if digest != t.merged_digest:
         raise MaterializeError(
             f"trial {t.number}'s rebuilt edited tensors differ from the recorded ones (sha256 {digest[:12]} vs "
-            f"{t.user_attrs['merged_digest'][:12]}): {_differences(t, resident.io_key)}; rebuild with the recorded "
+            f"{t.merged_digest[:12]}): {_differences(t, resident.io_key)}; rebuild with the recorded "
             "versions and inputs"
         )
     if out.exists() and any(out.iterdir()):

@@ -31,7 +31,9 @@ def beside_resident(serving: ServingSettings) -> ServingSettings:
     return serving.model_copy(update={"vllm_args": [*args, MEMORY_FLAG, str(share)]})
 
 
-class Serving(Protocol):
+class ServingMode(Protocol):
+    """How a trial gets a server for its candidate (see the module doc)."""
+
     name: str
 
     def log_path_for(self, trial_log: Path) -> Path: ...

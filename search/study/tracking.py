@@ -21,24 +21,24 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
-from mtp_abliterate.search.study.records import retry_of
+from mtp_abliterate.search.study.records import TrialRecord, mlflow_parent, set_mlflow_parent
 
 TRIAL_TAG = "mtp_abliterate.trial_number"
-PARENT_ATTR = "mlflow_parent_run_id"
-
-
-def default_uri(runs_dir: Path) -> str:
-    return f"sqlite:///{(runs_dir / 'mlflow.db').absolute()}"
 
 
 class Tracker:
     """Writes a study to MLflow; knows the objectives' names and directions, not how they were measured."""
 
-    def __init__(self, uri: str, experiment: str, artifact_dir: Path | None, objectives: list[ObjectiveSpec]) -> None:
-        """`artifact_dir`: where a new experiment keeps artifacts (None: the tracking server decides)."""
+    def __init__(
+        self, uri: str, experiment: str, artifact_dir: Path | None, objectives: list[ObjectiveSpec], positions: int
+    ) -> None:
+        """`artifact_dir`: where a new experiment keeps artifacts (None: the tracking server decides);
+        `positions`: the draft positions measured (num_speculative_tokens)."""
         self.client = MlflowClient(tracking_uri=uri)
         self.objectives = objectives
+        self.positions = positions
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             location = None
@@ -54,7 +54,7 @@ class Tracker:
         self, study: optuna.Study, params: dict[str, Any], versions: dict[str, str], config_text: str
     ) -> str:
         """The study's parent run: reused on resume (its id is kept in the Optuna study), else created."""
-        run_id = study.user_attrs.get(PARENT_ATTR)
+        run_id = mlflow_parent(study)
         if run_id:
             try:
                 self.client.get_run(run_id)
@@ -65,7 +65,7 @@ class Tracker:
                 pass  # a different MLflow store than last time: start a new parent
         run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={"kind": "study"})
         self.parent_id = run.info.run_id
-        study.set_user_attr(PARENT_ATTR, self.parent_id)
+        set_mlflow_parent(study, self.parent_id)
         self.client.log_batch(
             self.parent_id,
             params=[Param(k, str(v)[:6000]) for k, v in params.items()],
@@ -119,24 +119,24 @@ class Tracker:
             start_time=int(t.datetime_start.timestamp() * 1000) if t.datetime_start else None,
         )
         run_id = run.info.run_id
-        metrics = t.user_attrs.get("metrics", {})
-        tags = [
-            RunTag(k, str(t.user_attrs[k])[:5000])
-            for k in ("fail_reason", "failed_stage", "log_path", "adapter_digest", "serving")
-            if t.user_attrs.get(k) is not None
-        ]
-        if (retried := retry_of(t)) is not None:
-            tags.append(RunTag("retry_of", str(retried)))
+        r = TrialRecord.of(t)
+        tags = {
+            "fail_reason": r.fail_reason,
+            "failed_stage": r.failed_stage,
+            "log_path": r.log_path,
+            "adapter_digest": r.adapter_digest,
+            "serving": r.serving_mode,
+            "retry_of": r.retry_of,
+        }
         self.client.log_batch(
             run_id,
-            metrics=[_metric(k, v) for k, v in metrics.items() if _finite(v)],
+            metrics=[_metric(k, v) for k, v in r.metrics.items() if _finite(v)],
             params=[Param(k, str(v)) for k, v in t.params.items()],
-            tags=tags,
+            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None],
         )
-        trial_dir = t.user_attrs.get("trial_dir")
         for name in ("result.json", "server.log"):
-            path = Path(trial_dir or "") / name
-            if trial_dir and path.is_file():
+            path = (r.trial_dir or Path()) / name
+            if r.trial_dir and path.is_file():
                 if name == "server.log":  # the tail is what explains a failure; whole logs can be large
                     with tempfile.TemporaryDirectory() as tmp:
                         tail = Path(tmp) / "server_log_tail.txt"
@@ -161,7 +161,7 @@ class Tracker:
         history = hypervolume_history(complete, self.objectives)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            write_front_csv(out / "pareto.csv", front, self.objectives)
+            write_front_csv(out / "pareto.csv", front, self.objectives, self.positions)
             with (out / "hypervolume.csv").open("w", newline="") as f:
                 writer = csv.writer(f)
                 writer.writerow(["trial", "hypervolume"])
@@ -174,14 +174,14 @@ class Tracker:
         self.client.log_metric(self.parent_id, "pareto_size", len(front), step=complete[-1].number)
 
 
-def write_front_csv(path: Path, front: list[FrozenTrial], objectives: list[ObjectiveSpec]) -> None:
+def write_front_csv(path: Path, front: list[FrozenTrial], objectives: list[ObjectiveSpec], positions: int) -> None:
     names = sorted({k for t in front for k in t.params})
-    metric_names = ["acc_pos_0", "acc_pos_1", "acc_pos_2", "acc_pos_3", "aggregate_tok_s", "trial_s"]
+    metric_names = [*(acc_pos(i) for i in range(positions)), AGGREGATE_TOK_S, TRIAL_S]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *[o.name for o in objectives], *metric_names, *names])
         for t in sorted(front, key=lambda t: t.number):
-            m = t.user_attrs.get("metrics", {})
+            m = TrialRecord.of(t).metrics
             writer.writerow(
                 [t.number, *t.values, *[m.get(k, "") for k in metric_names], *[t.params.get(n) for n in names]]
             )

@@ -1,15 +1,15 @@
-"""One trial: DESIGN §2's pipeline composed from the stages, with per-stage durations and failures named by stage.
+"""One trial: the stages composed, with per-stage durations and failures named by stage.
 
-abliterate (resident model) -> KL -> merge -> quantize (FP8_DYNAMIC) -> serve (candidate + the vanilla MTP draft)
+abliterate (resident model) -> kld -> merge -> quantize (FP8_DYNAMIC) -> serve (candidate + the vanilla MTP draft)
 -> acceptance (served) -> refusals (served; from the acceptance set of the same prompts when there is one, so the
-same greedy answers are not generated twice) -> reset. The resident model is reset and the server released on every
-exit path, Ctrl-C included. Knows nothing of Optuna or MLflow.
+same greedy answers are not generated twice) [-> swap_check] -> reset. The resident model is reset and the server
+released on every exit path, Ctrl-C included. Knows nothing of Optuna or MLflow; docs/architecture.md has each
+stage's contract.
 
-Fast path (issue #7): with an FP8 base (`search/fp8.py`) the merge stays in memory and "quantize" writes only the
-edited matrices; with `SwapServing` "serve" is an in-place swap into the study's one server. `verify_swap` re-measures
-the candidate on a cold server and compares answers and counters (the self-check a study runs before trusting
-swaps; on a mismatch a second cold start measures the noise floor of a vLLM that is not batch-invariant, see
-`swap_verdict`); the cold numbers are the trial's.
+Fast path: with an FP8 base (`search/candidate/fp8_base.py`) the merge stays in memory and "quantize" writes only the
+edited matrices; with `SwapServing` "serve" is an in-place swap into the study's one server. `swap_check` re-measures
+the candidate on a cold server and compares answers and counters (`search/trial/swap_check.py`); the cold numbers are
+the trial's.
 """
 
 from __future__ import annotations
@@ -22,30 +22,29 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from heretic.utils import Prompt
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
-from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.objectives.refusal import RefusalRate, prefix_responder, served_responder
-from mtp_abliterate.search.baseline import load_prompt_set
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.fp8_base import base_key, prepare_base, write_candidate
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.serving.modes import ColdServing, Serving
+from mtp_abliterate.search.disk import DiskFullError
+from mtp_abliterate.search.prompts import load_prompt_set
+from mtp_abliterate.search.serving.modes import ColdServing, ServingMode
 from mtp_abliterate.search.serving.server import VllmServer
+from mtp_abliterate.search.trial.result import TrialResult, acceptance_mix, aggregate_tok_s
+from mtp_abliterate.search.trial.swap_check import Measured, swap_verdict
 from mtp_abliterate.search.versions import software_versions
 
-STAGES = ("abliterate", "kl", "merge", "quantize", "serve", "acceptance", "refusals", "verify")
-
-
-SWAP_NOISE_FACTOR = 2.0  # a swap within twice the cold-vs-cold gap is noise, not a broken reload
+STAGES = ("abliterate", "kld", "merge", "quantize", "serve", "acceptance", "refusals", "swap_check")
 
 
 class StageError(RuntimeError):
@@ -54,42 +53,6 @@ class StageError(RuntimeError):
     def __init__(self, stage: str, reason: str, log_path: Path | None = None) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage, self.reason, self.log_path = stage, reason, log_path
-
-
-class DiskFullError(RuntimeError):
-    """No space left under the study's folder: the study must stop, not fail trial after trial."""
-
-
-@dataclass
-class TrialResult:
-    refusal_rate: float
-    kld: float
-    acceptance: dict[str, Any]  # AcceptanceSets details: per set per-position rates, CI, tok/s, samples
-    mean_accepted_tokens: float  # the configured mix over the acceptance sets
-    per_position: list[float]  # the same mix, per position
-    tok_s: float
-    durations: dict[str, float] = field(default_factory=dict)
-    adapter_digest: str = ""
-    merged_digest: str = ""  # sha256 of the edited matrices as deployed (BF16), for re-materialisation
-    candidate: Path | None = None  # the served checkpoint, when kept
-    refusal_samples: list[dict[str, Any]] = field(default_factory=list)
-    log_path: Path | None = None
-    fingerprint: dict[str, Any] = field(default_factory=dict)  # what swap and cold serving must agree on
-    swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
-    serving: str = "cold"  # how the candidate was served: "swap" or "cold"
-
-    def metrics(self) -> dict[str, float]:
-        """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
-        out = {"refusal_rate": self.refusal_rate, "kld": self.kld, "mean_accepted_tokens": self.mean_accepted_tokens}
-        out |= {f"acc_pos_{i}": a for i, a in enumerate(self.per_position)}
-        for name, s in self.acceptance["sets"].items():
-            out |= {f"{name}.acc_pos_{i}": a for i, a in enumerate(s["per_position"])}
-            out |= {f"{name}.mean_accepted_tokens": s["mean_accepted_tokens"], f"{name}.ci95": s["ci95"]}
-            out[f"{name}.num_drafts"] = s["num_drafts"]
-        out["aggregate_tok_s"] = self.tok_s  # at acceptance.concurrency: what the search compares
-        out |= {f"stage_{k}_s": v for k, v in self.durations.items()}
-        out["trial_s"] = sum(self.durations.values())
-        return out
 
 
 @contextmanager
@@ -119,52 +82,43 @@ def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None
     return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key)
 
 
+class Stages:
+    """Runs a trial's stages: announces each, times it, sends library output to `stages.log`, and turns a failure
+    into StageError (DiskFullError for a full disk; KeyboardInterrupt passes through)."""
+
+    def __init__(self, trial_dir: Path, log_path: Path, on_stage: Callable[[str], None]) -> None:
+        self.trial_dir, self.log_path, self.on_stage = trial_dir, log_path, on_stage
+        self.durations: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.on_stage(name)
+        t0 = time.perf_counter()
+        try:
+            with stderr_to(self.trial_dir / "stages.log"):  # library progress bars and logs, out of the display
+                yield
+        except (StageError, KeyboardInterrupt):
+            raise
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"no space left on the disk of {self.trial_dir} during {name}; free space or move runs_dir"
+                ) from e
+            raise StageError(name, f"{type(e).__name__}: {e}", self.log_path) from e
+        except Exception as e:  # a candidate's failure, whatever the library raised
+            raise StageError(name, f"{type(e).__name__}: {e}", self.log_path) from e
+        finally:
+            self.durations[name] = time.perf_counter() - t0
+
+
 @dataclass
-class Measured:
-    refusal: ObjectiveResult  # RefusalRate's
-    acceptance: ObjectiveResult  # AcceptanceSets'
+class Candidate:
+    """The edited model as the stages before serving leave it."""
 
-    def fingerprint(self) -> dict[str, Any]:
-        """Greedy texts (digests) and every spec-decode counter: identical fingerprints, identical objectives."""
-        sets = self.acceptance.details["sets"]
-        return {
-            "refusal_responses": self.refusal.details["responses_sha256"],
-            **{
-                f"{name}.{k}": s[k]
-                for name, s in sets.items()
-                for k in ("answers_sha256", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position")
-            },
-        }
-
-
-def objective_gap(a: Measured, b: Measured) -> float:
-    """The largest difference between two measurements in what the search sees: the refusal rate and every
-    per-position acceptance rate of every set."""
-    sa, sb = a.acceptance.details["sets"], b.acceptance.details["sets"]
-    gaps = [abs(a.refusal.value - b.refusal.value)]
-    gaps += [abs(x - y) for name in sa for x, y in zip(sa[name]["per_position"], sb[name]["per_position"], strict=True)]
-    return max(gaps)
-
-
-def swap_verdict(swapped: Measured, cold: Measured, cold_again: Measured | None) -> dict[str, Any]:
-    """Whether a swap can be trusted. Bit-identical to the cold start: yes. Otherwise a second cold start gives the
-    noise floor: if the cold starts reproduce each other exactly, any difference is the swap's (fail); if they
-    differ too (vLLM on GPUs is not batch-invariant: greedy tokens change with batch composition), the swap passes
-    when its gap to the nearer cold start is within SWAP_NOISE_FACTOR x the cold-vs-cold gap."""
-    a, b = swapped.fingerprint(), cold.fingerprint()
-    differences = sorted(k for k in a if a[k] != b[k])
-    if not differences:
-        return {"passed": True, "identical": True, "differences": [], "rule": "bit-identical to a cold start"}
-    if cold_again is None:
-        raise ValueError("swapped and cold measurements differ: the verdict needs a second cold measurement")
-    noise = objective_gap(cold, cold_again)
-    gap = min(objective_gap(swapped, cold), objective_gap(swapped, cold_again))
-    verdict = {"identical": False, "differences": differences, "gap": gap, "noise": noise}
-    if cold.fingerprint() == cold_again.fingerprint():
-        return {**verdict, "passed": False, "rule": "cold starts reproduce each other exactly; the swap does not"}
-    passed = gap <= SWAP_NOISE_FACTOR * noise
-    rule = f"gap {gap:.4f} {'<=' if passed else '>'} {SWAP_NOISE_FACTOR:g} x cold-vs-cold noise {noise:.4f}"
-    return {**verdict, "passed": passed, "rule": rule}
+    kld: float
+    adapter_digest: str
+    merged_digest: str
+    path: Path  # the checkpoint to serve
 
 
 class TrialPipeline:
@@ -174,12 +128,12 @@ class TrialPipeline:
     candidate gets its server (default: a cold start each)."""
 
     def __init__(
-        self, cfg: StudyConfig, resident: Resident, base: Path | None = None, serving: Serving | None = None
+        self, cfg: StudyConfig, resident: Resident, base: Path | None = None, serving: ServingMode | None = None
     ) -> None:
         self.cfg = cfg
         self.resident = resident
         self.base = base
-        self.serving: Serving = serving or ColdServing(cfg)
+        self.serving: ServingMode = serving or ColdServing(cfg)
         self.sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
         self.harmful: list[Prompt] = load_prompt_set(cfg, cfg.prompts.harmful_eval)
         self.shared_set = self._shared_set()
@@ -195,6 +149,11 @@ class TrialPipeline:
     def _decode(self, token_ids: list[int]) -> str:
         return self.resident.model.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def use_cold_starts(self) -> None:
+        """From now on a cold start per candidate (the swap self-check failed): the study server is stopped."""
+        self.serving.close()
+        self.serving = ColdServing(self.cfg)
+
     def run(
         self,
         params: AraParameters | DirectionalParameters | None,
@@ -202,96 +161,85 @@ class TrialPipeline:
         on_stage: Callable[[str], None] = lambda stage: None,
         on_server: Callable[[int], None] = lambda pid: None,
         keep_candidate: bool = False,
-        verify_swap: bool = False,
+        swap_check: bool = False,
     ) -> TrialResult:
         """Score `params` (None = the vanilla model). The served checkpoint stays in `trial_dir/candidate` if
-        `keep_candidate` and the trial succeeds. `verify_swap`: also measure on a cold server and compare (see the
+        `keep_candidate` and the trial succeeds. `swap_check`: also measure on a cold server and compare (see the
         module doc). Raises StageError, DiskFullError or KeyboardInterrupt."""
-        durations: dict[str, float] = {}
-
-        @contextmanager
-        def stage(name: str) -> Iterator[None]:
-            on_stage(name)
-            t0 = time.perf_counter()
-            try:
-                with stderr_to(trial_dir / "stages.log"):  # library progress bars and logs, kept out of the display
-                    yield
-            except (StageError, KeyboardInterrupt):
-                raise
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise DiskFullError(
-                        f"no space left on the disk of {trial_dir} during {name}; free space or move runs_dir"
-                    ) from e
-                raise StageError(name, f"{type(e).__name__}: {e}", log_path) from e
-            except Exception as e:  # a candidate's failure, whatever the library raised
-                raise StageError(name, f"{type(e).__name__}: {e}", log_path) from e
-            finally:
-                durations[name] = time.perf_counter() - t0
-
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.serving.log_path_for(trial_dir / "server.log")
-        abliterator = self.resident.abliterator
+        stage = Stages(trial_dir, log_path, on_stage)
         kept = False
         try:
-            with stage("abliterate"):
-                if params is None:
-                    abliterator.reset()
-                else:
-                    self.resident.apply(params)
-                digest = abliterator.adapter_digest()
-            with stage("kl"):
-                kld = self.resident.kld.compute().value
-            candidate = trial_dir / "candidate"
-            with stage("merge"):
-                weights = abliterator.merged_weights()
-                merged_digest = abliterator.merged_digest(weights)
-                if self.base is None:  # a whole BF16 checkpoint, for llm-compressor or to serve as is
-                    merged = abliterator.save_merged(trial_dir / "bf16", self.resident.local_dir(), weights)
-            with stage("quantize"):
-                if self.base is not None:
-                    write_candidate(self.base, candidate, weights)
-                elif self.cfg.quantization.scheme == "FP8_DYNAMIC":
-                    quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
-                    shutil.rmtree(merged)
-                else:
-                    merged.rename(candidate)
+            candidate = self._build(params, trial_dir, stage)
             # On the self-check trial an invalid swapped measurement is not the candidate's fault yet: the cold
             # start decides (a broken reload yields garbage answers).
-            measured = self._serve_and_measure(candidate, log_path, stage, on_server, tolerate_invalid=verify_swap)
-            swap_check = None
-            if verify_swap:
-                with stage("verify"):
-                    swap_check, measured = self._verify(candidate, trial_dir, measured)
+            measured = self._serve_and_measure(candidate.path, log_path, stage, on_server, tolerate_invalid=swap_check)
+            verdict = None
+            if swap_check:
+                with stage("swap_check"):
+                    verdict, measured = self._swap_check(candidate.path, trial_dir, measured)
             kept = keep_candidate
         finally:
-            abliterator.reset()
+            self.resident.abliterator.reset()
             shutil.rmtree(trial_dir / "bf16", ignore_errors=True)
             if not kept:  # failed or not wanted: a whole FP8 candidate of the real target is ~27 GB
                 shutil.rmtree(trial_dir / "candidate", ignore_errors=True)
-        refusal, acc = measured.refusal, measured.acceptance
-        total = sum(w for _, _, w in self.sets)
-        sets = acc.details["sets"]
-        positions = len(next(iter(sets.values()))["per_position"])
-        mix = [sum(w * sets[n]["per_position"][i] for (n, _, w) in self.sets) / total for i in range(positions)]
-        tokens = sum(s["output_tokens"] for s in sets.values())
-        seconds = sum(s["seconds"] for s in sets.values())
+        return self._result(candidate, measured, stage.durations, log_path, verdict, keep_candidate)
+
+    def _build(self, params: AraParameters | DirectionalParameters | None, trial_dir: Path, stage: Stages) -> Candidate:
+        """abliterate -> kld -> merge -> quantize: the candidate checkpoint in `trial_dir/candidate`."""
+        abliterator = self.resident.abliterator
+        with stage("abliterate"):
+            if params is None:
+                abliterator.reset()
+            else:
+                self.resident.apply(params)
+            digest = abliterator.adapter_digest()
+        with stage("kld"):
+            kld = self.resident.kld.compute().value
+        candidate = trial_dir / "candidate"
+        with stage("merge"):
+            weights = abliterator.merged_weights()
+            merged_digest = abliterator.merged_digest(weights)
+            if self.base is None:  # a whole BF16 checkpoint, for llm-compressor or to serve as is
+                merged = abliterator.save_merged(trial_dir / "bf16", self.resident.local_dir(), weights)
+        with stage("quantize"):
+            if self.base is not None:
+                write_candidate(self.base, candidate, weights)
+            elif self.cfg.quantization.scheme == "FP8_DYNAMIC":
+                quantize_fp8_dynamic(merged, candidate, self.cfg.quantization.ignore)
+                shutil.rmtree(merged)
+            else:
+                merged.rename(candidate)
+        return Candidate(kld, digest, merged_digest, candidate)
+
+    def _result(
+        self,
+        candidate: Candidate,
+        measured: Measured,
+        durations: dict[str, float],
+        log_path: Path,
+        verdict: dict[str, Any] | None,
+        kept: bool,
+    ) -> TrialResult:
+        sets = measured.acceptance.details["sets"]
         return TrialResult(
-            refusal_rate=refusal.value,
-            kld=kld,
-            acceptance=acc.details,
-            mean_accepted_tokens=acc.value,
-            per_position=mix,
-            tok_s=tokens / seconds if seconds else 0.0,
+            refusal_rate=measured.refusal.value,
+            kld=candidate.kld,
+            acceptance=measured.acceptance.details,
+            mean_accepted_tokens=measured.acceptance.value,
+            per_position=acceptance_mix(sets, [(n, w) for n, _, w in self.sets]),
+            tok_s=aggregate_tok_s(sets),
             durations=durations,
-            adapter_digest=digest,
-            merged_digest=merged_digest,
-            candidate=candidate if keep_candidate else None,
-            refusal_samples=refusal.details["samples"],
+            adapter_digest=candidate.adapter_digest,
+            merged_digest=candidate.merged_digest,
+            candidate=candidate.path if kept else None,
+            refusal_samples=measured.refusal.details["samples"],
             log_path=log_path,
             fingerprint=measured.fingerprint(),
-            swap_check=swap_check,
-            serving="cold" if swap_check and not swap_check["passed"] else self.serving.name,
+            swap_check=verdict,
+            serving_mode="cold" if verdict and not verdict["passed"] else self.serving.name,
         )
 
     def _serve_and_measure(
@@ -300,7 +248,7 @@ class TrialPipeline:
         log_path: Path,
         stage: Callable[[str], AbstractContextManager],
         on_server: Callable[[int], None],
-        serving: Serving | None = None,
+        serving: ServingMode | None = None,
         tolerate_invalid: bool = False,
     ) -> Measured:
         """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives. An invalid
@@ -335,15 +283,15 @@ class TrialPipeline:
                 serving.release(server, failed)
         return Measured(refusal, acc)
 
-    def _verify(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
+    def _swap_check(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
         """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would
         not fit a real target's memory), and when the two differ, on a second cold server: the noise floor of a
         vLLM that is not batch-invariant (GPUs). Returns the verdict (`swap_verdict`) and the cold measurement."""
         self.serving.close()
-        cold = self._cold_measurement(candidate, trial_dir / "verify-server.log")
+        cold = self._cold_measurement(candidate, trial_dir / "swap-check-server.log")
         again = None
         if swapped.fingerprint() != cold.fingerprint():
-            again = self._cold_measurement(candidate, trial_dir / "verify-server-2.log")
+            again = self._cold_measurement(candidate, trial_dir / "swap-check-server-2.log")
         return swap_verdict(swapped, cold, again), cold
 
     def _cold_measurement(self, candidate: Path, log_path: Path) -> Measured:
@@ -358,7 +306,7 @@ class TrialPipeline:
         except (StageError, KeyboardInterrupt):
             raise
         except Exception as e:
-            raise StageError("verify", f"a cold-start server of the swap self-check: {e}", log_path) from e
+            raise StageError("swap_check", f"a cold-start server of the swap self-check: {e}", log_path) from e
 
     def _acceptance(self, server: VllmServer) -> AcceptanceSets:
         a = self.cfg.acceptance

@@ -1,0 +1,125 @@
+"""The study's after-trial callback: progress display, MLflow sync, checkpoint retention and the stop rules.
+
+An Optuna callback class (Optuna's own `MaxTrialsCallback` is the model): `study.optimize(..., callbacks=[monitor])`
+calls it after every finished trial, and the objective reports the running stage through `stage`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from mtp_abliterate.search.config import Retention
+from mtp_abliterate.search.metrics import TRIAL_S, per_position
+from mtp_abliterate.search.study.limits import RunLimits
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, pareto_front
+from mtp_abliterate.search.study.records import TrialRecord, records
+from mtp_abliterate.search.study.retention import apply_retention
+
+
+class StudyMonitor:
+    """Shows and stops the study. `sync`: mirrors the storage to MLflow (failures are warnings: the next sync
+    repairs them); `positions`: the draft positions printed per trial."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        console: Console,
+        objectives: list[ObjectiveSpec],
+        limits: RunLimits,
+        retention: Retention,
+        positions: int,
+        sync: Callable[[], None],
+    ) -> None:
+        self.objectives, self.limits, self.retention, self.positions, self.sync = (
+            objectives,
+            limits,
+            retention,
+            positions,
+            sync,
+        )
+        self.durations = [r.metrics[TRIAL_S] for r in records(study, TrialState.COMPLETE) if TRIAL_S in r.metrics]
+        self.failures = 0  # in a row
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("done ≈ {task.fields[eta]}"),
+            TextColumn("{task.fields[stage]}"),
+            console=console,
+            transient=False,
+        )
+        done = len(records(study, TrialState.COMPLETE))
+        self.task = self.progress.add_task("trials", total=limits.n_trials, completed=done, eta="?", stage="")
+
+    @property
+    def console(self) -> Console:
+        return self.progress.console
+
+    @property
+    def too_many_failures(self) -> bool:
+        return self.failures >= self.limits.max_consecutive_failures
+
+    def stage(self, number: int, stage: str) -> None:
+        self.progress.update(self.task, description=f"trial {number}", stage=stage)
+
+    def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
+        self.sync()
+        r = TrialRecord.of(t)
+        if r.complete:
+            self.failures = 0
+            self.durations.append(r.metrics[TRIAL_S])
+            self.console.print(self._line(r))
+        else:
+            self.failures += 1
+            self.console.print(
+                f"[red]trial {r.number} failed at {r.failed_stage or '?'}: {(r.fail_reason or '')[:300]}[/] "
+                f"(log: {r.log_path})"
+            )
+        trials = study.get_trials(deepcopy=False)
+        front = pareto_front(trials, self.objectives)
+        apply_retention(trials, front, self.retention)
+        complete = sum(t.state == TrialState.COMPLETE for t in trials)
+        self.progress.update(self.task, completed=complete, eta=self._eta(complete), stage=self._front(front))
+        if self._should_stop(complete):
+            study.stop()
+
+    def _line(self, r: TrialRecord) -> str:
+        refusal, kld, scalar = r.values or (float("nan"),) * 3
+        acc = "/".join(f"{a:.2f}" for a in per_position(r.metrics, self.positions))
+        return (
+            f"trial {r.number}: refusal {refusal:.3f}  KL {kld:.4f}  {self.objectives[2].name} {scalar:.3f}  "
+            f"acc {acc}  ({r.metrics[TRIAL_S]:.0f} s)"
+        )
+
+    def _front(self, front: list[FrozenTrial]) -> str:
+        if not front:
+            return "Pareto front: 0"
+        top = max(t.values[2] for t in front)
+        return (
+            f"Pareto front: {len(front)} · best {self.objectives[2].name} {top:.3f} · "
+            f"min refusal {min(t.values[0] for t in front):.2f}"
+        )
+
+    def _eta(self, complete: int) -> str:
+        if not self.durations:
+            return "?"
+        left = self.limits.n_trials - complete
+        return time.strftime("%H:%M", time.localtime(time.time() + left * statistics.median(self.durations)))
+
+    def _should_stop(self, complete: int) -> bool:
+        if complete >= self.limits.n_trials or self.too_many_failures:
+            return True
+        deadline = self.limits.deadline
+        if deadline and self.durations and time.time() + statistics.median(self.durations) > deadline:
+            self.console.print("stopping: the next trial would not finish before the deadline")
+            return True
+        return False

@@ -1,0 +1,45 @@
+"""`study reference`: one candidate of any method (e.g. heretic's directional ablation) scored in the study's harness
+and kept in the study as a named point beside vanilla (tables, plots, MLflow)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optuna.trial import TrialState
+
+from mtp_abliterate.search.candidate.checkpoint import CheckpointError
+from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
+from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
+from mtp_abliterate.search.study import records
+from mtp_abliterate.search.study.errors import StudyError
+from mtp_abliterate.search.study.pareto import dominates, feasible, point_values
+from mtp_abliterate.search.study.runner import StudyRunner
+from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline
+
+
+def score_reference(
+    runner: StudyRunner, method: str, raw: dict[str, Any], label: str
+) -> tuple[dict[str, float], list[int]]:
+    """Score the candidate, keep it as `label`, and return its metrics and the feasible complete trials that
+    dominate it. Raises StudyError or AbliterationError."""
+    cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
+    with runner.console.status(f"scoring the {method} reference {label!r}"):
+        try:
+            params = parse_parameters(method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
+            pipeline = TrialPipeline(cfg, Resident(cfg, cache_dir=runner.run_dir / "cache"))
+        except (CheckpointError, ModelLoadError) as e:
+            raise StudyError(str(e)) from None
+        try:
+            result = pipeline.run(params, runner.run_dir / "references" / label)
+        except StageError as e:
+            raise StudyError(f"the reference failed at stage {e.stage}: {e.reason} (log: {e.log_path})") from None
+    metrics = result.metrics()
+    records.save_reference(runner.study, label, method, raw, metrics)
+    runner.sync(runner.tracker())
+    point = point_values(metrics, runner.objectives)
+    better = [
+        t.number
+        for t in runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if feasible(t) and dominates(t.values, point, runner.objectives)
+    ]
+    return metrics, better

@@ -1,0 +1,60 @@
+"""A scored candidate: what the trial pipeline returns, and its flat metrics (names from `search/metrics.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtp_abliterate.search import metrics as names
+
+
+@dataclass
+class TrialResult:
+    refusal_rate: float
+    kld: float
+    acceptance: dict[str, Any]  # AcceptanceSets details: per set per-position rates, CI, tok/s, samples
+    mean_accepted_tokens: float  # the configured mix over the acceptance sets
+    per_position: list[float]  # the same mix, per position
+    tok_s: float  # aggregate output tok/s over every set, at acceptance.concurrency requests in flight
+    durations: dict[str, float] = field(default_factory=dict)
+    adapter_digest: str = ""
+    merged_digest: str = ""  # sha256 of the edited matrices as deployed (BF16), for re-materialisation
+    candidate: Path | None = None  # the served checkpoint, when kept
+    refusal_samples: list[dict[str, Any]] = field(default_factory=list)
+    log_path: Path | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what swap and cold serving must agree on
+    swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
+    serving_mode: str = "cold"  # how the candidate was served: "swap" or "cold"
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
+        out = {
+            names.REFUSAL_RATE: self.refusal_rate,
+            names.KLD: self.kld,
+            names.MEAN_ACCEPTED: self.mean_accepted_tokens,
+        }
+        out |= {names.acc_pos(i): a for i, a in enumerate(self.per_position)}
+        for name, s in self.acceptance["sets"].items():
+            out |= {names.acc_pos(i, name): a for i, a in enumerate(s["per_position"])}
+            out[names.set_metric(name, names.MEAN_ACCEPTED)] = s["mean_accepted_tokens"]
+            out[names.set_metric(name, names.CI95)] = s["ci95"]
+            out[names.set_metric(name, names.NUM_DRAFTS)] = s["num_drafts"]
+        out[names.AGGREGATE_TOK_S] = self.tok_s
+        out |= {names.stage_metric(k): v for k, v in self.durations.items()}
+        out[names.TRIAL_S] = sum(self.durations.values())
+        return out
+
+
+def acceptance_mix(sets: dict[str, dict[str, Any]], weights: Sequence[tuple[str, float]]) -> list[float]:
+    """The per-position acceptance of the weighted mix of prompt sets (`weights`: (set name, weight))."""
+    total = sum(w for _, w in weights)
+    positions = len(next(iter(sets.values()))["per_position"])
+    return [sum(w * sets[n]["per_position"][i] for n, w in weights) / total for i in range(positions)]
+
+
+def aggregate_tok_s(sets: dict[str, dict[str, Any]]) -> float:
+    """Output tokens over seconds, summed over the sets (each measured at acceptance.concurrency in flight)."""
+    seconds = sum(s["seconds"] for s in sets.values())
+    return sum(s["output_tokens"] for s in sets.values()) / seconds if seconds else 0.0

@@ -1,0 +1,100 @@
+"""What the test files share: the repository, the organism study configs, the vLLM environment, the resident models,
+and study TOMLs edited as data (tomlkit), never as text."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, MutableMapping, MutableSequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomlkit
+
+from mtp_abliterate.search.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANISM_TOML = REPO / "configs" / "organism.toml"
+RELEASE_TOML = REPO / "configs" / "organism-release.toml"
+GEMMA4_TOML = REPO / "configs" / "gemma4-26b-a4b.toml"  # the real model's study (a DGX Spark, docker, hub ids)
+# Paths unchecked here: collecting the tests that never serve must not need the vLLM environment (`serving.python`).
+# The tests that serve ask for `vllm_python`, which fails with the fix when it is missing.
+ORGANISM_CONFIG = load_config(ORGANISM_TOML, check_paths=False)
+RELEASE_CONFIG = load_config(RELEASE_TOML, check_paths=False)
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The vLLM environment's python; a test that serves fails (never skips) without it, naming the fix."""
+    if not (VLLM_PYTHON.is_file() and os.access(VLLM_PYTHON, os.X_OK)):
+        pytest.fail(f"{VLLM_PYTHON} is missing: the vLLM environment is not built; run `make vllm-env`", pytrace=False)
+    return VLLM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def resident(tmp_path_factory: pytest.TempPathFactory):
+    """The organism (configs/organism.toml) in memory with revertible candidates, shared by every test file: each
+    test applies the candidate it needs (or resets) first."""
+    from mtp_abliterate.search.candidate.resident import Resident
+
+    return Resident(ORGANISM_CONFIG, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def release_resident(tmp_path_factory: pytest.TempPathFactory):
+    """The release-format organism (configs/organism-release.toml) in memory."""
+    from mtp_abliterate.search.candidate.resident import Resident
+
+    return Resident(RELEASE_CONFIG, cache_dir=tmp_path_factory.mktemp("release-cache"))
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group `pgid` is running (zombies do not count), read from /proc: the tests'
+    own view of what is left, independent of the product's bookkeeping."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _absolute_paths(node: Any, base: Path) -> None:
+    """Relative paths (`../x`, `./x`) resolve from the config file's own folder: make them absolute, so the edited
+    copy means the same wherever it is written."""
+    keys = list(node.keys()) if isinstance(node, MutableMapping) else range(len(node))
+    for key in keys:
+        value = node[key]
+        if isinstance(value, str):
+            if value.startswith(("../", "./")):
+                node[key] = os.path.normpath(base / value)
+        elif isinstance(value, MutableMapping | MutableSequence):
+            _absolute_paths(value, base)
+
+
+def _apply_edits(table: MutableMapping, edits: Mapping[str, Any]) -> None:
+    for key, value in edits.items():
+        if value is None:  # TOML has no null: None removes the key (a table, an array of tables, a value)
+            del table[key]
+        elif isinstance(value, Mapping) and isinstance(table.get(key), MutableMapping):
+            _apply_edits(table[key], value)
+        else:
+            table[key] = str(value) if isinstance(value, Path) else value
+
+
+def write_study_config(src: Path, dst: Path, **edits: Any) -> Path:
+    """`src` (a study TOML) written to `dst` with its relative paths made absolute and `edits` applied as data:
+    top-level keys as keywords, a dict edits that table key by key (nested), None removes a key, a Path is written
+    as its string, a list of dicts is an array of tables. E.g. `write_study_config(src, dst, name="demo",
+    search={"n_trials": 3, "enqueue": None}, serving={"mode": "cold"})`."""
+    doc = tomlkit.parse(src.read_text())
+    _absolute_paths(doc, src.resolve().parent)
+    _apply_edits(doc, edits)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(tomlkit.dumps(doc))
+    return dst
