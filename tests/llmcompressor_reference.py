@@ -1,6 +1,6 @@
-"""llm-compressor's own whole-model FP8_DYNAMIC run: the reference the streamed quantizer (search/quantize.py) and
-the incremental candidates (search/fp8.py) are compared with, tensor by tensor. It loads the whole model, which is
-why the project never runs it in a study process."""
+"""llm-compressor's own whole-model FP8_DYNAMIC run: the reference the streamed quantizer
+(search/candidate/quantize.py) and the incremental candidates (search/candidate/fp8_base.py) are compared with,
+tensor by tensor. It loads the whole model, which is why the project never runs it in a study process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The committed organism meets its acceptance criteria (issue #2), measured afresh on held-out prompts."""
+"""The committed organism meets its acceptance criteria (`organism check`), measured afresh on held-out prompts."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The candidate model: the resident model, ARA and heretic's directional method, module I/O, FP8."""

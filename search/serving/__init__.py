@@ -1,0 +1,1 @@
+"""vLLM as a real server process: launchers (python, docker), cold and swap serving, the vLLM plugin."""

@@ -166,6 +166,11 @@ class TrialLog:
             self.trial.set_user_attr(keys.get(name, name), str(value) if isinstance(value, Path) else value)
 
 
+def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Enqueue `trial`'s parameters again, recording which trial the new one re-runs."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+
+
 def fail_running(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int, reason: str) -> bool:
     """Fail another process's RUNNING trial (its process is gone) with a reason, through the storage's public API.
     Returns False when that process finished it first."""

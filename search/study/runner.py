@@ -248,7 +248,7 @@ class StudyRunner:
         except (KeyboardInterrupt, DiskFullError) as e:
             log.interrupted("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e))
             if records.record_of(self.study, trial.number).retry_of is None:  # re-queued once, like a killed trial
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                records.requeue(self.study, trial)
             raise
         return self._record(trial, log, trial_dir, result)
 

@@ -1,6 +1,6 @@
-"""The ARA search space: DESIGN §5's ranges, sized to the model's layer count, with the config's overrides.
+"""The ARA search space: the ranges below, sized to the model's layer count L, with the config's overrides.
 
-start_layer_index in [0, L/2] and end_layer_index in [L/2 + 1, L]: end's low is raised by one over DESIGN's L/2 so
+start_layer_index in [0, L/2] and end_layer_index in [L/2 + 1, L]: end's low is L/2 + 1 (not L/2) so
 that every sampled layer range is non-empty (start = end = L/2 would edit nothing). steer_w is sampled on a log
 scale. A config override fixes a parameter (`value`) or narrows its range (`low`, `high`) inside these bounds.
 """
