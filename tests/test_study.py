@@ -24,8 +24,7 @@ from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import VllmServer
-from mtp_abliterate.search.study.pareto import pareto_front
-from mtp_abliterate.search.study.runner import objective_specs
+from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_TOML, REPO, group_alive, write_study_config
 
