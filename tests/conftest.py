@@ -4,6 +4,7 @@ and study TOMLs edited as data (tomlkit), never as text."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Mapping, MutableMapping, MutableSequence
 from pathlib import Path
@@ -52,16 +53,10 @@ def release_resident(tmp_path_factory: pytest.TempPathFactory):
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process of process group `pgid` is running (zombies do not count), read from /proc: the tests'
+    """Whether any process of process group `pgid` is running (zombies do not count), as `ps` sees it: the tests'
     own view of what is left, independent of the product's bookkeeping."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    out = subprocess.run(["ps", "-A", "-o", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    return any(int(g) == pgid and not stat.startswith("Z") for g, stat in (line.split() for line in out.splitlines()))
 
 
 def _absolute_paths(node: Any, base: Path) -> None:
