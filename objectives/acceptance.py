@@ -10,7 +10,9 @@ Confidence interval: the counters give the whole distribution of X, the number o
 independent; drafts of one answer are correlated, so read it as a lower bound on the uncertainty.
 
 A measurement is invalid, with a reason, when speculation did not run (no drafts), when the draft was never
-accepted (a_0 == 0: a broken or mismatched draft, not a result), or when an answer is one word repeated.
+accepted (a_0 == 0), or when an answer is one word repeated (which inflates acceptance). Its value is still what was
+measured (0 when nothing was drafted or accepted); the caller decides what an invalid measurement means: a broken
+harness for the vanilla model, a bad candidate (recorded, infeasible) for an abliterated one.
 """
 
 from __future__ import annotations
@@ -149,13 +151,14 @@ class AcceptanceSets(Objective):
         delta = read_counters(self.base_url, self.n) - before
         drafts = delta.num_drafts
         rates = [a / drafts if drafts else 0.0 for a in delta.accepted_per_pos]
-        reason = None
+        reasons = []  # every one that applies: a wrecked candidate is often both degenerate and never accepted
         if drafts == 0:
-            reason = "no drafts were proposed: speculative decoding did not run"
+            reasons.append("no drafts were proposed: speculative decoding did not run")
         elif delta.accepted_per_pos[0] == 0:
-            reason = "no draft token was ever accepted: the draft is broken or does not belong to this body"
-        elif bad := [r.text for r in answers if degenerate(r.text)]:
-            reason = f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}"
+            reasons.append("no draft token was ever accepted: the draft does not match this body")
+        if bad := [r.text for r in answers if degenerate(r.text)]:
+            reasons.append(f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}")
+        reason = "; ".join(reasons) or None
         tokens = sum(r.completion_tokens for r in answers)
         return SetMeasurement(
             name,
@@ -180,4 +183,4 @@ class AcceptanceSets(Objective):
         value = sum(w * r.mean_accepted_tokens for w, r in zip(weights, results, strict=True)) / sum(weights)
         invalid = [f"{r.name}: {r.invalid_reason}" for r in results if r.invalid_reason]
         details = {"sets": {r.name: asdict(r) for r in results}, "invalid_reason": "; ".join(invalid) or None}
-        return ObjectiveResult(math.nan if invalid else value, details)
+        return ObjectiveResult(value, details)

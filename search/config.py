@@ -102,7 +102,10 @@ class Search(Section):
         "or one position's rate (acc_pos_0 .. acc_pos_{n-1})",
     )
     max_consecutive_failures: int = Field(
-        5, ge=1, description="stop the study after this many failed trials in a row (a broken setup, not a candidate)"
+        5,
+        ge=1,
+        description="stop the study after this many failed trials in a row (a broken setup; a bad candidate is a "
+        "complete, infeasible trial and never counts)",
     )
 
 

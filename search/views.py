@@ -202,6 +202,8 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
         if r.complete:
             values = [f"{v:.4g}" for v in t.values]
             note = _params(t) + ("" if feasible(t) else "  (infeasible)")
+            if r.invalid_reason:
+                note += f"  invalid: {r.invalid_reason}"[:200]
         else:
             values = ["-"] * len(objectives)
             reason = r.fail_reason or r.stage or ""

@@ -72,7 +72,7 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp
 
 
 @pytest.mark.usefixtures("vllm_python")
-def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
+def test_a_broken_draft_measures_zero_and_says_why(tmp_path: Path) -> None:
     broken = tmp_path / "broken-draft"
     shutil.copytree(LAYOUT.draft, broken)
     weights = load_file(broken / "model.safetensors")
@@ -82,7 +82,8 @@ def test_a_broken_draft_is_invalid_not_zero(tmp_path: Path) -> None:
     server.draft = str(broken)
     with server:
         result = _objective(server).compute()
-    assert math.isnan(result.value)
+    assert result.value == 0.0  # measured: nothing accepted at any position
+    assert all(s["num_drafts"] > 0 for s in result.details["sets"].values())  # speculation did run
     assert "no draft token was ever accepted" in result.details["invalid_reason"]
 
 

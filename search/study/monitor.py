@@ -74,10 +74,12 @@ class StudyMonitor:
     def __call__(self, study: optuna.Study, t: FrozenTrial) -> None:
         self.sync()
         r = TrialRecord.of(t)
-        if r.complete:
+        if r.complete:  # a bad candidate too: recorded, not a failure of the setup
             self.failures = 0
             self.durations.append(r.metrics[TRIAL_S])
             self.console.print(self._line(r))
+            if r.invalid_reason:
+                self.console.print(f"[yellow]  infeasible, a bad candidate: {r.invalid_reason[:300]}[/]")
         else:
             self.failures += 1
             self.console.print(

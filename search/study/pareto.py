@@ -47,15 +47,17 @@ def objective_specs(cfg: StudyConfig) -> list[ObjectiveSpec]:
     ]
 
 
-def constraint_values(cfg: StudyConfig, refusal_rate: float, kld: float) -> list[float]:
-    """The configured constraints in Optuna's convention: <= 0 is feasible."""
+def constraint_values(cfg: StudyConfig, refusal_rate: float, kld: float, valid: bool) -> list[float]:
+    """The configured constraints, then validity, in Optuna's convention: <= 0 is feasible. A candidate whose
+    acceptance measurement is invalid (degenerate answers, nothing accepted) is infeasible: the sampler learns to
+    avoid its region and the front never holds it, while its measured values stay on record."""
     c = cfg.search.constraints
     out = []
     if c.max_refusal_rate is not None:
         out.append(refusal_rate - c.max_refusal_rate)
     if c.max_kl is not None:
         out.append(kld - c.max_kl)
-    return out
+    return [*out, 0.0 if valid else 1.0]
 
 
 def feasible(t: FrozenTrial) -> bool:

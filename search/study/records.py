@@ -73,6 +73,7 @@ class TrialRecord:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     constraints: list[float] = field(default_factory=list)  # Optuna's convention: <= 0 is feasible
     feasible: bool = True
+    invalid_reason: str | None = None  # a bad candidate: why its acceptance measurement is not a valid result
     fail_reason: str | None = None
     failed_stage: str | None = None
     log_path: Path | None = None
@@ -102,6 +103,7 @@ class TrialRecord:
             fingerprint=a.get("fingerprint", {}),
             constraints=a.get("constraints", []),
             feasible=a.get("feasible", True),
+            invalid_reason=a.get("invalid_reason"),
             fail_reason=a.get("fail_reason"),
             failed_stage=a.get("failed_stage"),
             log_path=_path(a.get("log_path")),

@@ -271,7 +271,7 @@ class StudyRunner:
         self, trial: optuna.Trial, log: records.TrialLog, trial_dir: Path, result: TrialResult
     ) -> tuple[float, float, float]:
         metrics = result.metrics()
-        constraints = constraint_values(self.cfg, result.refusal_rate, result.kld)
+        constraints = constraint_values(self.cfg, result.refusal_rate, result.kld, result.invalid_reason is None)
         log.scored(
             {
                 "metrics": metrics,
@@ -284,6 +284,7 @@ class StudyRunner:
                 "fingerprint": result.fingerprint,
                 "constraints": constraints,
                 "feasible": all(c <= 0 for c in constraints),
+                "invalid_reason": result.invalid_reason,
             }
         )
         result_file = {

@@ -67,13 +67,9 @@ def make_sampler(cfg: StudyConfig, offset: int) -> optuna.samplers.BaseSampler:
     first process's draws (same seed, same RNG: it would propose the same candidates again)."""
     s = cfg.search
     seed = s.seed + offset
-    constrained = (s.constraints.max_refusal_rate, s.constraints.max_kl) != (None, None)
-    if s.sampler == "tpe":
+    if s.sampler == "tpe":  # always constrained: an invalid candidate is infeasible (`constraint_values`)
         return TPESampler(
-            seed=seed,
-            multivariate=True,
-            n_startup_trials=s.n_startup_trials,
-            constraints_func=constraints_of if constrained else None,
+            seed=seed, multivariate=True, n_startup_trials=s.n_startup_trials, constraints_func=constraints_of
         )
     return RandomSampler(seed=seed)
 

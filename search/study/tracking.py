@@ -126,6 +126,7 @@ class Tracker:
             "log_path": r.log_path,
             "adapter_digest": r.adapter_digest,
             "serving": r.serving_mode,
+            "invalid_reason": r.invalid_reason,
             "retry_of": r.retry_of,
         }
         self.client.log_batch(

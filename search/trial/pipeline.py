@@ -15,7 +15,6 @@ the trial's.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import shutil
 import sys
@@ -172,9 +171,9 @@ class TrialPipeline:
         kept = False
         try:
             candidate = self._build(params, trial_dir, stage)
-            # On the self-check trial an invalid swapped measurement is not the candidate's fault yet: the cold
-            # start decides (a broken reload yields garbage answers).
-            measured = self._serve_and_measure(candidate.path, log_path, stage, on_server, tolerate_invalid=swap_check)
+            # The vanilla model validates the harness: its measurement must be valid. A candidate's invalid
+            # measurement (degenerate answers, nothing accepted) is a result, recorded with its reason.
+            measured = self._serve_and_measure(candidate.path, log_path, stage, on_server, require_valid=params is None)
             verdict = None
             if swap_check:
                 with stage("swap_check"):
@@ -240,6 +239,7 @@ class TrialPipeline:
             fingerprint=measured.fingerprint(),
             swap_check=verdict,
             serving_mode="cold" if verdict and not verdict["passed"] else self.serving.name,
+            invalid_reason=measured.acceptance.details["invalid_reason"],
         )
 
     def _serve_and_measure(
@@ -249,10 +249,10 @@ class TrialPipeline:
         stage: Callable[[str], AbstractContextManager],
         on_server: Callable[[int], None],
         serving: ServingMode | None = None,
-        tolerate_invalid: bool = False,
+        require_valid: bool = False,
     ) -> Measured:
-        """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives. An invalid
-        acceptance measurement raises StageError unless `tolerate_invalid` (its value is then NaN)."""
+        """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives. With
+        `require_valid`, an invalid acceptance measurement raises StageError."""
         serving = serving or self.serving
         server: VllmServer | None = None
         failed = True
@@ -263,7 +263,7 @@ class TrialPipeline:
             with stage("acceptance"):
                 acceptance = self._acceptance(server)
                 acc = acceptance.compute()
-                if math.isnan(acc.value) and not tolerate_invalid:
+                if require_valid and acc.details["invalid_reason"]:
                     raise StageError("acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path)
             with stage("refusals"):
                 replies = acceptance.replies.get(self.shared_set or "")

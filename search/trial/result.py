@@ -27,6 +27,7 @@ class TrialResult:
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what swap and cold serving must agree on
     swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
     serving_mode: str = "cold"  # how the candidate was served: "swap" or "cold"
+    invalid_reason: str | None = None  # why the acceptance measurement is not a valid result (a bad candidate)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
