@@ -13,7 +13,7 @@ from mtp_abliterate.objectives.base import Direction
 from mtp_abliterate.search.candidate.ara import COMPONENTS
 from mtp_abliterate.search.config import Range
 from mtp_abliterate.search.study.limits import parse_duration, parse_until
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front
+from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front, point_values
 from mtp_abliterate.search.study.space import SearchSpace, SpaceError
 
 OBJECTIVES = [
@@ -97,9 +97,11 @@ def test_pareto_front_and_hypervolume() -> None:
     volumes = [h for _, h in history]
     assert volumes == sorted(volumes) and volumes[0] > 0 and volumes[2] > volumes[1] > volumes[0]
     vanilla = {"refusal_rate": 1.0, "kld": 0.0, "mean_accepted_tokens": 3.8}
-    assert not any(dominates(t.values, vanilla, OBJECTIVES) for t in trials)  # KL 0 cannot be beaten
+    assert not any(
+        dominates(t.values, point_values(vanilla, OBJECTIVES), OBJECTIVES) for t in trials
+    )  # KL 0 cannot be beaten
     reference = {"refusal_rate": 0.0, "kld": 0.2, "mean_accepted_tokens": 2.5}
-    assert [t.number for t in trials if dominates(t.values, reference, OBJECTIVES)] == [1, 3]
+    assert [t.number for t in trials if dominates(t.values, point_values(reference, OBJECTIVES), OBJECTIVES)] == [1, 3]
 
 
 def test_time_limits() -> None:

@@ -95,10 +95,10 @@ def test_injected_stage_failure_fails_only_its_trial(finished_study) -> None:
     failed = load(tmp, "demo").get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
     t = failed[0]
-    assert t.user_attrs["failed_stage"] == "verify"
+    assert t.user_attrs["failed_stage"] == "swap_check"
     assert "exited with status 3" in t.user_attrs["fail_reason"]
     assert "injected failure" in Path(t.user_attrs["log_path"]).read_text()
-    assert f"trial {t.number} failed at verify" in proc.stdout
+    assert f"trial {t.number} failed at swap_check" in proc.stdout
 
 
 def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study) -> None:
@@ -109,7 +109,7 @@ def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study) -> N
     assert f"swap self-check passed on trial {check['trial']}" in proc.stdout
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert all(t.user_attrs["serving"] == "swap" for t in complete)
-    assert [t.number for t in complete if "stage_verify_s" in t.user_attrs["metrics"]] == [check["trial"]]
+    assert [t.number for t in complete if "stage_swap_check_s" in t.user_attrs["metrics"]] == [check["trial"]]
 
 
 def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study, vllm_python: Path) -> None:
@@ -187,7 +187,7 @@ def test_mlflow_mirrors_optuna(finished_study) -> None:
             assert run.data.tags["on_pareto_front"] in ("true", "false")
             assert run.info.status == "FINISHED"
         else:
-            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "verify"
+            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "swap_check"
     front = [r for r in by_number.values() if r.data.tags.get("on_pareto_front") == "true"]
     csv_rows = (Path(client.download_artifacts(parent_id, "pareto.csv", str(tmp))).read_text().splitlines())[1:]
     assert len(csv_rows) == len(front) >= 1
