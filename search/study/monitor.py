@@ -37,14 +37,10 @@ class StudyMonitor:
         positions: int,
         sync: Callable[[], None],
     ) -> None:
-        self.objectives, self.limits, self.retention, self.positions, self.sync = (
-            objectives,
-            limits,
-            retention,
-            positions,
-            sync,
-        )
-        self.durations = [r.metrics[TRIAL_S] for r in records(study, TrialState.COMPLETE) if TRIAL_S in r.metrics]
+        self.objectives, self.limits, self.retention = objectives, limits, retention
+        self.positions, self.sync = positions, sync
+        complete = records(study, TrialState.COMPLETE)
+        self.durations = [r.metrics[TRIAL_S] for r in complete if TRIAL_S in r.metrics]
         self.failures = 0  # in a row
         self.progress = Progress(
             SpinnerColumn(),
@@ -57,8 +53,7 @@ class StudyMonitor:
             console=console,
             transient=False,
         )
-        done = len(records(study, TrialState.COMPLETE))
-        self.task = self.progress.add_task("trials", total=limits.n_trials, completed=done, eta="?", stage="")
+        self.task = self.progress.add_task("trials", total=limits.n_trials, completed=len(complete), eta="?", stage="")
 
     @property
     def console(self) -> Console:

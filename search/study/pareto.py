@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mtp_abliterate.objectives.base import Direction
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.metrics import KLD, REFUSAL_RATE
-from mtp_abliterate.search.study.records import TrialRecord, references, vanilla
+from mtp_abliterate.search.study.records import feasible_of, references, vanilla
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def constraint_values(cfg: StudyConfig, refusal_rate: float, kld: float, valid: 
 
 
 def feasible(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and TrialRecord.of(t).feasible
+    return t.state == TrialState.COMPLETE and feasible_of(t)
 
 
 def dominates(a: Sequence[float], b: Sequence[float], objectives: list[ObjectiveSpec]) -> bool:

@@ -7,6 +7,7 @@ they are written and read only here. Everything else works with `TrialRecord` an
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ class TrialRecord:
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
         a = t.user_attrs
-        retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        with warnings.catch_warnings():  # experimental since Optuna 2.8, and the public way to read it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         return cls(
             number=t.number,
             state=t.state,
@@ -102,7 +105,7 @@ class TrialRecord:
             serving_mode=a.get("serving"),
             fingerprint=a.get("fingerprint", {}),
             constraints=a.get("constraints", []),
-            feasible=a.get("feasible", True),
+            feasible=feasible_of(t),
             invalid_reason=a.get("invalid_reason"),
             fail_reason=a.get("fail_reason"),
             failed_stage=a.get("failed_stage"),
@@ -126,6 +129,11 @@ def records(study: optuna.Study, *states: TrialState) -> list[TrialRecord]:
 
 def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
+
+
+def feasible_of(t: FrozenTrial) -> bool:
+    """Whether the trial met the constraints (read alone: the Pareto front asks it of every trial)."""
+    return t.user_attrs.get("feasible", True)
 
 
 def constraints_of(t: FrozenTrial) -> list[float]:
@@ -161,11 +169,10 @@ class TrialLog:
 
     def scored(self, record: dict[str, Any]) -> None:
         """`record`: the TrialRecord fields of a scored candidate (metrics, digests, serving_mode, constraints...)."""
-        keys = {"serving_mode": "serving", "candidate": "candidate"}
         for name, value in record.items():
-            if value is None:
-                continue
-            self.trial.set_user_attr(keys.get(name, name), str(value) if isinstance(value, Path) else value)
+            if value is not None:
+                key = "serving" if name == "serving_mode" else name
+                self.trial.set_user_attr(key, str(value) if isinstance(value, Path) else value)
 
 
 def requeue(study: optuna.Study, trial: optuna.Trial) -> None:
