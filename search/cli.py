@@ -86,15 +86,25 @@ def organism_build(
     format: Annotated[
         str, typer.Option(help="text (organism/) or release: Gemma 4's release layout (organism-release/)")
     ] = "text",
+    spec: Annotated[
+        Path | None,
+        typer.Option(help="an OrganismSpec JSON (e.g. a variant's spec.json); its format wins over --format"),
+    ] = None,
 ) -> None:
     """Train the organism from scratch (deterministic), measure it and write its card."""
+    from pydantic import ValidationError
+
     from mtp_abliterate.organism.build import build_and_record
     from mtp_abliterate.organism.spec import OrganismSpec
 
     if format not in ("text", "release"):
         fail(f"--format {format!r} is not one of text, release")
-    layout = _layout(out, release=format == "release")
-    measured, timings = build_and_record(layout, OrganismSpec(format=format), console)
+    try:
+        organism = OrganismSpec.model_validate_json(spec.read_text()) if spec else OrganismSpec(format=format)
+    except (OSError, ValidationError) as e:
+        fail(f"--spec {spec}: {str(e).splitlines()[0]} (fix the file or leave --spec out for the default organism)")
+    layout = _layout(out, release=organism.format == "release")
+    measured, timings = build_and_record(layout, organism, console)
     _report(measured)
     console.print(f"built {layout.root} in {timings['build_s']:.0f} s (+{timings['check_s']:.0f} s check)")
 

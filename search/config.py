@@ -89,12 +89,22 @@ class Search(Section):
 
     n_trials: int = Field(100, ge=1, description="trials to run (a resumed study counts finished ones)")
     seed: int = Field(0, description="sampler seed; also seeds ARA's optimiser")
-    sampler: Literal["tpe", "random"] = Field("tpe", description="multivariate TPE, or random search")
+    sampler: Literal["tpe", "gp", "random"] = Field(
+        "tpe", description="multivariate TPE, Optuna's Gaussian-process sampler, or random search"
+    )
     n_startup_trials: int = Field(10, ge=0, description="random trials before TPE models the front")
     space: dict[str, Range] = Field(default_factory=dict, description="per-parameter overrides of the ARA space")
     constraints: Constraints = Constraints()
-    enqueue: list[dict[str, float]] = Field(
-        default_factory=list, description="informed first trials: parameter sets run before the sampler's own"
+    methods: list[Literal["ara", "directional"]] = Field(
+        ["ara", "directional"],
+        min_length=1,
+        description="abliteration methods searched: ARA, heretic's directional ablation, or both (the method is then "
+        "a search dimension)",
+    )
+    enqueue: list[dict[str, float | str]] = Field(
+        default_factory=list,
+        description="informed first trials: parameter sets run before the sampler's own (`method` = directional for "
+        "heretic's parametrisation; ARA's otherwise)",
     )
     acceptance_objective: Annotated[str, Field(pattern=r"^(mean_accepted_tokens|acc_pos_[0-9]+)$")] = Field(
         "mean_accepted_tokens",

@@ -44,6 +44,7 @@ def plan_table(cfg: StudyConfig) -> Table:
     s = cfg.search
     rows += [
         ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
+        ("methods", " + ".join(s.methods)),
         ("space overrides", ", ".join(f"{k}={v.model_dump(exclude_none=True)}" for k, v in s.space.items()) or "-"),
         ("constraints", json.dumps(s.constraints.model_dump(exclude_none=True)) or "-"),
         (

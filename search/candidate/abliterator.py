@@ -111,6 +111,7 @@ class Abliterator:
                     self.adapters[(layer, component, index)] = module
                     self.module_names[(layer, component, index)] = names[id(module)]
         self.edited: set[ModuleKey] = set()
+        self._dora_variants: dict[int, Any] = {}  # each module's DoRA variant while a directional candidate lifts it
         self.reset()
 
     @property
@@ -122,16 +123,29 @@ class Abliterator:
         return self.model.get_abliterable_components()
 
     def reset(self) -> None:
-        """Back to vanilla: adapters zeroed and switched off, so forward passes are the base layers' own."""
+        """Back to vanilla: adapters zeroed and switched off, so forward passes are the base layers' own; DoRA back
+        on where a directional candidate switched it off."""
         with torch.no_grad():
             for module in self.adapters.values():
                 module.lora_A[ADAPTER].weight.zero_()
                 module.lora_B[ADAPTER].weight.zero_()
                 module.enable_adapters(False)
+                self._plain_lora(module, self.model.dora is False)
         self.edited = set()
 
+    def _plain_lora(self, module, plain: bool) -> None:
+        """Switch one DoRA module between DoRA and plain LoRA: PEFT's forward takes DoRA's path only while the module
+        holds its DoRA variant."""
+        key = id(module)
+        self._dora_variants.setdefault(key, module.lora_variant.get(ADAPTER))
+        if plain:
+            module.lora_variant.pop(ADAPTER, None)
+        elif self._dora_variants[key] is not None:
+            module.lora_variant[ADAPTER] = self._dora_variants[key]
+        module.use_dora[ADAPTER] = ADAPTER in module.lora_variant
+
     def _magnitude(self, module) -> torch.Tensor | None:
-        return module.lora_magnitude_vector[ADAPTER].weight if self.model.dora else None
+        return module.lora_magnitude_vector[ADAPTER].weight if ADAPTER in module.lora_variant else None
 
     def apply_ara(self, params: AraParameters, io: ModuleIO) -> dict[str, Any]:
         """Reset, then optimise and install the adapter of every module in the layer range. Returns details."""
@@ -166,13 +180,14 @@ class Abliterator:
         return {"modules": len(self.edited), "ara_s": time.perf_counter() - t0, "losses": losses}
 
     def apply_directional(self, params: DirectionalParameters, directions: torch.Tensor) -> dict[str, Any]:
-        """Reset, then heretic's own `abliterate` (plain LoRA adapters, heretic's row normalisation)."""
-        if self.model.dora:
-            raise AbliterationError("the directional method needs plain LoRA adapters (load with dora=False)")
+        """Reset, then heretic's own `abliterate`: plain LoRA of the adapter rank, heretic's row normalisation. On a
+        DoRA model (ARA's) the adapters run as plain LoRA until the next reset, so the weight heretic writes is
+        the weight served, as with heretic's own adapters."""
         params.check_against(self.num_layers, self.components)
         self.reset()
         for module in self.adapters.values():
             module.enable_adapters(True)
+            self._plain_lora(module, True)
         kernel = {c: AbliterationParameters(**v) for c, v in params.parameters.items()}
         self.model.abliterate(directions, params.direction_index, kernel)
         self.edited = {k for k, m in self.adapters.items() if bool(m.lora_B[ADAPTER].weight.any())}

@@ -82,6 +82,12 @@ def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
     return "\n".join(lines)
 
 
+def _method(params: dict) -> str:
+    if params.get("method") == "directional":
+        return "heretic 1.4.0's directional ablation (row-norm preserving)"
+    return "ARA (Arbitrary-Rank Ablation)"
+
+
 def model_card(cfg: StudyConfig, t: TrialRecord, vanilla: dict[str, float], repo: str | None, precision: str) -> str:
     """The card of trial `t`: its numbers beside vanilla's, how they were measured, the serve command, parameters."""
     m, n = t.metrics, cfg.serving.num_speculative_tokens
@@ -94,7 +100,7 @@ def model_card(cfg: StudyConfig, t: TrialRecord, vanilla: dict[str, float], repo
 
 # {repo or base + "-mtp-abliterated"}
 
-An abliteration of `{base}` chosen for keeping its MTP draft's speed-up: ARA (Arbitrary-Rank Ablation) on
+An abliteration of `{base}` chosen for keeping its MTP draft's speed-up: {_method(t.params)} on
 `attn.o_proj` and `mlp.down_proj`, picked from an Optuna study (trial {t.number} of study `{cfg.name}`)
 that scored every candidate, served in vLLM beside the **vanilla** MTP draft `{cfg.model.draft}` at
 n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weights: {precision.upper()}

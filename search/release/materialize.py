@@ -12,12 +12,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.study.records import TrialRecord, records
+from mtp_abliterate.search.study.space import candidate_of
 from mtp_abliterate.search.study.storage import run_dir_of
 from mtp_abliterate.search.versions import software_versions
 
@@ -62,7 +62,7 @@ def materialize(cfg: StudyConfig, t: TrialRecord, out: Path, precision: str = "f
         resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
     except (CheckpointError, ModelLoadError) as e:
         raise MaterializeError(str(e)) from None
-    resident.apply(AraParameters(**t.params))
+    resident.apply(candidate_of(t.params, resident.abliterator.num_layers))
     weights = resident.abliterator.merged_weights()
     digest = resident.abliterator.merged_digest(weights)
     if digest != t.merged_digest:

@@ -1,4 +1,5 @@
-"""The study: a 3-objective Optuna search over ARA candidates that survives the night.
+"""The study: a 3-objective Optuna search over abliteration candidates (ARA, heretic's directional ablation or both)
+that survives the night.
 
 Objectives (`search/study/pareto.py`): refusal rate (min), KL divergence (min) and an acceptance scalar at
 n = num_speculative_tokens (max; mean accepted tokens per draft over the configured mix of prompt sets by default).
@@ -76,14 +77,16 @@ class StudyRunner:
         if self.cfg.abliteration.method != "ara":
             raise StudyError(
                 f"the study searches ARA parameters, but abliteration.method = {self.cfg.abliteration.method!r}; "
-                "set it to 'ara' (score a directional candidate with `mtp-abliterate study reference`)"
+                "set it to 'ara' (the study searches heretic's directional ablation too: `search.methods`)"
             )
         if reaped := reap_dead_trials(self.study, self.storage):
             self.console.print(f"resumed: trial(s) {reaped} of a killed run were failed and re-queued")
         with self.console.status("loading the model and capturing module I/O (once per study)"):
             self.resident = self.load_resident()
             self.resident.module_io()
-            space = SearchSpace(self.resident.abliterator.num_layers, self.cfg.search.space)
+            space = SearchSpace(
+                self.resident.abliterator.num_layers, self.cfg.search.space, tuple(self.cfg.search.methods)
+            )
         base = self._fp8_base()
         plan = plan_serving(self.cfg, base, self.resident.local_dir(), records.swap_check(self.study), self.run_dir)
         if plan.note:
@@ -151,6 +154,7 @@ class StudyRunner:
             "acceptance_objective": c.search.acceptance_objective,
             "acceptance_sets": ",".join(f"{s.name}:{s.weight}" for s in c.acceptance.sets),
             "sampler": c.search.sampler,
+            "methods": ",".join(c.search.methods),
             "seed": c.search.seed,
             "n_trials": c.search.n_trials,
             "storage": storage_url(c).split("@")[-1],  # never a password

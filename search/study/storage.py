@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 import optuna
-from optuna.samplers import RandomSampler, TPESampler
+from optuna.samplers import GPSampler, RandomSampler, TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -67,9 +67,21 @@ def make_sampler(cfg: StudyConfig, offset: int) -> optuna.samplers.BaseSampler:
     first process's draws (same seed, same RNG: it would propose the same candidates again)."""
     s = cfg.search
     seed = s.seed + offset
-    if s.sampler == "tpe":  # always constrained: an invalid candidate is infeasible (`constraint_values`)
-        return TPESampler(
-            seed=seed, multivariate=True, n_startup_trials=s.n_startup_trials, constraints_func=constraints_of
+    # Model-based samplers are always constrained: an invalid candidate is infeasible (`constraint_values`).
+    if s.sampler == "tpe":
+        return TPESampler(  # group: each method's parameters are modelled apart (a conditional space)
+            seed=seed,
+            multivariate=True,
+            group=True,
+            n_startup_trials=s.n_startup_trials,
+            constraints_func=constraints_of,
+        )
+    if s.sampler == "gp":  # a trial's values are a deterministic function of its parameters (seeded ARA, greedy)
+        return GPSampler(
+            seed=seed,
+            n_startup_trials=s.n_startup_trials,
+            deterministic_objective=True,
+            constraints_func=constraints_of,
         )
     return RandomSampler(seed=seed)
 

