@@ -101,7 +101,7 @@ class Search(Section):
         description="abliteration methods searched: ARA, heretic's directional ablation, or both (the method is then "
         "a search dimension)",
     )
-    enqueue: list[dict[str, float | str]] = Field(
+    enqueue: list[dict[str, float | Literal["ara", "directional", "global", "per layer"]]] = Field(
         default_factory=list,
         description="informed first trials: parameter sets run before the sampler's own (`method` = directional for "
         "heretic's parametrisation; ARA's otherwise)",
@@ -117,6 +117,21 @@ class Search(Section):
         description="stop the study after this many failed trials in a row (a broken setup; a bad candidate is a "
         "complete, infeasible trial and never counts)",
     )
+
+    @model_validator(mode="after")
+    def _methods_fit(self) -> Search:
+        # Optuna's GP models a fixed set of parameters; each method's are conditional on the method
+        if self.sampler == "gp" and len(set(self.methods)) > 1:
+            raise ValueError(
+                f"sampler 'gp' models one method's parameters, but methods = {self.methods}; "
+                "use sampler = 'tpe' or keep one method"
+            )
+        for i, trial in enumerate(self.enqueue):
+            if (method := trial.get("method", "ara")) not in self.methods:
+                raise ValueError(
+                    f"enqueue[{i}] is a {method} trial but methods = {self.methods}; remove it or add {method!r}"
+                )
+        return self
 
 
 class Abliteration(Section):

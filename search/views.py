@@ -13,6 +13,7 @@ from rich import box
 from rich.table import Table
 
 from mtp_abliterate.objectives.base import ObjectiveResult
+from mtp_abliterate.search.candidate.ara import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, KLD, MEAN_ACCEPTED, REFUSAL_RATE, TRIAL_S, per_position
 from mtp_abliterate.search.study import records
@@ -26,6 +27,15 @@ SHORT = {
     "steer_w": "steer",
     "overcorrect_w": "over",
     "k": "k",
+    "method": "",
+    "direction_scope": "scope",
+    "direction_index": "dir",
+    # directional: "o.max" for attn.o_proj.max_weight, "d.rea" for mlp.down_proj.reach, ...
+    **{
+        f"{c}.{name}": f"{c.split('.')[1][0]}.{name[:3]}"
+        for c in COMPONENTS
+        for name in ("max_weight", "position", "min_weight", "reach")
+    },
 }
 
 
@@ -183,9 +193,11 @@ def reference_line(label: str, metrics: dict[str, float], n: int) -> str:
 
 
 def _params(t: FrozenTrial) -> str:
-    return " ".join(
-        f"{SHORT.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SHORT.get(k, k)}={v}" for k, v in t.params.items()
-    )
+    parts = []
+    for k, v in t.params.items():
+        label, text = SHORT.get(k, k), f"{v:.3g}" if isinstance(v, float) else str(v)
+        parts.append(f"{label}={text}" if label else text)  # the method is named without a label
+    return " ".join(parts)
 
 
 def _acc(metrics: dict[str, float], n: int) -> str:

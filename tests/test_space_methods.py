@@ -14,9 +14,10 @@ import torch
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters
 from mtp_abliterate.search.candidate.resident import Resident
-from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.config import ConfigError, load_config
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, SpaceError, candidate_of
-from tests.conftest import GEMMA4_TOML, ORGANISM_CONFIG, ORGANISM_TOML, RELEASE_TOML
+from mtp_abliterate.search.study.storage import make_sampler
+from tests.conftest import GEMMA4_TOML, ORGANISM_CONFIG, ORGANISM_TOML, RELEASE_TOML, write_study_config
 
 BOTH = ("ara", "directional")
 
@@ -60,6 +61,28 @@ def test_enqueued_methods_are_checked() -> None:
     assert ara["method"] == "ara" and isinstance(candidate_of(ara, 5), AraParameters)
 
 
+def test_the_gp_sampler_takes_one_method(tmp_path) -> None:
+    both = write_study_config(ORGANISM_TOML, tmp_path / "both.toml", search={"sampler": "gp"})
+    with pytest.raises(ConfigError, match="sampler 'gp' models one method's parameters"):
+        load_config(both)
+    ara = ORGANISM_CONFIG.search.enqueue[0]
+    stray = write_study_config(ORGANISM_TOML, tmp_path / "stray.toml", search={"sampler": "gp", "methods": ["ara"]})
+    with pytest.raises(ConfigError, match="enqueue\\[1\\] is a directional trial but methods"):
+        load_config(stray)  # before any model loads
+    one = write_study_config(
+        ORGANISM_TOML, tmp_path / "one.toml", search={"sampler": "gp", "methods": ["ara"], "enqueue": [ara]}
+    )
+    assert isinstance(make_sampler(load_config(one), offset=0), optuna.samplers.GPSampler)
+
+
+def test_a_one_method_study_names_no_method_and_still_rebuilds_its_candidates() -> None:
+    directional = SearchSpace(8, None, ("directional",))
+    fixed = directional.check_enqueued(FULL_WEIGHT_DIRECTIONAL)
+    assert "method" not in fixed and isinstance(candidate_of(fixed, 8), DirectionalParameters)
+    # the method's order in the config does not change the stored distribution
+    assert SearchSpace(8, None, ("directional", "ara")).methods == SearchSpace(8, None, BOTH).methods == BOTH
+
+
 def test_directional_on_the_study_adapters_is_heretics_own_bit_for_bit() -> None:
     cfg = ORGANISM_CONFIG
     plain_cfg = cfg.model_copy(update={"abliteration": cfg.abliteration.model_copy(update={"method": "directional"})})
@@ -79,3 +102,16 @@ def test_directional_on_the_study_adapters_is_heretics_own_bit_for_bit() -> None
 
     study.apply(ara)  # DoRA is back: the ARA candidate measures as before the directional one
     assert study.kld.compute().value == ara_kld
+
+
+def test_after_a_rank_one_directional_candidate_ara_gets_its_rank_back() -> None:
+    # Without heretic's "full" row normalisation, heretic writes rank-1 factors into the adapters.
+    cfg = ORGANISM_CONFIG.model_copy(
+        update={"abliteration": ORGANISM_CONFIG.abliteration.model_copy(update={"row_normalization": "none"})}
+    )
+    resident = Resident(cfg, cache_dir=None)
+    resident.apply(candidate_of(SearchSpace(5, None, BOTH).check_enqueued(FULL_WEIGHT_DIRECTIONAL), 5))
+    module = next(iter(resident.abliterator.adapters.values()))
+    assert module.lora_A["default"].weight.shape[0] == 1
+    resident.apply(candidate_of(cfg.search.enqueue[0], 5))
+    assert module.lora_A["default"].weight.shape[0] == cfg.abliteration.rank and len(resident.abliterator.edited) == 6

@@ -300,8 +300,8 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_pyt
     study = load(tmp_path, "interrupted")
     failed = study.trials[trial.number]
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
-    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
-    assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == trial.number
+    retried = [t for t in study.trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs]
+    assert len(retried) == 1 and retried[0].user_attrs["retry_of"] == trial.number
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     assert "run `mtp-abliterate study run" in (tmp_path / "run.log").read_text()
@@ -391,5 +391,5 @@ def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: 
     assert "GB free under" in proc.stdout and "retention.min_free_gb" in proc.stdout
     study = load(tmp_path, "guarded")
     assert not study.get_trials(states=(TrialState.COMPLETE,))
-    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
-    assert len(waiting) == 1  # the refused trial is re-queued, nothing is lost
+    retried = [t for t in study.trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs]
+    assert len(retried) == 1  # the refused trial is re-queued, nothing is lost

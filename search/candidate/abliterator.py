@@ -127,8 +127,11 @@ class Abliterator:
         on where a directional candidate switched it off."""
         with torch.no_grad():
             for module in self.adapters.values():
-                module.lora_A[ADAPTER].weight.zero_()
-                module.lora_B[ADAPTER].weight.zero_()
+                a, b, rank = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight, module.r[ADAPTER]
+                if a.shape[0] != rank:  # heretic writes rank-1 factors unless its row normalisation is "full"
+                    a.data, b.data = a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
+                a.zero_()
+                b.zero_()
                 module.enable_adapters(False)
                 self._plain_lora(module, self.model.dora is False)
         self.edited = set()

@@ -83,8 +83,8 @@ def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
 
 
 def _method(params: dict) -> str:
-    if params.get("method") == "directional":
-        return "heretic 1.4.0's directional ablation (row-norm preserving)"
+    if params.get("method", "directional" if "direction_scope" in params else "ara") == "directional":
+        return "heretic 1.4.0's directional ablation"
     return "ARA (Arbitrary-Rank Ablation)"
 
 

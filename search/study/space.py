@@ -27,6 +27,7 @@ from mtp_abliterate.search.config import Range
 INTEGER = {"start_layer_index", "end_layer_index", "k"}
 LOG = {"steer_w"}
 SCOPES = ("global", "per layer")
+METHODS = ("ara", "directional")
 # heretic's plain full-weight ablation (every layer, weight 1, per-layer directions) as a point of this space
 FULL_WEIGHT_DIRECTIONAL: dict[str, float | str] = {
     "method": "directional",
@@ -81,7 +82,8 @@ class SearchSpace:
     def __init__(
         self, num_layers: int, overrides: dict[str, Range] | None = None, methods: tuple[str, ...] = ("ara",)
     ) -> None:
-        self.num_layers, self.methods = num_layers, tuple(methods)
+        # a fixed order: the method's categorical distribution must not change when a config lists them differently
+        self.num_layers, self.methods = num_layers, tuple(m for m in METHODS if m in methods)
         self.params: dict[str, list[str]] = {}
         self.bounds: dict[str, Bounds] = {}
         problems = []
@@ -158,9 +160,10 @@ class SearchSpace:
 
 
 def candidate_of(params: dict[str, Any], num_layers: int) -> AraParameters | DirectionalParameters:
-    """A trial's parameters (as Optuna stores them) as the candidate they describe; `method` absent means ARA."""
+    """A trial's parameters (as Optuna stores them) as the candidate they describe. A study of one method stores no
+    `method`: directional parameters are recognised by their scope."""
     values = dict(params)
-    if values.pop("method", "ara") == "ara":
+    if values.pop("method", "directional" if "direction_scope" in values else "ara") == "ara":
         return AraParameters(**values)
     last = max(num_layers - 1, 1)
     kernels = {}
