@@ -19,6 +19,7 @@ from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.config import HF_ID, StudyConfig
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.records import TrialRecord
+from mtp_abliterate.search.study.space import method_of
 from mtp_abliterate.search.study.storage import run_dir_of
 
 CARD_HEADER = (
@@ -83,7 +84,7 @@ def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
 
 
 def _method(params: dict) -> str:
-    if params.get("method", "directional" if "direction_scope" in params else "ara") == "directional":
+    if method_of(params) == "directional":
         return "heretic 1.4.0's directional ablation"
     return "ARA (Arbitrary-Rank Ablation)"
 

@@ -159,11 +159,15 @@ class SearchSpace:
         return fixed | ({"method": method} if len(self.methods) > 1 else {})
 
 
+def method_of(params: dict[str, Any]) -> str:
+    """A trial's method. A study of one method stores no `method`: directional parameters have a scope."""
+    return params.get("method", "directional" if "direction_scope" in params else "ara")
+
+
 def candidate_of(params: dict[str, Any], num_layers: int) -> AraParameters | DirectionalParameters:
-    """A trial's parameters (as Optuna stores them) as the candidate they describe. A study of one method stores no
-    `method`: directional parameters are recognised by their scope."""
-    values = dict(params)
-    if values.pop("method", "directional" if "direction_scope" in values else "ara") == "ara":
+    """A trial's parameters (as Optuna stores them) as the candidate they describe."""
+    values = {k: v for k, v in params.items() if k != "method"}
+    if method_of(params) == "ara":
         return AraParameters(**values)
     last = max(num_layers - 1, 1)
     kernels = {}
