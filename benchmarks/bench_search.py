@@ -13,10 +13,13 @@ fixed, so a candidate's measurement depends on its parameters alone; only the sa
   tpe      TPE over ARA and directional (the method one more dimension), three objectives
   gp       Optuna's Gaussian-process sampler over ARA (it models a fixed parameter set, not a conditional one)
   random   random search over the same space
-Each arm-seed starts with the config's informed first trials that its space holds (`search.enqueue`: heretic's plain
-full-weight directional ablation, and on the organism an ARA candidate), as a study does. A candidate measured once
-is not measured again (same parameters, same measurement: the pipeline is deterministic); nothing else is shared
-between arms beyond the once-per-model set-up (module I/O capture, FP8 base, server).
+Trials are measured as a study measures them (adaptive acceptance; a candidate that a constraint or the arm's own
+front already decides is not measured further; heretic's arm decides on refusal and KL alone, so it gets no
+acceptance-based stop). Each arm-seed starts with the config's informed first trials that its space holds
+(`search.enqueue`: heretic's plain full-weight directional ablation, and on the organism an ARA candidate), as a
+study does. A candidate measured once is not measured again when the arm's front is the same too (same parameters
+and front, same measurement: the pipeline is deterministic); nothing else is shared between arms beyond the
+once-per-model set-up (module I/O capture, FP8 base, server).
 
 Reported per organism and arm, as median [min-max] over sampler seeds:
   HV    hypervolume of the feasible (refusal, KL, -accepted) points against the fixed reference (1.01, kl_bound, 0)
@@ -52,9 +55,11 @@ sys.path.insert(0, str(REPO))
 
 from mtp_abliterate.search.candidate.resident import Resident  # noqa: E402
 from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
+from mtp_abliterate.search.metrics import MEAN_ACCEPTED  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values, hypervolume  # noqa: E402
+from mtp_abliterate.search.study.runner import WORST_ACCEPTANCE, WORST_REFUSAL  # noqa: E402
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, candidate_of  # noqa: E402
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
@@ -74,6 +79,7 @@ class Point:
     kld: float
     accepted: float
     constraints: list[float]  # the study's constraint values (<= 0: met), validity last
+    measured: bool = True  # False: an objective its decision did not need was not measured (worst value stands in)
 
     @property
     def feasible(self) -> bool:
@@ -138,14 +144,20 @@ class Harness:
         self.stage_s: dict[str, list[float]] = {}  # per stage, over every pipeline run
 
     def point(self, result) -> Point:
-        constraints = constraint_values(self.cfg, result.refusal_rate, result.kld, result.invalid_reason is None)
-        return Point(result.refusal_rate, result.kld, result.metrics()["mean_accepted_tokens"], constraints)
+        """As the study records it: an objective that was not needed gets its worst value (search/study/runner.py)."""
+        refusal = WORST_REFUSAL if result.refusal_rate is None else result.refusal_rate
+        accepted = result.metrics().get(MEAN_ACCEPTED, WORST_ACCEPTANCE)
+        constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
+        return Point(refusal, result.kld, accepted, constraints, result.not_measured is None)
 
-    def measure(self, params) -> Point:
-        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True))
+    def measure(self, params, known: list[Point]) -> Point:
+        """The pipeline's measurement of `params`, given the arm's feasible front `known` (what a study passes)."""
+        decided_by = [p.losses() for p in known]
+        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True), json.dumps(decided_by))
         if key not in self.memo:
             self.evaluations += 1
-            result = self.pipeline.run(params, self.run_dir / "trials" / f"{self.evaluations:04d}")
+            run = self.run_dir / "trials" / f"{self.evaluations:04d}"
+            result = self.pipeline.run(params, run, front=[(p.refusal, p.kld, p.accepted) for p in known])
             self.memo[key] = self.point(result)
             for stage, seconds in result.durations.items():
                 self.stage_s.setdefault(stage, []).append(seconds)
@@ -193,7 +205,8 @@ def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick
     t0 = time.perf_counter()
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
-        point = h.measure(space.suggest(trial))
+        # heretic's way decides on refusal and KL alone: its trials get no acceptance-based stop
+        point = h.measure(space.suggest(trial), front(points, 3) if dims == 3 else [])
         trial.set_user_attr("constraints", point.constraints)
         points.append(point)
         tick()
@@ -239,7 +252,7 @@ def summarise(
     name: str, vanilla: Point, directional: Point, runs: list[ArmRun], arms: list[str], kl_bound: float, h: Harness
 ) -> dict:
     """Everything the table, the plot and results.json need, as plain data."""
-    everything = [p for r in runs for p in r.points]
+    everything = [p for r in runs for p in r.points if p.measured]
     rows = {}
     for arm in arms:
         mine = [r for r in runs if r.arm == arm]
@@ -259,6 +272,7 @@ def summarise(
         "directional": directional.__dict__,
         "spearman_refusal_accepted": spearman([p.refusal for p in everything], [p.accepted for p in everything]),
         "pipeline_runs": h.evaluations,
+        "not_measured": sum(not p.measured for r in runs for p in r.points),
         "stage_median_s": {stage: statistics.median(v) for stage, v in h.stage_s.items()},
         "arms": rows,
         "curves": {f"{r.arm}/{r.seed}": r.hv_curve for r in runs},
@@ -290,7 +304,7 @@ def report(name: str, res: dict) -> None:
         f"  vanilla: refusal {v['refusal']:.3f}, KL 0, accepted {v['accepted']:.3f} | heretic directional D: "
         f"refusal {d.refusal:.3f}, KL {d.kld:.5f}, accepted {d.accepted:.3f} (HV {hv([d], res['kl_bound']):.4f}) | "
         f"Spearman(refusal, accepted) over all trials: {res['spearman_refusal_accepted']:+.2f} | "
-        f"{res['pipeline_runs']} pipeline runs"
+        f"{res['pipeline_runs']} pipeline runs; {res['not_measured']} trials not measured in full (decided earlier)"
     )
     console.print(
         "  seconds per pipeline run, median by stage: "

@@ -1,13 +1,21 @@
-"""Per-position draft acceptance, read from a running vLLM server's own counters.
+"""Per-position draft acceptance, measured per prompt from a running vLLM server, with intervals over prompts.
 
-Each prompt set is sent through /v1/chat/completions (chat template applied; raw completions inflate acceptance),
-and the spec-decode counters of /metrics are differenced around that set's workload. vLLM's definitions:
-a_i = accepted_per_pos[i] / num_drafts (the share of drafts whose first i+1 tokens were all accepted) and
-mean accepted tokens per draft = sum_i a_i (vLLM's "mean acceptance length" is 1 + that).
+Each prompt is sent through /v1/chat/completions (chat template applied; raw completions inflate acceptance). The
+server runs with `--per-request-spec-decode-metrics summary` (vLLM >= 0.29, PR #48915), so every answer carries its
+own histogram h_j = verify steps that accepted exactly j draft tokens; summed over a set's answers it equals the
+differenced `vllm:spec_decode_*` counters of /metrics (tests/test_adaptive.py checks it). vLLM's definitions:
+a_i = drafts whose first i+1 tokens were all accepted / drafts, and mean accepted tokens per draft = sum_i a_i
+(vLLM's "mean acceptance length" is 1 + that).
 
-Confidence interval: the counters give the whole distribution of X, the number of tokens accepted from one draft
-(P(X >= i+1) = a_i), so the 95 % half-width of the mean is 1.96 * sd(X) / sqrt(num_drafts). It treats drafts as
-independent; drafts of one answer are correlated, so read it as a lower bound on the uncertainty.
+Interval: drafts within one answer are correlated (a body that wanders off the draft's path does so for a whole
+answer), so the prompt is the unit. Each figure is a ratio over prompts, sum(accepted_p) / sum(drafts_p), and its
+95 % half-width is the ratio estimator's: 1.96 sqrt(sum_p (accepted_p - R drafts_p)^2 / (n (n-1))) / mean(drafts_p).
+The mix of sets (independent samples) has half-width 1.96 sqrt(sum_s (w_s/W)^2 se_s^2).
+
+Adaptive measurement: prompts are served in rounds (`round_size` per set, in a fixed seeded order), and serving
+stops as soon as the mix's half-width is at most `target_halfwidth`, or as soon as the caller's `stop` rule says the
+rest cannot change a decision (see search/trial/pipeline.py), or when every prompt has been served. A
+`target_halfwidth` of 0 is the fixed budget: every prompt, in the configured order, in one round.
 
 A measurement is invalid, with a reason, when speculation did not run (no drafts), when the draft was never
 accepted (a_0 == 0), or when an answer is one word repeated (which inflates acceptance). Its value is still what was
@@ -18,12 +26,13 @@ harness for the vanilla model, a bad candidate (recorded, infeasible) for an abl
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import httpx
 from heretic.utils import Prompt
@@ -32,6 +41,8 @@ from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
 from mtp_abliterate.objectives.served import Reply, chat, texts_digest
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
+Z95 = 1.96
+ORDER_SEED = 0  # the adaptive order of every prompt set: fixed, so every trial serves the same prompts first
 
 
 @dataclass(frozen=True)
@@ -51,7 +62,7 @@ class SpecCounters:
 
 
 def read_counters(base_url: str, positions: int) -> SpecCounters:
-    """The spec-decode counters from /metrics (summed over engines)."""
+    """The server-wide spec-decode counters from /metrics (summed over engines)."""
     totals: Counter[str] = Counter()
     per_pos = [0.0] * positions
     for line in httpx.get(f"{base_url}/metrics", timeout=30).text.splitlines():
@@ -73,14 +84,41 @@ def read_counters(base_url: str, positions: int) -> SpecCounters:
     )
 
 
-def ci95_half_width(num_drafts: float, accepted_per_pos: Sequence[float]) -> float:
-    """1.96 sd(X)/sqrt(N) for X = tokens accepted per draft, from P(X >= i+1) = accepted_per_pos[i] / N."""
-    if num_drafts <= 1:
-        return math.inf
-    tail = [a / num_drafts for a in accepted_per_pos]
-    mean = sum(tail)
-    second = sum((2 * i + 1) * t for i, t in enumerate(tail))  # E[X^2] = sum_j (2j - 1) P(X >= j)
-    return 1.96 * math.sqrt(max(second - mean * mean, 0.0) / num_drafts)
+@dataclass
+class Draws:
+    """One prompt's drafts (over its answers, one per request seed): verify steps by accepted draft tokens."""
+
+    histogram: list[int]  # histogram[j]: verify steps that accepted exactly j draft tokens (j = 0..n)
+    draft_tokens: int = 0
+
+    @property
+    def drafts(self) -> int:
+        return sum(self.histogram)
+
+    @property
+    def accepted(self) -> int:
+        return sum(j * h for j, h in enumerate(self.histogram))
+
+    def accepted_at(self, position: int) -> int:
+        """Drafts whose first position+1 tokens were all accepted."""
+        return sum(self.histogram[position + 1 :])
+
+    def add(self, reply: Reply) -> None:
+        for j, h in enumerate(reply.spec_histogram or ()):
+            self.histogram[j] += h
+        self.draft_tokens += reply.spec_draft_tokens
+
+
+def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float]:
+    """sum(num) / sum(den) over prompts and its 95 % half-width (the ratio estimator; inf below two prompts)."""
+    n, total = len(denominators), sum(denominators)
+    if total == 0:
+        return 0.0, math.inf
+    ratio = sum(numerators) / total
+    if n < 2:
+        return ratio, math.inf
+    residuals = sum((a - ratio * d) ** 2 for a, d in zip(numerators, denominators, strict=True))
+    return ratio, Z95 * math.sqrt(residuals / (n * (n - 1))) / (total / n)
 
 
 def degenerate(text: str, min_words: int = 8) -> bool:
@@ -93,21 +131,79 @@ def degenerate(text: str, min_words: int = 8) -> bool:
 class SetMeasurement:
     name: str
     per_position: list[float]
+    per_position_ci95: list[float]  # 95 % half-widths, prompts as the unit
     mean_accepted_tokens: float
-    ci95: float
+    ci95: float  # 95 % half-width of mean_accepted_tokens, prompts as the unit
+    num_prompts: int  # prompts served (adaptive measurement may stop before the set's end)
     num_drafts: int
     num_draft_tokens: int
     num_accepted_tokens: int
     output_tokens: int
-    seconds: float
+    seconds: float  # wall time of the measurement this set was part of (sets are served together)
     tok_s: float
     invalid_reason: str | None
     samples: list[dict[str, str]]
-    answers_sha256: str  # every answer's text, in prompt order: equal digests mean identical greedy texts
+    answers_sha256: str  # every answer's text, in serving order: equal digests mean identical greedy texts
+
+
+@dataclass
+class Estimate:
+    """Where a measurement stands: the configured mix's figures with 95 % half-widths, and prompts served per set."""
+
+    mean_accepted_tokens: tuple[float, float]
+    per_position: list[tuple[float, float]]
+    prompts: dict[str, int] = field(default_factory=dict)
+
+
+def _set_tally(n: int, positions: int) -> list[Draws]:
+    return [Draws([0] * (positions + 1)) for _ in range(n)]
+
+
+def measurement_of(
+    name: str, draws: Sequence[Draws], answers: Sequence[tuple[Prompt, Reply]], positions: int, seconds: float
+) -> SetMeasurement:
+    """One set's figures from its prompts' draws and answers (in serving order)."""
+    drafts = [d.drafts for d in draws]
+    per_pos = [ratio_interval([d.accepted_at(i) for d in draws], drafts) for i in range(positions)]
+    mean, ci = ratio_interval([d.accepted for d in draws], drafts)
+    reasons = []  # every one that applies: a wrecked candidate is often both degenerate and never accepted
+    if sum(drafts) == 0:
+        reasons.append("no drafts were proposed: speculative decoding did not run")
+    elif sum(d.accepted_at(0) for d in draws) == 0:
+        reasons.append("no draft token was ever accepted: the draft does not match this body")
+    if bad := [r.text for _, r in answers if degenerate(r.text)]:
+        reasons.append(f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}")
+    tokens = sum(r.completion_tokens for _, r in answers)
+    return SetMeasurement(
+        name,
+        [v for v, _ in per_pos],
+        [h for _, h in per_pos],
+        mean,
+        ci,
+        len(draws),
+        sum(drafts),
+        sum(d.draft_tokens for d in draws),
+        sum(d.accepted for d in draws),
+        tokens,
+        seconds,
+        tokens / seconds if seconds else 0.0,
+        "; ".join(reasons) or None,
+        [{"prompt": p.user, "response": r.text} for p, r in answers[:5]],
+        texts_digest(r.text for _, r in answers),
+    )
+
+
+def mix_interval(parts: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """The weighted mean of (value, half-width, weight) over independent sets, and its half-width."""
+    total = sum(w for _, _, w in parts)
+    value = sum(w * v for v, _, w in parts) / total
+    return value, math.sqrt(sum((w / total * h) ** 2 for _, h, w in parts))
 
 
 class AcceptanceSets(Objective):
-    """Weighted mean, over the configured prompt sets, of mean accepted tokens per draft; details per set."""
+    """Weighted mean, over the configured prompt sets, of mean accepted tokens per draft; details per set.
+
+    `target_halfwidth` > 0: adaptive rounds of `round_size` prompts per set (see the module doc); 0: every prompt."""
 
     name = "mean_accepted_tokens"
     direction = Direction.MAXIMIZE
@@ -123,6 +219,8 @@ class AcceptanceSets(Objective):
         seeds: Sequence[int] = (0,),
         concurrency: int = 4,
         keep_replies: Sequence[str] = (),
+        target_halfwidth: float = 0.0,
+        round_size: int = 16,
     ) -> None:
         self.base_url, self.served_name = base_url, served_name
         self.sets = [(n, list(p), w) for n, p, w in sets]
@@ -130,57 +228,91 @@ class AcceptanceSets(Objective):
         self.max_tokens, self.temperature, self.seeds, self.concurrency = max_tokens, temperature, seeds, concurrency
         self.keep_replies = set(keep_replies)  # sets whose first-seed replies (with token ids) are kept in `replies`
         self.replies: dict[str, list[Reply]] = {}
+        self.target_halfwidth, self.round_size = target_halfwidth, round_size
 
-    def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
-        jobs = [(p, s) for s in self.seeds for p in prompts]
-        before = read_counters(self.base_url, self.n)
-        t0 = time.perf_counter()
+    def _serve(self, jobs: Sequence[tuple[str, Prompt, int]]) -> list[Reply]:
+        """Answers to (set, prompt, seed) jobs, `concurrency` in flight."""
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
-            keep = name in self.keep_replies
 
-            def ask(job: tuple[Prompt, int]) -> Reply:
-                prompt, seed = job
+            def ask(job: tuple[str, Prompt, int]) -> Reply:
+                name, prompt, seed = job
+                keep = name in self.keep_replies
                 return chat(
                     client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed, keep
                 )
 
-            answers = list(pool.map(ask, jobs))
-        if keep:
-            self.replies[name] = answers[: len(prompts)]
-        seconds = time.perf_counter() - t0
-        delta = read_counters(self.base_url, self.n) - before
-        drafts = delta.num_drafts
-        rates = [a / drafts if drafts else 0.0 for a in delta.accepted_per_pos]
-        reasons = []  # every one that applies: a wrecked candidate is often both degenerate and never accepted
-        if drafts == 0:
-            reasons.append("no drafts were proposed: speculative decoding did not run")
-        elif delta.accepted_per_pos[0] == 0:
-            reasons.append("no draft token was ever accepted: the draft does not match this body")
-        if bad := [r.text for r in answers if degenerate(r.text)]:
-            reasons.append(f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}")
-        reason = "; ".join(reasons) or None
-        tokens = sum(r.completion_tokens for r in answers)
-        return SetMeasurement(
-            name,
-            rates,
-            sum(rates),
-            ci95_half_width(drafts, delta.accepted_per_pos),
-            int(drafts),
-            int(delta.num_draft_tokens),
-            int(delta.num_accepted_tokens),
-            tokens,
-            seconds,
-            tokens / seconds,
-            reason,
-            [{"prompt": p.user, "response": r.text} for (p, _), r in list(zip(jobs, answers, strict=True))[:5]],
-            texts_digest(r.text for r in answers),
-        )
+            return list(pool.map(ask, jobs))
 
-    def compute(self) -> ObjectiveResult:
-        """Sets are measured one after another (the counter deltas must not mix)."""
-        results = [self.measure_set(name, prompts) for name, prompts, _ in self.sets]
+    def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
+        """Every prompt of one set, alone on the server (its tok/s is this set's)."""
+        t0 = time.perf_counter()
+        replies = self._serve([(name, p, s) for s in self.seeds for p in prompts])
+        seconds = time.perf_counter() - t0
+        draws = _set_tally(len(prompts), self.n)
+        for i, r in enumerate(replies):
+            draws[i % len(prompts)].add(r)
+        if name in self.keep_replies:
+            self.replies[name] = replies[: len(prompts)]
+        answers = list(zip(list(prompts) * len(self.seeds), replies, strict=True))
+        return measurement_of(name, draws, answers, self.n, seconds)
+
+    def estimate(self, measured: dict[str, SetMeasurement]) -> Estimate:
+        parts = [(measured[n], w) for n, _, w in self.sets]
+        mean = mix_interval([(m.mean_accepted_tokens, m.ci95, w) for m, w in parts])
+        per_pos = [
+            mix_interval([(m.per_position[i], m.per_position_ci95[i], w) for m, w in parts]) for i in range(self.n)
+        ]
+        return Estimate(mean, per_pos, {m.name: m.num_prompts for m, _ in parts})
+
+    def compute(self, stop: Callable[[Estimate], str | None] = lambda estimate: None) -> ObjectiveResult:
+        """Serve rounds until a stopping rule holds (`stop`: the caller's, a reason or None); the fixed budget
+        (`target_halfwidth` 0) serves every prompt of every set in one round, in the configured order."""
+        adaptive = self.target_halfwidth > 0
+        orders = {
+            name: random.Random(ORDER_SEED).sample(prompts, len(prompts)) if adaptive else prompts
+            for name, prompts, _ in self.sets
+        }
+        step = self.round_size if adaptive else max(len(p) for p in orders.values())
+        draws = {name: _set_tally(len(p), self.n) for name, p in orders.items()}
+        answers: dict[str, list[tuple[Prompt, Reply]]] = {name: [] for name in orders}
+        served, rounds, seconds, stopped = 0, 0, 0.0, ""
+        while not stopped:
+            batch = [(name, i) for name, ps in orders.items() for i in range(served, min(served + step, len(ps)))]
+            jobs = [(name, orders[name][i], seed) for seed in self.seeds for name, i in batch]
+            t0 = time.perf_counter()
+            replies = self._serve(jobs)
+            seconds += time.perf_counter() - t0
+            for (name, i), reply in zip(batch * len(self.seeds), replies, strict=True):
+                draws[name][i].add(reply)
+                answers[name].append((orders[name][i], reply))
+            served, rounds = served + step, rounds + 1
+            measured = {
+                name: measurement_of(name, draws[name][: min(served, len(p))], answers[name], self.n, seconds)
+                for name, p in orders.items()
+            }
+            estimate = self.estimate(measured)
+            half = estimate.mean_accepted_tokens[1]
+            if all(served >= len(p) for p in orders.values()):
+                stopped = "every prompt served"
+            elif half <= self.target_halfwidth:
+                stopped = f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
+            else:
+                stopped = stop(estimate) or ""
+        for name in self.keep_replies & set(orders):
+            self.replies[name] = [r for _, r in answers[name][: len(orders[name])]]
         weights = [w for _, _, w in self.sets]
-        value = sum(w * r.mean_accepted_tokens for w, r in zip(weights, results, strict=True)) / sum(weights)
+        value = estimate.mean_accepted_tokens[0]
+        results = [measured[name] for name, _, _ in self.sets]
         invalid = [f"{r.name}: {r.invalid_reason}" for r in results if r.invalid_reason]
-        details = {"sets": {r.name: asdict(r) for r in results}, "invalid_reason": "; ".join(invalid) or None}
+        details = {
+            "sets": {r.name: asdict(r) for r in results},
+            "invalid_reason": "; ".join(invalid) or None,
+            "ci95": estimate.mean_accepted_tokens[1],
+            "per_position_ci95": [h for _, h in estimate.per_position],
+            "stopped": stopped,
+            "rounds": rounds,
+            "seconds": seconds,
+            "output_tokens": sum(r.output_tokens for r in results),
+            "weights": dict(zip([n for n, _, _ in self.sets], weights, strict=True)),
+        }
         return ObjectiveResult(value, details)

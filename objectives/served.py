@@ -1,5 +1,6 @@
-"""Shared by the served objectives: one chat completion (chat template applied by the server), and a digest of
-answers that lets two measurements be compared text for text."""
+"""Shared by the served objectives: one chat completion (chat template applied by the server; with its own
+spec-decode histogram when the server reports per-request metrics), and a digest of answers that lets two
+measurements be compared text for text."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ class Reply(NamedTuple):
     completion_tokens: int
     token_ids: list[int] | None  # the answer's tokens, when asked for and the server returns them
     prompt_token_ids: list[int] | None = None  # the tokens the server scored for the chat, likewise
+    spec_histogram: list[int] | None = None  # verify steps by accepted draft tokens (a server with a draft and
+    # --per-request-spec-decode-metrics); None when nothing was drafted
+    spec_draft_tokens: int = 0
 
 
 def chat(
@@ -39,11 +43,14 @@ def chat(
     reply.raise_for_status()
     body = reply.json()
     choice = body["choices"][0]
+    spec = (body.get("metrics") or {}).get("speculative_decoding") or {}
     return Reply(
         choice["message"]["content"] or "",
         body["usage"]["completion_tokens"],
         choice.get("token_ids"),
         body.get("prompt_token_ids"),
+        spec.get("acceptance_histogram"),
+        spec.get("num_draft_tokens", 0),
     )
 
 

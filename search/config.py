@@ -228,7 +228,13 @@ class Serving(Section):
     @field_validator("vllm_args")
     @classmethod
     def _no_owned_flags(cls, args: list[str]) -> list[str]:
-        owned = {"--speculative-config", "--port", "--model", "--worker-extension-cls"}
+        owned = {
+            "--speculative-config",
+            "--port",
+            "--model",
+            "--worker-extension-cls",
+            "--per-request-spec-decode-metrics",
+        }
         clash = sorted(a.split("=")[0] for a in args if a.split("=")[0] in owned)
         if clash:
             raise ValueError(f"{', '.join(clash)} is set by the tool; remove it from vllm_args")
@@ -249,6 +255,16 @@ class Acceptance(Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one run per seed")
     concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    target_halfwidth: float = Field(
+        0.05,
+        ge=0,
+        description="adaptive measurement: stop serving a candidate once the mix's 95 % half-width (mean accepted "
+        "tokens per draft, prompts as the unit) is at most this, or once the rest of the prompts cannot put it on "
+        "the Pareto front; 0 = the fixed budget (every prompt of every set, as before)",
+    )
+    round_size: int = Field(
+        16, ge=2, description="adaptive measurement: prompts per set per round (the first round is the least served)"
+    )
 
     @field_validator("sets")
     @classmethod

@@ -213,17 +213,24 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
     for t in study.get_trials(deepcopy=False):
         r = TrialRecord.of(t)
         if r.complete:
-            values = [f"{v:.4g}" for v in t.values]
+            values = [f"{v:.4g}" if o.name in r.metrics else "-" for o, v in zip(objectives, t.values, strict=True)]
             note = _params(t) + ("" if feasible(t) else "  (infeasible)")
             if r.invalid_reason:
                 note += f"  invalid: {r.invalid_reason}"[:200]
+            if r.not_measured:
+                note += f"  {r.not_measured}"[:200]
         else:
             values = ["-"] * len(objectives)
             reason = r.fail_reason or r.stage or ""
             note = f"{r.failed_stage or ''}: {reason}"[:200] if r.state.name == "FAIL" else reason
         duration = f"{r.metrics[TRIAL_S]:.0f}" if TRIAL_S in r.metrics else "-"
         table.add_row(
-            str(t.number), t.state.name.lower(), *values, _acc(r.metrics, n) if r.metrics else "-", duration, note
+            str(t.number),
+            t.state.name.lower(),
+            *values,
+            _acc(r.metrics, n) if MEAN_ACCEPTED in r.metrics else "-",
+            duration,
+            note,
         )
     return table
 

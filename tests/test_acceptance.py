@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from heretic.utils import Prompt
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from mtp_abliterate.objectives.acceptance import AcceptanceSets, ci95_half_width, degenerate
+from mtp_abliterate.objectives.acceptance import AcceptanceSets, degenerate
 from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
@@ -33,10 +32,7 @@ def _objective(server) -> AcceptanceSets:
     return AcceptanceSets(server.base_url, server.served_name, sets, 4, max_tokens=64, concurrency=4)
 
 
-def test_ci_comes_from_the_per_draft_distribution() -> None:
-    # drafts accepting 4, 4, 0, 2 tokens: P(X>=1..4) counts 3, 3, 2, 2; mean 2.5, variance 2.75
-    assert ci95_half_width(4, [3, 3, 2, 2]) == pytest.approx(1.96 * math.sqrt(2.75 / 4))
-    assert ci95_half_width(100, [100, 100, 100, 100]) == 0.0
+def test_degenerate_answers_are_one_word_repeated() -> None:
     assert degenerate("the the the the the the the the") and not degenerate("to make soup , you need water")
 
 

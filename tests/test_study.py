@@ -81,8 +81,13 @@ def test_study_completes_with_three_objectives(finished_study) -> None:
     for t in complete:
         assert len(t.values) == 3
         refusal, kld, acceptance = t.values
-        assert 0.0 <= refusal <= 1.0 and kld > 0.0 and 0.0 < acceptance <= 4.0  # every candidate is an edit
         m = t.user_attrs["metrics"]
+        assert 0.0 <= refusal <= 1.0 and kld > 0.0 and m["refusal_rate"] == refusal  # every candidate is an edit
+        if "not_measured" in t.user_attrs:  # refusals over max_refusal_rate: acceptance was not needed
+            assert "acceptance not measured" in t.user_attrs["not_measured"] and not t.user_attrs["feasible"]
+            assert acceptance == 0.0 and "mean_accepted_tokens" not in m
+            continue
+        assert 0.0 < acceptance <= 4.0
         assert [m[f"acc_pos_{i}"] for i in range(4)] == sorted((m[f"acc_pos_{i}"] for i in range(4)), reverse=True)
         assert m["mean_accepted_tokens"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
     vanilla = study.user_attrs["vanilla"]
@@ -182,8 +187,12 @@ def test_mlflow_mirrors_optuna(finished_study) -> None:
             refusal, kld, acceptance = t.values
             assert run.data.metrics["refusal_rate"] == refusal
             assert run.data.metrics["kld"] == kld
-            assert run.data.metrics["mean_accepted_tokens"] == acceptance
-            assert {f"acc_pos_{i}" for i in range(4)} <= set(run.data.metrics)
+            if "not_measured" in t.user_attrs:  # the reason, and no acceptance figure made up
+                assert run.data.tags["not_measured"] == t.user_attrs["not_measured"]
+                assert "mean_accepted_tokens" not in run.data.metrics
+            else:
+                assert run.data.metrics["mean_accepted_tokens"] == acceptance
+                assert {f"acc_pos_{i}" for i in range(4)} <= set(run.data.metrics)
             assert run.data.tags["on_pareto_front"] in ("true", "false")
             assert run.info.status == "FINISHED"
         else:

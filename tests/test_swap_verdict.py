@@ -13,6 +13,7 @@ def measured(refusal: float, per_position: list[float], answers: str, accepted: 
     sets = {
         "harmless": {
             "answers_sha256": answers,
+            "num_prompts": 50,
             "num_drafts": 400,
             "num_draft_tokens": 1600,
             "num_accepted_tokens": accepted,

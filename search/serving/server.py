@@ -50,6 +50,7 @@ EXTENSION = "mtp_abliterate_swap.SwapRepairs"
 DOCKER_PLUGIN_DIR = "/opt/mtp-abliterate-plugin"
 CONTAINER_LABEL = "mtp-abliterate.study"
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
+PER_REQUEST_FLAG = "--per-request-spec-decode-metrics"
 
 
 class ServerError(RuntimeError):
@@ -152,7 +153,8 @@ class VllmServer:
         args = ["--model", self.served_path(self.model, prepare), "--served-model-name", self.served_name]
         if self.draft:
             spec = {"method": "mtp", "model": self.draft, "num_speculative_tokens": self.serving.num_speculative_tokens}
-            args += ["--speculative-config", json.dumps(spec)]
+            # each answer's own acceptance histogram: intervals over prompts, adaptive measurement (vLLM >= 0.29)
+            args += ["--speculative-config", json.dumps(spec), PER_REQUEST_FLAG, "summary"]
         if self.swappable:
             args += ["--worker-extension-cls", EXTENSION]
         return args + list(self.serving.vllm_args)
@@ -260,9 +262,14 @@ class VllmServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
+                tail = log_tail(self.log_path)
+                if PER_REQUEST_FLAG in tail and "unrecognized arguments" in tail:
+                    raise ServerError(
+                        f"this vLLM has no {PER_REQUEST_FLAG} (per-prompt acceptance needs vLLM >= 0.29, PR #48915); "
+                        f"serve with a newer vLLM image or build (serving.image / serving.python); see {self.log_path}"
+                    )
                 raise ServerError(
-                    f"vLLM exited with status {code} during start-up; see {self.log_path}. Last lines:\n"
-                    + log_tail(self.log_path)
+                    f"vLLM exited with status {code} during start-up; see {self.log_path}. Last lines:\n" + tail
                 )
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from mtp_abliterate.search.config import Retention
-from mtp_abliterate.search.metrics import TRIAL_S, per_position
+from mtp_abliterate.search.metrics import CI95, KLD, NUM_PROMPTS, REFUSAL_RATE, TRIAL_S, per_position
 from mtp_abliterate.search.study.limits import RunLimits
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, pareto_front
 from mtp_abliterate.search.study.records import TrialRecord, records
@@ -75,6 +75,8 @@ class StudyMonitor:
             self.console.print(self._line(r))
             if r.invalid_reason:
                 self.console.print(f"[yellow]  infeasible, a bad candidate: {r.invalid_reason[:300]}[/]")
+            if r.not_measured:
+                self.console.print(f"  {r.not_measured}")
         else:
             self.failures += 1
             self.console.print(
@@ -90,12 +92,16 @@ class StudyMonitor:
             study.stop()
 
     def _line(self, r: TrialRecord) -> str:
-        refusal, kld, scalar = r.values or (float("nan"),) * 3
-        acc = "/".join(f"{a:.2f}" for a in per_position(r.metrics, self.positions))
-        return (
-            f"trial {r.number}: refusal {refusal:.3f}  KL {kld:.4f}  {self.objectives[2].name} {scalar:.3f}  "
-            f"acc {acc}  ({r.metrics[TRIAL_S]:.0f} s)"
-        )
+        m, scalar = r.metrics, self.objectives[2].name
+        refusal = f"{m[REFUSAL_RATE]:.3f}" if REFUSAL_RATE in m else "-"
+        if scalar in m:
+            acc = "/".join(f"{a:.2f}" for a in per_position(m, self.positions))
+            ci = f" ± {m[CI95]:.3f}" if CI95 in m else ""
+            served = ", ".join(f"{m[k]:.0f}" for k in m if k.endswith("." + NUM_PROMPTS))
+            measured = f"{scalar} {m[scalar]:.3f}{ci}  acc {acc}  prompts {served}"
+        else:
+            measured = f"{scalar} -"
+        return f"trial {r.number}: refusal {refusal}  KL {m[KLD]:.4f}  {measured}  ({m[TRIAL_S]:.0f} s)"
 
     def _front(self, front: list[FrozenTrial]) -> str:
         if not front:

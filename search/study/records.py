@@ -75,6 +75,7 @@ class TrialRecord:
     constraints: list[float] = field(default_factory=list)  # Optuna's convention: <= 0 is feasible
     feasible: bool = True
     invalid_reason: str | None = None  # a bad candidate: why its acceptance measurement is not a valid result
+    not_measured: str | None = None  # why objectives were not measured (the decision did not need them)
     fail_reason: str | None = None
     failed_stage: str | None = None
     log_path: Path | None = None
@@ -107,6 +108,7 @@ class TrialRecord:
             constraints=a.get("constraints", []),
             feasible=feasible_of(t),
             invalid_reason=a.get("invalid_reason"),
+            not_measured=a.get("not_measured"),
             fail_reason=a.get("fail_reason"),
             failed_stage=a.get("failed_stage"),
             log_path=_path(a.get("log_path")),

@@ -51,6 +51,8 @@ from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_
 from mtp_abliterate.search.trial.result import TrialResult
 from mtp_abliterate.search.versions import software_versions
 
+WORST_REFUSAL, WORST_ACCEPTANCE = 1.0, 0.0  # Optuna's values for objectives a trial did not need measured
+
 
 class StudyRunner:
     """Owns the study loop; the stages are in TrialPipeline, the display and stop rules in StudyMonitor, the mirror
@@ -243,6 +245,7 @@ class StudyRunner:
                 on_server=log.server,
                 keep_candidate=self.cfg.retention.keep != "none",
                 swap_check=self.swap_check_pending,
+                front=[t.values for t in pareto_front(self.study.get_trials(deepcopy=False), self.objectives)],
             )
             if result.swap_check is not None:
                 self._swap_verdict(trial.number, result.swap_check, pipeline, monitor.console)
@@ -275,7 +278,11 @@ class StudyRunner:
         self, trial: optuna.Trial, log: records.TrialLog, trial_dir: Path, result: TrialResult
     ) -> tuple[float, float, float]:
         metrics = result.metrics()
-        constraints = constraint_values(self.cfg, result.refusal_rate, result.kld, result.invalid_reason is None)
+        # An objective the decision did not need (result.not_measured says why) goes to Optuna as its worst value:
+        # the trial is infeasible or dominated either way, and the sampler learns from where it is.
+        refusal = WORST_REFUSAL if result.refusal_rate is None else result.refusal_rate
+        acceptance = metrics.get(self.objectives[2].name, WORST_ACCEPTANCE)
+        constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
         log.scored(
             {
                 "metrics": metrics,
@@ -289,6 +296,7 @@ class StudyRunner:
                 "constraints": constraints,
                 "feasible": all(c <= 0 for c in constraints),
                 "invalid_reason": result.invalid_reason,
+                "not_measured": result.not_measured,
             }
         )
         result_file = {
@@ -300,7 +308,7 @@ class StudyRunner:
             "refusal_samples": result.refusal_samples,
         }
         (trial_dir / "result.json").write_text(json.dumps(result_file, indent=2, default=str))
-        return result.refusal_rate, result.kld, metrics[self.objectives[2].name]
+        return refusal, result.kld, acceptance
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

@@ -127,6 +127,7 @@ class Tracker:
             "adapter_digest": r.adapter_digest,
             "serving": r.serving_mode,
             "invalid_reason": r.invalid_reason,
+            "not_measured": r.not_measured,
             "retry_of": r.retry_of,
         }
         self.client.log_batch(

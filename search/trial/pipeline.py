@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,8 @@ from typing import Any
 
 from heretic.utils import Prompt
 
-from mtp_abliterate.objectives.acceptance import AcceptanceSets
+from mtp_abliterate.objectives.acceptance import AcceptanceSets, Estimate
+from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.objectives.refusal import RefusalRate, prefix_responder, served_responder
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import AraParameters
@@ -36,6 +37,7 @@ from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.disk import DiskFullError
+from mtp_abliterate.search.metrics import MEAN_ACCEPTED
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.modes import ColdServing, ServingMode
 from mtp_abliterate.search.serving.server import VllmServer
@@ -120,6 +122,50 @@ class Candidate:
     path: Path  # the checkpoint to serve
 
 
+class Decisions:
+    """What a trial's decision needs, from the study's constraints and its feasible Pareto front (plain values):
+    a candidate over `max_kl` is not served; with adaptive measurement (refusals first) one over `max_refusal_rate`
+    is not measured for acceptance; and acceptance stops once the candidate's upper bound cannot reach the front.
+    Such a candidate is infeasible or dominated whatever the values it was not measured for, so the front and the
+    sampler's feasible/infeasible split are what a full measurement gives; the skipped values are recorded as not
+    measured (the study gives Optuna the worst values for them)."""
+
+    def __init__(self, cfg: StudyConfig, front: Sequence[Sequence[float]], kld: float) -> None:
+        self.constraints, self.kld = cfg.search.constraints, kld
+        self.front = [tuple(v) for v in front]
+        scalar = cfg.search.acceptance_objective
+        self.position = None if scalar == MEAN_ACCEPTED else int(scalar.removeprefix("acc_pos_"))
+
+    def out_before_serving(self) -> str | None:
+        limit = self.constraints.max_kl
+        if limit is not None and self.kld > limit:
+            return f"KL {self.kld:.4g} > max_kl {limit:g}: infeasible, not served"
+        return None
+
+    def out_after_refusals(self, refusal: float) -> str | None:
+        limit = self.constraints.max_refusal_rate
+        if limit is not None and refusal > limit:
+            return f"refusal rate {refusal:.3f} > max_refusal_rate {limit:g}: infeasible, acceptance not measured"
+        return None
+
+    def stop_rule(self, refusal: float) -> Callable[[Estimate], str | None]:
+        """Stop when a front point is at least as good on refusal and KL and beats the acceptance upper bound."""
+
+        def cannot_reach(estimate: Estimate) -> str | None:
+            at = self.position
+            value, half = estimate.mean_accepted_tokens if at is None else estimate.per_position[at]
+            upper = value + half
+            for r, k, a in self.front:
+                if r <= refusal and k <= self.kld and a >= upper and (r < refusal or k < self.kld or a > upper):
+                    return (
+                        f"cannot reach the front: upper bound {upper:.3f} <= {a:.3f} of a front point with refusal "
+                        f"{r:.3f} and KL {k:.4g}"
+                    )
+            return None
+
+        return cannot_reach
+
+
 class TrialPipeline:
     """Scores candidates against the resident model; one instance per study process.
 
@@ -161,30 +207,39 @@ class TrialPipeline:
         on_server: Callable[[int], None] = lambda pid: None,
         keep_candidate: bool = False,
         swap_check: bool = False,
+        front: Sequence[Sequence[float]] | None = None,
     ) -> TrialResult:
-        """Score `params` (None = the vanilla model). The served checkpoint stays in `trial_dir/candidate` if
-        `keep_candidate` and the trial succeeds. `swap_check`: also measure on a cold server and compare (see the
-        module doc). Raises StageError, DiskFullError or KeyboardInterrupt."""
+        """Score `params` (None = the vanilla model, always measured in full). The served checkpoint stays in
+        `trial_dir/candidate` if `keep_candidate` and the trial succeeds. `swap_check`: also measure on a cold server
+        and compare (see the module doc). `front`: the study's feasible Pareto front as (refusal, KL, acceptance
+        scalar) values; given, the trial measures only what its decision needs (`Decisions`). Raises StageError,
+        DiskFullError or KeyboardInterrupt."""
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.serving.log_path_for(trial_dir / "server.log")
         stage = Stages(trial_dir, log_path, on_stage)
-        kept = False
+        kept, measured, verdict = False, None, None
         try:
             candidate = self._build(params, trial_dir, stage)
-            # The vanilla model validates the harness: its measurement must be valid. A candidate's invalid
-            # measurement (degenerate answers, nothing accepted) is a result, recorded with its reason.
-            measured = self._serve_and_measure(candidate.path, log_path, stage, on_server, require_valid=params is None)
-            verdict = None
-            if swap_check:
-                with stage("swap_check"):
-                    verdict, measured = self._swap_check(candidate.path, trial_dir, measured)
-            kept = keep_candidate
+            decide = front is not None and params is not None and not swap_check  # the self-check measures in full
+            decisions = Decisions(self.cfg, front, candidate.kld) if decide else None
+            if decisions is None or not (out := decisions.out_before_serving()):
+                # The vanilla model validates the harness: its measurement must be valid. A candidate's invalid
+                # measurement (degenerate answers, nothing accepted) is a result, recorded with its reason.
+                measured = self._serve_and_measure(
+                    candidate.path, log_path, stage, on_server, require_valid=params is None, decisions=decisions
+                )
+                if swap_check:
+                    with stage("swap_check"):
+                        verdict, measured = self._swap_check(candidate.path, trial_dir, measured)
+                kept = keep_candidate
+            else:
+                measured = Measured(None, None, out)  # KL alone decides: not served
         finally:
             self.resident.abliterator.reset()
             shutil.rmtree(trial_dir / "bf16", ignore_errors=True)
             if not kept:  # failed or not wanted: a whole FP8 candidate of the real target is ~27 GB
                 shutil.rmtree(trial_dir / "candidate", ignore_errors=True)
-        return self._result(candidate, measured, stage.durations, log_path, verdict, keep_candidate)
+        return self._result(candidate, measured, stage.durations, log_path, verdict, kept)
 
     def _build(self, params: AraParameters | DirectionalParameters | None, trial_dir: Path, stage: Stages) -> Candidate:
         """abliterate -> kld -> merge -> quantize: the candidate checkpoint in `trial_dir/candidate`."""
@@ -222,24 +277,26 @@ class TrialPipeline:
         verdict: dict[str, Any] | None,
         kept: bool,
     ) -> TrialResult:
-        sets = measured.acceptance.details["sets"]
+        acc, refusal = measured.acceptance, measured.refusal
+        sets = acc.details["sets"] if acc else {}
         return TrialResult(
-            refusal_rate=measured.refusal.value,
+            refusal_rate=refusal.value if refusal else None,
             kld=candidate.kld,
-            acceptance=measured.acceptance.details,
-            mean_accepted_tokens=measured.acceptance.value,
-            per_position=acceptance_mix(sets, [(n, w) for n, _, w in self.sets]),
-            tok_s=aggregate_tok_s(sets),
+            acceptance=acc.details if acc else {"sets": {}},
+            mean_accepted_tokens=acc.value if acc else None,
+            per_position=acceptance_mix(sets, [(n, w) for n, _, w in self.sets]) if acc else [],
+            tok_s=aggregate_tok_s(acc.details) if acc else 0.0,
             durations=durations,
             adapter_digest=candidate.adapter_digest,
             merged_digest=candidate.merged_digest,
             candidate=candidate.path if kept else None,
-            refusal_samples=measured.refusal.details["samples"],
+            refusal_samples=refusal.details["samples"] if refusal else [],
             log_path=log_path,
             fingerprint=measured.fingerprint(),
             swap_check=verdict,
             serving_mode="cold" if verdict and not verdict["passed"] else self.serving.name,
-            invalid_reason=measured.acceptance.details["invalid_reason"],
+            invalid_reason=acc.details["invalid_reason"] if acc else None,
+            not_measured=measured.not_measured,
         )
 
     def _serve_and_measure(
@@ -250,38 +307,57 @@ class TrialPipeline:
         on_server: Callable[[int], None],
         serving: ServingMode | None = None,
         require_valid: bool = False,
+        decisions: Decisions | None = None,
     ) -> Measured:
         """Serve `candidate` (through `serving`, default the pipeline's) and run the served objectives. With
-        `require_valid`, an invalid acceptance measurement raises StageError."""
+        `require_valid` (the vanilla model), every prompt is served and an invalid acceptance measurement raises
+        StageError. Adaptive measurement asks for the refusals first: they can make acceptance unnecessary
+        (`decisions`) and they bound what acceptance can change."""
         serving = serving or self.serving
+        adaptive = self.cfg.acceptance.target_halfwidth > 0 and not require_valid
         server: VllmServer | None = None
         failed = True
         try:
             with stage("serve"):
                 server = serving.open(candidate, log_path)
                 on_server(server.process.pid)
-            with stage("acceptance"):
-                acceptance = self._acceptance(server)
-                acc = acceptance.compute()
-                if require_valid and acc.details["invalid_reason"]:
-                    raise StageError("acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path)
-            with stage("refusals"):
-                replies = acceptance.replies.get(self.shared_set or "")
-                if replies and all(r.token_ids is not None for r in replies):
-                    responder = prefix_responder(replies, self._decode, self.cfg.abliteration.max_response_length)
-                else:
-                    responder = served_responder(
-                        server.base_url,
-                        server.served_name,
-                        self.cfg.abliteration.max_response_length,
-                        self.cfg.acceptance.concurrency,
-                    )
-                refusal = RefusalRate(responder, self.harmful).compute()
+            acc, acceptance, refusal, not_measured = None, None, None, None
+            if adaptive:
+                with stage("refusals"):
+                    refusal = self._refusals(server, None)
+                not_measured = decisions.out_after_refusals(refusal.value) if decisions else None
+            if not not_measured:
+                with stage("acceptance"):
+                    acceptance = self._acceptance(server, adaptive)
+                    stop = decisions.stop_rule(refusal.value) if decisions and refusal else lambda e: None
+                    acc = acceptance.compute(stop)
+                    if require_valid and acc.details["invalid_reason"]:
+                        raise StageError(
+                            "acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path
+                        )
+            if refusal is None:
+                with stage("refusals"):
+                    refusal = self._refusals(server, acceptance)
             failed = False
         finally:
             if server is not None:
                 serving.release(server, failed)
-        return Measured(refusal, acc)
+        return Measured(refusal, acc, not_measured)
+
+    def _refusals(self, server: VllmServer, acceptance: AcceptanceSets | None) -> ObjectiveResult:
+        """The refusal rate over every harmful eval prompt: cut from the shared acceptance set's answers when
+        there are (greedy, long enough, token ids), else answered at `max_response_length` tokens."""
+        replies = acceptance.replies.get(self.shared_set or "") if acceptance else None
+        if replies and all(r.token_ids is not None for r in replies):
+            responder = prefix_responder(replies, self._decode, self.cfg.abliteration.max_response_length)
+        else:
+            responder = served_responder(
+                server.base_url,
+                server.served_name,
+                self.cfg.abliteration.max_response_length,
+                self.cfg.acceptance.concurrency,
+            )
+        return RefusalRate(responder, self.harmful).compute()
 
     def _swap_check(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
         """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would
@@ -308,7 +384,7 @@ class TrialPipeline:
         except Exception as e:
             raise StageError("swap_check", f"a cold-start server of the swap self-check: {e}", log_path) from e
 
-    def _acceptance(self, server: VllmServer) -> AcceptanceSets:
+    def _acceptance(self, server: VllmServer, adaptive: bool) -> AcceptanceSets:
         a = self.cfg.acceptance
         return AcceptanceSets(
             server.base_url,
@@ -319,5 +395,7 @@ class TrialPipeline:
             a.temperature,
             a.seeds,
             a.concurrency,
-            keep_replies=[self.shared_set] if self.shared_set else [],
+            keep_replies=[self.shared_set] if self.shared_set and not adaptive else [],
+            target_halfwidth=a.target_halfwidth if adaptive else 0.0,
+            round_size=a.round_size,
         )

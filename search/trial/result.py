@@ -12,10 +12,10 @@ from mtp_abliterate.search import metrics as names
 
 @dataclass
 class TrialResult:
-    refusal_rate: float
+    refusal_rate: float | None  # None: not served (the KL decided)
     kld: float
-    acceptance: dict[str, Any]  # AcceptanceSets details: per set per-position rates, CI, tok/s, samples
-    mean_accepted_tokens: float  # the configured mix over the acceptance sets
+    acceptance: dict[str, Any]  # AcceptanceSets details: per set per-position rates, CIs, prompts, samples
+    mean_accepted_tokens: float | None  # the configured mix over the acceptance sets; None: not measured
     per_position: list[float]  # the same mix, per position
     tok_s: float  # aggregate output tok/s over every set, at acceptance.concurrency requests in flight
     durations: dict[str, float] = field(default_factory=dict)
@@ -28,21 +28,26 @@ class TrialResult:
     swap_check: dict[str, Any] | None = None  # the self-check's verdict, when this trial ran it
     serving_mode: str = "cold"  # how the candidate was served: "swap" or "cold"
     invalid_reason: str | None = None  # why the acceptance measurement is not a valid result (a bad candidate)
+    not_measured: str | None = None  # why objectives were not measured: the decision did not need them
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for trackers: the objectives, per-position mix, per set, tok/s and stage durations."""
-        out = {
-            names.REFUSAL_RATE: self.refusal_rate,
-            names.KLD: self.kld,
-            names.MEAN_ACCEPTED: self.mean_accepted_tokens,
-        }
-        out |= {names.acc_pos(i): a for i, a in enumerate(self.per_position)}
+        """Flat numbers for trackers: the measured objectives, per-position mix, per set, the measurement's size,
+        tok/s and stage durations (an objective that was not measured has no metric)."""
+        out = {names.KLD: self.kld}
+        if self.refusal_rate is not None:
+            out[names.REFUSAL_RATE] = self.refusal_rate
+        if self.mean_accepted_tokens is not None:
+            out[names.MEAN_ACCEPTED] = self.mean_accepted_tokens
+            out[names.CI95] = self.acceptance["ci95"]
+            out |= {names.acc_pos(i): a for i, a in enumerate(self.per_position)}
+            out[names.AGGREGATE_TOK_S] = self.tok_s
+            out[names.OUTPUT_TOKENS] = self.acceptance["output_tokens"]
         for name, s in self.acceptance["sets"].items():
             out |= {names.acc_pos(i, name): a for i, a in enumerate(s["per_position"])}
             out[names.set_metric(name, names.MEAN_ACCEPTED)] = s["mean_accepted_tokens"]
             out[names.set_metric(name, names.CI95)] = s["ci95"]
             out[names.set_metric(name, names.NUM_DRAFTS)] = s["num_drafts"]
-        out[names.AGGREGATE_TOK_S] = self.tok_s
+            out[names.set_metric(name, names.NUM_PROMPTS)] = s["num_prompts"]
         out |= {names.stage_metric(k): v for k, v in self.durations.items()}
         out[names.TRIAL_S] = sum(self.durations.values())
         return out
@@ -55,7 +60,6 @@ def acceptance_mix(sets: dict[str, dict[str, Any]], weights: Sequence[tuple[str,
     return [sum(w * sets[n]["per_position"][i] for n, w in weights) / total for i in range(positions)]
 
 
-def aggregate_tok_s(sets: dict[str, dict[str, Any]]) -> float:
-    """Output tokens over seconds, summed over the sets (each measured at acceptance.concurrency in flight)."""
-    seconds = sum(s["seconds"] for s in sets.values())
-    return sum(s["output_tokens"] for s in sets.values()) / seconds if seconds else 0.0
+def aggregate_tok_s(details: dict[str, Any]) -> float:
+    """Output tokens over the measurement's seconds (every set served together, acceptance.concurrency in flight)."""
+    return details["output_tokens"] / details["seconds"] if details["seconds"] else 0.0

@@ -20,18 +20,26 @@ SWAP_NOISE_FACTOR = 2.0  # a swap within twice the cold-vs-cold gap is noise, no
 class Measured:
     """What one server measured for a candidate: the served objectives."""
 
-    refusal: ObjectiveResult  # RefusalRate's
-    acceptance: ObjectiveResult  # AcceptanceSets'
+    refusal: ObjectiveResult | None  # RefusalRate's (None: not served)
+    acceptance: ObjectiveResult | None  # AcceptanceSets' (None: not measured)
+    not_measured: str | None = None  # why an objective was not needed (pipeline.Decisions)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Greedy texts (digests) and every spec-decode counter: identical fingerprints, identical objectives."""
-        sets = self.acceptance.details["sets"]
+        """Greedy texts (digests) and every spec-decode count: identical fingerprints, identical objectives."""
+        sets = self.acceptance.details["sets"] if self.acceptance else {}
         return {
-            "refusal_responses": self.refusal.details["responses_sha256"],
+            "refusal_responses": self.refusal.details["responses_sha256"] if self.refusal else None,
             **{
                 f"{name}.{k}": s[k]
                 for name, s in sets.items()
-                for k in ("answers_sha256", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position")
+                for k in (
+                    "answers_sha256",
+                    "num_prompts",
+                    "num_drafts",
+                    "num_draft_tokens",
+                    "num_accepted_tokens",
+                    "per_position",
+                )
             },
         }
 
