@@ -15,11 +15,11 @@ fixed, so a candidate's measurement depends on its parameters alone; only the sa
   random   random search over the same space
 Trials are measured as a study measures them (adaptive acceptance; a candidate that a constraint or the arm's own
 front already decides is not measured further; heretic's arm decides on refusal and KL alone, so it gets no
-acceptance-based stop). Each arm-seed starts with the config's informed first trials that its space holds
-(`search.enqueue`: heretic's plain full-weight directional ablation, and on the organism an ARA candidate), as a
-study does. A candidate measured once is not measured again when the arm's front is the same too (same parameters
-and front, same measurement: the pipeline is deterministic); nothing else is shared between arms beyond the
-once-per-model set-up (module I/O capture, FP8 base, server).
+acceptance-based stop; every arm's `max_kl` is the KL bound it is scored at). Each arm-seed starts with the
+config's informed first trials that its space holds (`search.enqueue`: heretic's plain full-weight directional
+ablation, and on the organism an ARA candidate), as a study does. A candidate measured once is not measured again
+when the arm's front is the same too (same parameters and front, same measurement: the pipeline is deterministic);
+nothing else is shared between arms beyond the once-per-model set-up (module I/O capture, FP8 base, server).
 
 Reported per organism and arm, as median [min-max] over sampler seeds:
   HV    hypervolume of the feasible (refusal, KL, -accepted) points against the fixed reference (1.01, kl_bound, 0)
@@ -150,14 +150,15 @@ class Harness:
         constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
         return Point(refusal, result.kld, accepted, constraints, result.not_measured is None)
 
-    def measure(self, params, known: list[Point]) -> Point:
-        """The pipeline's measurement of `params`, given the arm's feasible front `known` (what a study passes)."""
-        decided_by = [p.losses() for p in known]
-        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True), json.dumps(decided_by))
+    def measure(self, params, known: list[Point] | None) -> Point:
+        """The pipeline's measurement of `params`, given the arm's feasible front `known` (what a study passes;
+        None: measured in full, as a reference point)."""
+        front = None if known is None else [(p.refusal, p.kld, p.accepted) for p in known]
+        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True), json.dumps(front))
         if key not in self.memo:
             self.evaluations += 1
             run = self.run_dir / "trials" / f"{self.evaluations:04d}"
-            result = self.pipeline.run(params, run, front=[(p.refusal, p.kld, p.accepted) for p in known])
+            result = self.pipeline.run(params, run, front=front)
             self.memo[key] = self.point(result)
             for stage, seconds in result.durations.items():
                 self.stage_s.setdefault(stage, []).append(seconds)
@@ -217,7 +218,7 @@ def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick
     return ArmRun(name, seed, points, front(points, dims), time.perf_counter() - t0, curve)
 
 
-def organism_config(name: str) -> StudyConfig:
+def organism_config(name: str, kl_bound: float) -> StudyConfig:
     if name == "conflict" and not (REPO / "benchmarks" / "organisms" / "conflict" / "card.json").is_file():
         console.print("building the conflict organism with the organism builder (once; ~8 min on 2 cores)")
         subprocess.run(
@@ -233,7 +234,10 @@ def organism_config(name: str) -> StudyConfig:
             check=True,
         )
     cfg = load_config(ORGANISMS[name])
-    return cfg.model_copy(update={"runs_dir": str(OUT / name), "name": name})
+    # The KL bound the arms are scored at is every arm's constraint too: a candidate past it is not served.
+    constraints = cfg.search.constraints.model_copy(update={"max_kl": kl_bound})
+    search = cfg.search.model_copy(update={"constraints": constraints})
+    return cfg.model_copy(update={"runs_dir": str(OUT / name), "name": name, "search": search})
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -335,13 +339,13 @@ def plot(results: dict, arms: list[str], path: Path) -> None:
 
 def evaluate(name: str, arms: list[str], seeds: int, trials: int, kl_bound: float) -> dict:
     """One organism: set-up once, then every arm at every seed."""
-    cfg = organism_config(name)
+    cfg = organism_config(name, kl_bound)
     run_dir = OUT / name
     run_dir.mkdir(parents=True, exist_ok=True)
     with console.status(f"{name}: loading the model, capturing module I/O, FP8 base, vanilla, directional"):
         h = Harness(cfg, run_dir)
         vanilla = h.vanilla()
-        directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers))
+        directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers), None)
     runs: list[ArmRun] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:

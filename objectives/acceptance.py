@@ -30,7 +30,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -119,6 +119,11 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -
         return ratio, math.inf
     residuals = sum((a - ratio * d) ** 2 for a, d in zip(numerators, denominators, strict=True))
     return ratio, Z95 * math.sqrt(residuals / (n * (n - 1))) / (total / n)
+
+
+def seeded_order(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """The order adaptive measurement serves a set in: the same for every trial and every set of that content."""
+    return random.Random(ORDER_SEED).sample(list(prompts), len(prompts))
 
 
 def degenerate(text: str, min_words: int = 8) -> bool:
@@ -229,6 +234,8 @@ class AcceptanceSets(Objective):
         self.keep_replies = set(keep_replies)  # sets whose first-seed replies (with token ids) are kept in `replies`
         self.replies: dict[str, list[Reply]] = {}
         self.target_halfwidth, self.round_size = target_halfwidth, round_size
+        if keep_replies and target_halfwidth > 0:
+            raise ValueError("keep_replies needs the fixed budget (target_halfwidth 0): every prompt, in order")
 
     def _serve(self, jobs: Sequence[tuple[str, Prompt, int]]) -> list[Reply]:
         """Answers to (set, prompt, seed) jobs, `concurrency` in flight."""
@@ -264,20 +271,35 @@ class AcceptanceSets(Objective):
         ]
         return Estimate(mean, per_pos, {m.name: m.num_prompts for m, _ in parts})
 
-    def compute(self, stop: Callable[[Estimate], str | None] = lambda estimate: None) -> ObjectiveResult:
+    def compute(
+        self,
+        stop: Callable[[Estimate], str | None] = lambda estimate: None,
+        answered: Mapping[str, Sequence[Reply]] | None = None,
+    ) -> ObjectiveResult:
         """Serve rounds until a stopping rule holds (`stop`: the caller's, a reason or None); the fixed budget
-        (`target_halfwidth` 0) serves every prompt of every set in one round, in the configured order."""
+        (`target_halfwidth` 0) serves every prompt of every set in one round, in the configured order. `answered`:
+        sets whose every answer (one seed, at `max_tokens`, in the set's order) the caller already has."""
+        answered = answered or {}
         adaptive = self.target_halfwidth > 0
         orders = {
-            name: random.Random(ORDER_SEED).sample(prompts, len(prompts)) if adaptive else prompts
+            name: seeded_order(prompts) if adaptive and name not in answered else prompts
             for name, prompts, _ in self.sets
         }
         step = self.round_size if adaptive else max(len(p) for p in orders.values())
         draws = {name: _set_tally(len(p), self.n) for name, p in orders.items()}
         answers: dict[str, list[tuple[Prompt, Reply]]] = {name: [] for name in orders}
+        for name, replies in answered.items():
+            for i, reply in enumerate(replies):
+                draws[name][i].add(reply)
+            answers[name] = list(zip(orders[name], replies, strict=True))
         served, rounds, seconds, stopped = 0, 0, 0.0, ""
         while not stopped:
-            batch = [(name, i) for name, ps in orders.items() for i in range(served, min(served + step, len(ps)))]
+            batch = [
+                (name, i)
+                for name, ps in orders.items()
+                if name not in answered
+                for i in range(served, min(served + step, len(ps)))
+            ]
             jobs = [(name, orders[name][i], seed) for seed in self.seeds for name, i in batch]
             t0 = time.perf_counter()
             replies = self._serve(jobs)
@@ -286,13 +308,15 @@ class AcceptanceSets(Objective):
                 draws[name][i].add(reply)
                 answers[name].append((orders[name][i], reply))
             served, rounds = served + step, rounds + 1
-            measured = {
-                name: measurement_of(name, draws[name][: min(served, len(p))], answers[name], self.n, seconds)
-                for name, p in orders.items()
+            done = {name: len(p) if name in answered else min(served, len(p)) for name, p in orders.items()}
+            timed = {name: 0.0 if name in answered else seconds for name in orders}
+            measured = {  # an answered set's answers were generated (and timed) by the caller
+                name: measurement_of(name, draws[name][: done[name]], answers[name], self.n, timed[name])
+                for name in orders
             }
             estimate = self.estimate(measured)
             half = estimate.mean_accepted_tokens[1]
-            if all(served >= len(p) for p in orders.values()):
+            if all(done[name] >= len(p) for name, p in orders.items()):
                 stopped = "every prompt served"
             elif half <= self.target_halfwidth:
                 stopped = f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
@@ -312,7 +336,7 @@ class AcceptanceSets(Objective):
             "stopped": stopped,
             "rounds": rounds,
             "seconds": seconds,
-            "output_tokens": sum(r.output_tokens for r in results),
+            "output_tokens": sum(r.output_tokens for r in results if r.name not in answered),  # served here
             "weights": dict(zip([n for n, _, _ in self.sets], weights, strict=True)),
         }
         return ObjectiveResult(value, details)

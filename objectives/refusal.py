@@ -8,7 +8,6 @@ from a `Responder`, so the same objective counts HF generations now and served o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from heretic.config import Settings
 from heretic.utils import Prompt
@@ -58,13 +57,10 @@ class RefusalRate(Objective):
 
 def served_responder(base_url: str, served_name: str, max_tokens: int, concurrency: int = 4) -> Responder:
     """Greedy answers from a vLLM server, for the same prompts the HF path answers."""
-    import httpx
-
-    from mtp_abliterate.objectives.served import chat
+    from mtp_abliterate.objectives.served import answer_all
 
     def respond(prompts: Sequence[Prompt]) -> list[str]:
-        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-            return list(pool.map(lambda p: chat(client, base_url, served_name, p, max_tokens).text, prompts))
+        return [r.text for r in answer_all(base_url, served_name, prompts, max_tokens, concurrency)]
 
     return respond
 

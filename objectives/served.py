@@ -5,7 +5,8 @@ measurements be compared text for text."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import httpx
@@ -52,6 +53,12 @@ def chat(
         spec.get("acceptance_histogram"),
         spec.get("num_draft_tokens", 0),
     )
+
+
+def answer_all(base_url: str, model: str, prompts: Sequence[Prompt], max_tokens: int, concurrency: int) -> list[Reply]:
+    """Greedy answers to `prompts`, in order, `concurrency` in flight."""
+    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda p: chat(client, base_url, model, p, max_tokens), prompts))
 
 
 def texts_digest(texts: Iterable[str]) -> str:

@@ -9,7 +9,8 @@ MEAN_ACCEPTED = "mean_accepted_tokens"
 CI95 = "ci95"
 NUM_DRAFTS = "num_drafts"
 NUM_PROMPTS = "num_prompts"  # prompts served (adaptive measurement stops early)
-OUTPUT_TOKENS = "output_tokens"  # tokens generated for the acceptance measurement
+OUTPUT_TOKENS = "output_tokens"  # the acceptance sets' answers' tokens
+GENERATED_TOKENS = "generated_tokens"  # every token a trial's measurement served (refusals and acceptance, once each)
 AGGREGATE_TOK_S = "aggregate_tok_s"  # at acceptance.concurrency requests in flight: what the search compares
 TRIAL_S = "trial_s"
 

@@ -6,17 +6,16 @@ without the measurements their decision does not need."""
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import pytest
 
 from mtp_abliterate.objectives.acceptance import (
-    ORDER_SEED,
     AcceptanceSets,
     mix_interval,
     ratio_interval,
     read_counters,
+    seeded_order,
 )
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.config import StudyConfig
@@ -85,7 +84,7 @@ def test_serving_stops_at_the_target_half_width(server) -> None:
     for name, prompts, _ in SETS:
         s = wide.details["sets"][name]
         assert s["num_prompts"] == 8
-        first = random.Random(ORDER_SEED).sample(prompts, len(prompts))[:5]  # the fixed seeded order
+        first = seeded_order(prompts)[:5]  # the same fixed order for every trial
         assert [x["prompt"] for x in s["samples"]] == [p.user for p in first]
     assert wide.details["output_tokens"] < full.details["output_tokens"]
     # Out of reach: every prompt is served, in rounds, and the figures are the fixed budget's.
@@ -122,4 +121,9 @@ def test_candidates_a_constraint_rules_out_are_recorded_without_the_rest(residen
     # Without a front (the vanilla model, `study reference`), everything is measured.
     measured = TrialPipeline(_config(max_refusal_rate=0.0), resident).run(timid, tmp_path / "all")
     assert measured.not_measured is None and measured.mean_accepted_tokens > 0
+    # The refusal answers (greedy, max_response_length = acceptance.max_tokens) are the harmful set's answers: that
+    # set is measured from them in full, only the other set is served in rounds.
+    harmful = measured.acceptance["sets"]["harmful"]
+    assert harmful["num_prompts"] == len(SETS[1][1])
+    assert measured.fingerprint["harmful.answers_sha256"] == measured.fingerprint["refusal_responses"]
     assert measured.refusal_rate == refusing.refusal_rate

@@ -305,8 +305,13 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: P
             .compute()
             .details["sets"]
         )
-    for name, m in details.items():
-        assert m["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]  # greedy on CPU: exactly
+    full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
+    assert full  # the harmful set is measured in full from the refusal answers
+    for name in full:
+        assert details[name]["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]  # greedy on CPU
+    for name in set(details) - set(full):  # stopped early: the full figure lies in the recorded interval
+        m = details[name]
+        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
 
 
 @pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included

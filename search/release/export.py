@@ -154,8 +154,13 @@ def export_trial(
 ) -> None:
     """The trial's checkpoint (an earlier export of it is reused, not rebuilt) and its model card, in `out`.
     Raises MaterializeError."""
-    from mtp_abliterate.search.release.materialize import materialize
+    from mtp_abliterate.search.release.materialize import MaterializeError, materialize
 
+    if t.not_measured:
+        raise MaterializeError(
+            f"trial {t.number} was not measured in full ({t.not_measured}); its card would have no figures for "
+            "what was skipped: export a trial of the Pareto front"
+        )
     if not (out / "config.json").is_file():
         materialize(cfg, t, out, precision)
     (out / "README.md").write_text(model_card(cfg, t, records.vanilla(study) or {}, repo, precision))

@@ -66,7 +66,7 @@ def pareto_png(
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume of the feasible front")
     ax.grid(alpha=0.3)
-    fig.suptitle(f"{len(complete)} complete trials, {len(front)} on the Pareto front")
+    fig.suptitle(f"{len(complete)} trials measured in full, {len(front)} on the Pareto front")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -110,6 +110,6 @@ def pareto_html(
         )
     fig.update_layout(
         scene=dict(xaxis_title=objectives[0].label, yaxis_title=objectives[1].label, zaxis_title=objectives[2].label),
-        title=f"Pareto front: {len(front)} of {len(complete)} complete trials",
+        title=f"Pareto front: {len(front)} of {len(complete)} trials measured in full",
     )
     fig.write_html(path, include_plotlyjs=True)

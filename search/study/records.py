@@ -138,6 +138,11 @@ def feasible_of(t: FrozenTrial) -> bool:
     return t.user_attrs.get("feasible", True)
 
 
+def measured_in_full(t: FrozenTrial) -> bool:
+    """Whether every objective of the trial was measured (plots draw only those: the rest carry worst values)."""
+    return "not_measured" not in t.user_attrs
+
+
 def constraints_of(t: FrozenTrial) -> list[float]:
     """The sampler's `constraints_func`: the values the objective stored (Optuna reads them for complete trials)."""
     return t.user_attrs.get("constraints", [])

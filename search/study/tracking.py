@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
-from mtp_abliterate.search.study.records import TrialRecord, mlflow_parent, set_mlflow_parent
+from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
 
 TRIAL_TAG = "mtp_abliterate.trial_number"
 
@@ -168,8 +168,9 @@ class Tracker:
                 writer = csv.writer(f)
                 writer.writerow(["trial", "hypervolume"])
                 writer.writerows(history)
-            pareto_png(out / "pareto.png", complete, front, self.objectives, marks, history)
-            pareto_html(out / "pareto.html", complete, front, self.objectives, marks)
+            drawn = [t for t in complete if measured_in_full(t)]  # the others' skipped objectives are placeholders
+            pareto_png(out / "pareto.png", drawn, front, self.objectives, marks, history)
+            pareto_html(out / "pareto.html", drawn, front, self.objectives, marks)
             self.client.log_artifacts(self.parent_id, str(out))
         if history:
             self.client.log_metric(self.parent_id, "hypervolume", history[-1][1], step=history[-1][0])

@@ -27,9 +27,10 @@ from typing import Any
 
 from heretic.utils import Prompt
 
-from mtp_abliterate.objectives.acceptance import AcceptanceSets, Estimate
+from mtp_abliterate.objectives.acceptance import AcceptanceSets, Estimate, degenerate
 from mtp_abliterate.objectives.base import ObjectiveResult
-from mtp_abliterate.objectives.refusal import RefusalRate, prefix_responder, served_responder
+from mtp_abliterate.objectives.refusal import RefusalRate, Responder, prefix_responder
+from mtp_abliterate.objectives.served import Reply, answer_all
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.candidate.fp8_base import base_key, prepare_base, write_candidate
@@ -122,13 +123,29 @@ class Candidate:
     path: Path  # the checkpoint to serve
 
 
+def _texts(replies: Sequence[Reply]) -> Responder:
+    """The refusal stage's responder for answers already served, in the harmful prompts' order."""
+    return lambda prompts: [r.text for r in replies]
+
+
+def _screened(acc: ObjectiveResult, refusal_answers: Sequence[Reply]) -> ObjectiveResult:
+    """Adaptive measurement may stop before a set's end; its validity also covers the refusal answers (every
+    harmful prompt, at refusal length): a degenerate one makes it invalid, as a full measurement would be."""
+    bad = [r.text for r in refusal_answers if degenerate(r.text)]
+    if not bad:
+        return acc
+    reason = f"refusals: {len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}"
+    prior = acc.details["invalid_reason"]
+    return ObjectiveResult(acc.value, {**acc.details, "invalid_reason": f"{prior}; {reason}" if prior else reason})
+
+
 class Decisions:
     """What a trial's decision needs, from the study's constraints and its feasible Pareto front (plain values):
     a candidate over `max_kl` is not served; with adaptive measurement (refusals first) one over `max_refusal_rate`
     is not measured for acceptance; and acceptance stops once the candidate's upper bound cannot reach the front.
-    Such a candidate is infeasible or dominated whatever the values it was not measured for, so the front and the
-    sampler's feasible/infeasible split are what a full measurement gives; the skipped values are recorded as not
-    measured (the study gives Optuna the worst values for them)."""
+    Such a candidate is infeasible or dominated whatever the values it was not measured for; the skipped values are
+    recorded as not measured (the study gives Optuna the worst values for them). Validity (degenerate answers) is
+    judged on the answers served: every harmful prompt's, and the acceptance prompts served before a stop."""
 
     def __init__(self, cfg: StudyConfig, front: Sequence[Sequence[float]], kld: float) -> None:
         self.constraints, self.kld = cfg.search.constraints, kld
@@ -182,6 +199,9 @@ class TrialPipeline:
         self.sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
         self.harmful: list[Prompt] = load_prompt_set(cfg, cfg.prompts.harmful_eval)
         self.shared_set = self._shared_set()
+        a = cfg.acceptance
+        same_length = a.max_tokens == cfg.abliteration.max_response_length and len(a.seeds) == 1
+        self.answered_set = self.shared_set if same_length else None  # adaptive: refusal answers = its answers
 
     def _shared_set(self) -> str | None:
         """The acceptance set whose greedy answers also serve the refusal stage: the same prompts, answered greedily
@@ -297,6 +317,7 @@ class TrialPipeline:
             serving_mode="cold" if verdict and not verdict["passed"] else self.serving.name,
             invalid_reason=acc.details["invalid_reason"] if acc else None,
             not_measured=measured.not_measured,
+            generated_tokens=measured.tokens,
         )
 
     def _serve_and_measure(
@@ -321,43 +342,48 @@ class TrialPipeline:
             with stage("serve"):
                 server = serving.open(candidate, log_path)
                 on_server(server.process.pid)
-            acc, acceptance, refusal, not_measured = None, None, None, None
+            acc, refusal, not_measured, answered, tokens = None, None, None, {}, 0
             if adaptive:
                 with stage("refusals"):
-                    refusal = self._refusals(server, None)
+                    harmful = self._answer_harmful(server)
+                    refusal = RefusalRate(_texts(harmful), self.harmful).compute()
+                tokens += sum(r.completion_tokens for r in harmful)
+                if self.answered_set:  # the same greedy answers at the same length: that set is measured already
+                    answered = {self.answered_set: harmful}
                 not_measured = decisions.out_after_refusals(refusal.value) if decisions else None
             if not not_measured:
                 with stage("acceptance"):
                     acceptance = self._acceptance(server, adaptive)
                     stop = decisions.stop_rule(refusal.value) if decisions and refusal else lambda e: None
-                    acc = acceptance.compute(stop)
+                    acc = acceptance.compute(stop, answered)
                     if require_valid and acc.details["invalid_reason"]:
                         raise StageError(
                             "acceptance", f"invalid measurement: {acc.details['invalid_reason']}", log_path
                         )
+                tokens += acc.details["output_tokens"]
+                if adaptive and not answered:
+                    acc = _screened(acc, harmful)
             if refusal is None:
                 with stage("refusals"):
-                    refusal = self._refusals(server, acceptance)
+                    shared = acceptance.replies.get(self.shared_set or "")
+                    if shared and all(r.token_ids is not None for r in shared):
+                        limit = self.cfg.abliteration.max_response_length
+                        responder = prefix_responder(shared, self._decode, limit)
+                    else:
+                        harmful = self._answer_harmful(server)
+                        tokens += sum(r.completion_tokens for r in harmful)
+                        responder = _texts(harmful)
+                    refusal = RefusalRate(responder, self.harmful).compute()
             failed = False
         finally:
             if server is not None:
                 serving.release(server, failed)
-        return Measured(refusal, acc, not_measured)
+        return Measured(refusal, acc, not_measured, tokens)
 
-    def _refusals(self, server: VllmServer, acceptance: AcceptanceSets | None) -> ObjectiveResult:
-        """The refusal rate over every harmful eval prompt: cut from the shared acceptance set's answers when
-        there are (greedy, long enough, token ids), else answered at `max_response_length` tokens."""
-        replies = acceptance.replies.get(self.shared_set or "") if acceptance else None
-        if replies and all(r.token_ids is not None for r in replies):
-            responder = prefix_responder(replies, self._decode, self.cfg.abliteration.max_response_length)
-        else:
-            responder = served_responder(
-                server.base_url,
-                server.served_name,
-                self.cfg.abliteration.max_response_length,
-                self.cfg.acceptance.concurrency,
-            )
-        return RefusalRate(responder, self.harmful).compute()
+    def _answer_harmful(self, server: VllmServer) -> list[Reply]:
+        """Every harmful eval prompt answered greedily at `max_response_length` tokens (the refusal responses)."""
+        limit, concurrency = self.cfg.abliteration.max_response_length, self.cfg.acceptance.concurrency
+        return answer_all(server.base_url, server.served_name, self.harmful, limit, concurrency)
 
     def _swap_check(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
         """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would

@@ -29,6 +29,7 @@ class TrialResult:
     serving_mode: str = "cold"  # how the candidate was served: "swap" or "cold"
     invalid_reason: str | None = None  # why the acceptance measurement is not a valid result (a bad candidate)
     not_measured: str | None = None  # why objectives were not measured: the decision did not need them
+    generated_tokens: int = 0  # tokens served for the measurement (refusals and acceptance, each answer once)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the measured objectives, per-position mix, per set, the measurement's size,
@@ -50,6 +51,7 @@ class TrialResult:
             out[names.set_metric(name, names.NUM_PROMPTS)] = s["num_prompts"]
         out |= {names.stage_metric(k): v for k, v in self.durations.items()}
         out[names.TRIAL_S] = sum(self.durations.values())
+        out[names.GENERATED_TOKENS] = self.generated_tokens
         return out
 
 

@@ -23,6 +23,7 @@ class Measured:
     refusal: ObjectiveResult | None  # RefusalRate's (None: not served)
     acceptance: ObjectiveResult | None  # AcceptanceSets' (None: not measured)
     not_measured: str | None = None  # why an objective was not needed (pipeline.Decisions)
+    tokens: int = 0  # tokens the server generated for this measurement (refusals and acceptance, each once)
 
     def fingerprint(self) -> dict[str, Any]:
         """Greedy texts (digests) and every spec-decode count: identical fingerprints, identical objectives."""
