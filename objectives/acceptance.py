@@ -237,18 +237,15 @@ class AcceptanceSets(Objective):
         if keep_replies and target_halfwidth > 0:
             raise ValueError("keep_replies needs the fixed budget (target_halfwidth 0): every prompt, in order")
 
+    def _ask(self, client: httpx.Client, job: tuple[str, Prompt, int]) -> Reply:
+        name, prompt, seed = job
+        keep = name in self.keep_replies
+        return chat(client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed, keep)
+
     def _serve(self, jobs: Sequence[tuple[str, Prompt, int]]) -> list[Reply]:
         """Answers to (set, prompt, seed) jobs, `concurrency` in flight."""
         with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
-
-            def ask(job: tuple[str, Prompt, int]) -> Reply:
-                name, prompt, seed = job
-                keep = name in self.keep_replies
-                return chat(
-                    client, self.base_url, self.served_name, prompt, self.max_tokens, self.temperature, seed, keep
-                )
-
-            return list(pool.map(ask, jobs))
+            return list(pool.map(lambda job: self._ask(client, job), jobs))
 
     def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
         """Every prompt of one set, alone on the server (its tok/s is this set's)."""
@@ -292,36 +289,54 @@ class AcceptanceSets(Objective):
             for i, reply in enumerate(replies):
                 draws[name][i].add(reply)
             answers[name] = list(zip(orders[name], replies, strict=True))
-        served, rounds, seconds, stopped = 0, 0, 0.0, ""
-        while not stopped:
-            batch = [
-                (name, i)
-                for name, ps in orders.items()
-                if name not in answered
-                for i in range(served, min(served + step, len(ps)))
+        # Every round's requests are queued at once, in round order, `concurrency` in flight: the next round is
+        # served while this one's last answers finish (no barrier). Decisions are taken at round boundaries on
+        # exactly the rounds' prompts, so they are deterministic; on a stop, queued requests are cancelled and the
+        # few in flight are finished and counted as tokens, not as measurements.
+        served = [name for name in orders if name not in answered]
+        last = max((len(orders[name]) for name in served), default=0)
+        rounds_of = [
+            [(name, i) for name in served for i in range(start, min(start + step, len(orders[name])))]
+            for start in range(0, max(last, 1), step)
+        ]
+        stopped, rounds, seconds, wasted = "", 0, 0.0, 0
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
+            futures = [
+                [
+                    (name, i, pool.submit(self._ask, client, (name, orders[name][i], seed)))
+                    for seed in self.seeds
+                    for name, i in batch
+                ]
+                for batch in rounds_of
             ]
-            jobs = [(name, orders[name][i], seed) for seed in self.seeds for name, i in batch]
-            t0 = time.perf_counter()
-            replies = self._serve(jobs)
-            seconds += time.perf_counter() - t0
-            for (name, i), reply in zip(batch * len(self.seeds), replies, strict=True):
-                draws[name][i].add(reply)
-                answers[name].append((orders[name][i], reply))
-            served, rounds = served + step, rounds + 1
-            done = {name: len(p) if name in answered else min(served, len(p)) for name, p in orders.items()}
-            timed = {name: 0.0 if name in answered else seconds for name in orders}
-            measured = {  # an answered set's answers were generated (and timed) by the caller
-                name: measurement_of(name, draws[name][: done[name]], answers[name], self.n, timed[name])
-                for name in orders
-            }
-            estimate = self.estimate(measured)
-            half = estimate.mean_accepted_tokens[1]
-            if all(done[name] >= len(p) for name, p in orders.items()):
-                stopped = "every prompt served"
-            elif half <= self.target_halfwidth:
-                stopped = f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
-            else:
-                stopped = stop(estimate) or ""
+            for batch in futures:
+                for name, i, future in batch:
+                    reply = future.result()
+                    draws[name][i].add(reply)
+                    answers[name].append((orders[name][i], reply))
+                rounds += 1
+                done = {name: min(rounds * step, len(p)) if name in served else len(p) for name, p in orders.items()}
+                seconds = time.perf_counter() - t0
+                timed = {name: seconds if name in served else 0.0 for name in orders}
+                measured = {  # an answered set's answers were generated (and timed) by the caller
+                    name: measurement_of(name, draws[name][: done[name]], answers[name], self.n, timed[name])
+                    for name in orders
+                }
+                estimate = self.estimate(measured)
+                half = estimate.mean_accepted_tokens[1]
+                if all(done[name] >= len(p) for name, p in orders.items()):
+                    stopped = "every prompt served"
+                elif half <= self.target_halfwidth:
+                    stopped = f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
+                else:
+                    stopped = stop(estimate) or ""
+                if stopped:
+                    break
+            later = [future for batch in futures[rounds:] for _, _, future in batch]
+            for future in later:
+                future.cancel()
+        wasted = sum(f.result().completion_tokens for f in later if not f.cancelled() and f.exception() is None)
         for name in self.keep_replies & set(orders):
             self.replies[name] = [r for _, r in answers[name][: len(orders[name])]]
         weights = [w for _, _, w in self.sets]
@@ -336,7 +351,8 @@ class AcceptanceSets(Objective):
             "stopped": stopped,
             "rounds": rounds,
             "seconds": seconds,
-            "output_tokens": sum(r.output_tokens for r in results if r.name not in answered),  # served here
+            # tokens generated here: the measured answers' and those of requests in flight at a stop
+            "output_tokens": sum(r.output_tokens for r in results if r.name not in answered) + wasted,
             "weights": dict(zip([n for n, _, _ in self.sets], weights, strict=True)),
         }
         return ObjectiveResult(value, details)
