@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import httpx
 from heretic.utils import Prompt
@@ -153,11 +153,10 @@ class SetMeasurement:
 
 @dataclass
 class Estimate:
-    """Where a measurement stands: the configured mix's figures with 95 % half-widths, and prompts served per set."""
+    """Where a measurement stands: the configured mix's figures, each (value, 95 % half-width)."""
 
     mean_accepted_tokens: tuple[float, float]
     per_position: list[tuple[float, float]]
-    prompts: dict[str, int] = field(default_factory=dict)
 
 
 def _set_tally(n: int, positions: int) -> list[Draws]:
@@ -266,7 +265,7 @@ class AcceptanceSets(Objective):
         per_pos = [
             mix_interval([(m.per_position[i], m.per_position_ci95[i], w) for m, w in parts]) for i in range(self.n)
         ]
-        return Estimate(mean, per_pos, {m.name: m.num_prompts for m, _ in parts})
+        return Estimate(mean, per_pos)
 
     def compute(
         self,
