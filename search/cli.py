@@ -134,13 +134,13 @@ def abliterate_cmd(
     from mtp_abliterate.search.candidate.ara import AbliterationError
     from mtp_abliterate.search.candidate.checkpoint import CheckpointError
     from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
-    from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
+    from mtp_abliterate.search.candidate.resident import Resident, parse_parameters, shape_of
     from mtp_abliterate.search.study.storage import run_dir_of
 
     cfg = _with_method(_config(file), method)
     raw = _json(params, "--params")
     try:
-        candidate = parse_parameters(cfg.abliteration.method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
+        candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.resolve(cfg.model.target)))
         resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
         details = resident.apply(candidate)
     except (AbliterationError, CheckpointError, ModelLoadError) as e:

@@ -147,6 +147,11 @@ class Abliteration(Section):
     workers: int = Field(
         4, ge=1, le=16, description="ARA modules optimised at once on a GPU (host-bound L-BFGS; CPU runs one)"
     )
+    experts: bool = Field(
+        False,
+        description="ARA also edits routed experts' down projections: the study searches `experts_per_layer` "
+        "(0 to the experts per layer; those the harmful prompts are routed to most), in the same layer range",
+    )
 
 
 class Quantization(Section):

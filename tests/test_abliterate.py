@@ -19,7 +19,7 @@ from mtp_abliterate.organism.check import DIRECTIONAL_PARAMETERS
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import AbliterationError, AraParameters
 from mtp_abliterate.search.candidate.module_io import load_or_capture
-from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
+from mtp_abliterate.search.candidate.resident import ModelShape, Resident, parse_parameters, shape_of
 from tests.conftest import CLI, ORGANISM_TOML
 from tests.conftest import ORGANISM_CONFIG as CONFIG
 
@@ -210,7 +210,7 @@ def test_kl_is_heretics_definition_against_an_independently_loaded_vanilla_model
 )
 def test_bad_parameters_fail_before_any_work(raw: dict, message: str) -> None:
     with pytest.raises(AbliterationError, match=message):
-        parse_parameters("ara", raw, num_layers_of(CONFIG.resolve(CONFIG.model.target)))
+        parse_parameters("ara", raw, shape_of(CONFIG.resolve(CONFIG.model.target)))
 
 
 @pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included
@@ -234,7 +234,9 @@ def test_directional_method_is_heretics_own(tmp_path: Path) -> None:
     results = resident.evaluate()
     assert results["refusal_rate"].value <= 0.20 and results["kld"].value < 1.0
     with pytest.raises(AbliterationError, match="not among"):
-        parse_parameters("directional", {**DIRECTIONAL_PARAMETERS, "parameters": {"mlp.gate_proj": {}}}, 5)
+        parse_parameters(
+            "directional", {**DIRECTIONAL_PARAMETERS, "parameters": {"mlp.gate_proj": {}}}, ModelShape(5, 0)
+        )
 
 
 def test_module_io_is_cached_on_disk_and_reused(resident: Resident) -> None:
@@ -243,11 +245,14 @@ def test_module_io_is_cached_on_disk_and_reused(resident: Resident) -> None:
     assert len(files) == 1
     good, bad = resident.prompts("good_prompts"), resident.prompts("bad_prompts")
     key = files[0].stem.removeprefix("module_io-")
-    again, hit = load_or_capture(resident.model, good, bad, resident.cache_dir, key)
+    again, hit = load_or_capture(
+        resident.model, resident.abliterator.experts.experts, good, bad, resident.cache_dir, key
+    )
     assert hit
     assert again.keys() == io.keys()
     for k in io:
-        for name in ("good_in", "good_out", "bad_in", "bad_out"):
+        assert again[k].keys() == io[k].keys()
+        for name in io[k]:
             assert torch.equal(again[k][name], io[k][name])
     layer, component, _ = next(iter(io))
     assert io[(layer, component, 0)]["good_in"].shape[0] == len(good)

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mtp_abliterate.search.candidate.resident import num_layers_of
+from mtp_abliterate.search.candidate.resident import shape_of
 from mtp_abliterate.search.study.records import TrialRecord
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config
@@ -22,7 +22,7 @@ from tests.conftest import CLI, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_stud
 @pytest.fixture(scope="module")
 def bad_study(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path):
     tmp = tmp_path_factory.mktemp("bad")
-    layers = num_layers_of(ORGANISM_CONFIG.resolve(ORGANISM_CONFIG.model.target))
+    layers = shape_of(ORGANISM_CONFIG.resolve(ORGANISM_CONFIG.model.target)).num_layers
     # Every layer edited, nothing preserved, maximal steering and overcorrection: the model falls apart.
     corner = {"start_layer_index": 0, "end_layer_index": layers, "preserve_w": 0.0, "overcorrect_w": 1.3, "k": 1}
     enqueue = [{**corner, "steer_w": 1.0}, {**corner, "steer_w": 0.5}]

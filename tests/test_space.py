@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from mtp_abliterate.objectives.base import Direction
-from mtp_abliterate.search.candidate.ara import COMPONENTS
+from mtp_abliterate.search.candidate.ara import COMPONENTS, ModelShape
 from mtp_abliterate.search.config import Range
 from mtp_abliterate.search.study.limits import parse_duration, parse_until
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front, point_values
@@ -34,7 +34,9 @@ def test_every_sampled_candidate_fits_the_model(num_layers: int) -> None:
     study = optuna.create_study(directions=["minimize"] * 3, sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(200):
         params = space.suggest(study.ask())
-        params.check_against(num_layers, list(COMPONENTS))  # raises if a range is empty or outside the model
+        params.check_against(
+            ModelShape(num_layers, 0), list(COMPONENTS)
+        )  # raises if a range is empty or outside the model
         assert 1e-4 <= params.steer_w <= 1.0 and 1 <= params.k <= 15
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
-from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters
+from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters, ModelShape
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import ConfigError, load_config
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, SpaceError, candidate_of
@@ -29,7 +29,7 @@ def test_both_methods_are_sampled_and_every_candidate_fits(num_layers: int) -> N
     kinds = set()
     for _ in range(100):
         candidate = space.suggest(study.ask())
-        candidate.check_against(num_layers, list(COMPONENTS))
+        candidate.check_against(ModelShape(num_layers, 0), list(COMPONENTS))
         kinds.add(type(candidate))
         if isinstance(candidate, DirectionalParameters):
             for kernel in candidate.parameters.values():

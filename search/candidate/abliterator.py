@@ -3,7 +3,8 @@
 heretic 1.4.0's `Model` loads the model, discovers the abliterable modules (`attn.o_proj`, `mlp.down_proj`) and
 wraps them in PEFT adapters; this stage chooses the adapter (rank-r LoRA, or DoRA with frozen magnitudes for
 row-norm-preserving ARA), writes its weights, and resets it. Reset zeroes every adapter and switches it off, so the
-model computes exactly the vanilla function (bit-identical logits) without reloading anything.
+model computes exactly the vanilla function (bit-identical logits) without reloading anything. Routed experts,
+which heretic does not discover, are edited in place and written back on reset (search/candidate/experts.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from mtp_abliterate.search.candidate.ara import (
     AbliterationError,
     AraParameters,
+    ModelShape,
     ModuleTask,
     edited_weight,
     module_seed,
     optimise_modules,
+)
+from mtp_abliterate.search.candidate.experts import (
+    COMPONENT,
+    ROUTED,
+    ExpertEdits,
+    chosen_experts,
+    expert_io,
+    find_experts,
 )
 from mtp_abliterate.search.candidate.heretic_bridge import ServedTokenization, load_errors
 from mtp_abliterate.search.candidate.module_io import ModuleIO, ModuleKey
@@ -77,7 +87,8 @@ class DirectionalParameters(BaseModel):
         description="component -> max_weight, max_weight_position, min_weight, min_weight_distance"
     )
 
-    def check_against(self, num_layers: int, available: list[str]) -> None:
+    def check_against(self, shape: ModelShape, available: list[str]) -> None:
+        num_layers = shape.num_layers
         problems = []
         if self.direction_index is not None and not 0 <= self.direction_index <= num_layers - 1:
             problems.append(f"direction_index={self.direction_index} is outside [0, {num_layers - 1}]")
@@ -112,6 +123,7 @@ class Abliterator:
                     self.module_names[(layer, component, index)] = names[id(module)]
         self.edited: set[ModuleKey] = set()
         self._dora_variants: dict[int, Any] = {}  # each module's DoRA variant while a directional candidate lifts it
+        self.experts = ExpertEdits(find_experts(base, model.get_layers()))
         self.reset()
 
     @property
@@ -121,6 +133,15 @@ class Abliterator:
     @property
     def components(self) -> list[str]:
         return self.model.get_abliterable_components()
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per layer (0 for a dense model)."""
+        return self.experts.num_experts
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(self.num_layers, self.num_experts)
 
     def reset(self) -> None:
         """Back to vanilla: adapters zeroed and switched off, so forward passes are the base layers' own; DoRA back
@@ -134,6 +155,7 @@ class Abliterator:
                 b.zero_()
                 module.enable_adapters(False)
                 self._plain_lora(module, self.model.dora is False)
+        self.experts.reset()
         self.edited = set()
 
     def _plain_lora(self, module, plain: bool) -> None:
@@ -152,7 +174,7 @@ class Abliterator:
 
     def apply_ara(self, params: AraParameters, io: ModuleIO) -> dict[str, Any]:
         """Reset, then optimise and install the adapter of every module in the layer range. Returns details."""
-        params.check_against(self.num_layers, self.components)
+        params.check_against(self.shape, self.components)
         self.reset()
         t0 = time.perf_counter()
         keys = [
@@ -180,13 +202,47 @@ class Abliterator:
             module.enable_adapters(True)
             self.edited.add(key)
             losses[self.module_names[key]] = loss
-        return {"modules": len(self.edited), "ara_s": time.perf_counter() - t0, "losses": losses}
+        losses |= self._apply_experts(params, io)
+        modules = len(self.edited) + len(self.experts.edited())
+        return {"modules": modules, "ara_s": time.perf_counter() - t0, "losses": losses}
+
+    def _apply_experts(self, params: AraParameters, io: ModuleIO) -> dict[str, float]:
+        """ARA on the down projections of the experts that harmful prompts reach most, in the candidate's layers;
+        row norms kept (the DoRA case) when the adapters are DoRA."""
+        if params.experts_per_layer == 0:
+            return {}
+        chosen = [
+            (layer, expert)
+            for layer, fused in self.experts.experts.items()
+            if params.start_layer_index <= layer < params.end_layer_index
+            for expert in chosen_experts(io[(layer, ROUTED, 0)], fused.num_experts, params.experts_per_layer)
+        ]
+        tasks = []
+        for layer, expert in chosen:
+            fused = self.experts.experts[layer]
+            w0 = fused.module.down_proj[expert]
+            magnitude = w0.detach().float().norm(p=2, dim=1) if self.model.dora else None
+            tasks.append(
+                ModuleTask(
+                    w0,
+                    expert_io(fused, io[(layer, ROUTED, 0)], expert),
+                    module_seed(self.seed, layer, COMPONENT, expert),
+                    magnitude,
+                )
+            )
+        losses = {}
+        results = optimise_modules(tasks, params, self.model.adapter_rank, self.workers)
+        for (layer, expert), task, (a, b, loss) in zip(chosen, tasks, results, strict=True):
+            weight = edited_weight(task.w0.float(), a.float(), b.float(), task.magnitude)
+            self.experts.write(layer, expert, weight, a, b)
+            losses[self.experts.experts[layer].weight_name(expert).removesuffix(".weight")] = loss
+        return losses
 
     def apply_directional(self, params: DirectionalParameters, directions: torch.Tensor) -> dict[str, Any]:
         """Reset, then heretic's own `abliterate`: plain LoRA of the adapter rank, heretic's row normalisation. On a
         DoRA model (ARA's) the adapters run as plain LoRA until the next reset, so the weight heretic writes is
         the weight served, as with heretic's own adapters."""
-        params.check_against(self.num_layers, self.components)
+        params.check_against(self.shape, self.components)
         self.reset()
         for module in self.adapters.values():
             module.enable_adapters(True)
@@ -204,6 +260,10 @@ class Abliterator:
             h.update(self.module_names[key].encode())
             for t in (module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight):
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        for layer, expert in self.experts.edited():
+            h.update(self.experts.experts[layer].weight_name(expert).encode())
+            for t in self.experts.factors[(layer, expert)]:
+                h.update(t.float().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def merged_digest(self, weights: dict[str, torch.Tensor] | None = None) -> str:
@@ -230,14 +290,15 @@ class Abliterator:
                 None if (m := self._magnitude(module)) is None else m.float(),
             )
             out[f"{self.module_names[key]}.weight"] = w.to(w0.dtype)
-        return out
+        return out | self.experts.merged_weights()
 
     def save_merged(self, out: Path, source: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """A standalone checkpoint of the current candidate; the resident model keeps its adapters. `weights`:
         `merged_weights()` when the caller already has them.
 
         Non-weight files (config, tokenizer, chat template, generation config) are copied from a local `source`
-        unchanged, so the candidate's config is byte-identical to the vanilla one.
+        unchanged, so the candidate's config is byte-identical to the vanilla one. Edited experts are saved in
+        their fused parameter, which holds them in place.
         """
         base = self.model.model.get_base_model()
         state = {}
@@ -245,7 +306,8 @@ class Abliterator:
             if "lora_" in name:
                 continue
             state[name.replace(".base_layer.", ".")] = tensor
-        state.update(self.merged_weights() if weights is None else weights)
+        merged = self.merged_weights() if weights is None else weights
+        state.update({name: tensor for name, tensor in merged.items() if name in state})
         out.mkdir(parents=True, exist_ok=True)
         base.save_pretrained(out, state_dict=state)
         self.model.tokenizer.save_pretrained(out)

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +30,13 @@ COMPONENTS = ("attn.o_proj", "mlp.down_proj")
 # L-BFGS settings of the method: fixed, so an edit depends only on its module's inputs, parameters and seed.
 LBFGS = dict(lr=1.0, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
 LBFGS_STEPS = 5
+
+
+class ModelShape(NamedTuple):
+    """What a candidate must fit: decoder layers and routed experts per layer (0 for a dense model)."""
+
+    num_layers: int
+    num_experts: int
 
 
 class AbliterationError(ValueError):
@@ -48,6 +55,12 @@ class AraParameters(BaseModel):
     overcorrect_w: float = Field(ge=0.0, le=1.3, description="push away from harmful outputs, relative to steer_w")
     k: int = Field(ge=1, le=15, description="nearest neighbours in the steering distances")
     components: tuple[str, ...] = Field(COMPONENTS, description="module kinds to edit")
+    experts_per_layer: int = Field(
+        0,
+        ge=0,
+        description="routed experts whose down projection is edited per edited layer: those the harmful prompts "
+        "are routed to most (0 = the experts are not edited)",
+    )
 
     # The study's search ranges (search/study/space.py); layer ranges depend on the model and come from `layer_ranges`.
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {
@@ -62,9 +75,15 @@ class AraParameters(BaseModel):
         half = num_layers // 2
         return {"start_layer_index": (0, half), "end_layer_index": (half, num_layers)}
 
-    def check_against(self, num_layers: int, available: list[str]) -> None:
+    def check_against(self, shape: ModelShape, available: list[str]) -> None:
         """Raise AbliterationError naming the problem if this candidate does not fit the model."""
+        num_layers = shape.num_layers
         problems = []
+        if self.experts_per_layer > shape.num_experts:
+            problems.append(
+                f"experts_per_layer={self.experts_per_layer} but this model has {shape.num_experts} routed experts "
+                "per layer"
+            )
         for name, (low, high) in self.layer_ranges(num_layers).items():
             if not low <= getattr(self, name) <= high:
                 problems.append(

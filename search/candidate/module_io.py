@@ -2,6 +2,8 @@
 
 Captured once per study from the vanilla model with forward hooks on the modules' base layers, and cached on disk
 under a key of model identity + prompts + capture settings, so a resumed study (or the next one-shot) reuses them.
+Fused routed experts (search/candidate/experts.py) are recorded as what their layer routes: the experts' input rows
+and each row's top-k experts (key `(layer, "experts.routed", 0)`), from which every expert's own I/O follows.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from heretic.model import Model
 from heretic.utils import Prompt, batchify
 from safetensors.torch import load_file, save_file
+
+from mtp_abliterate.search.candidate.experts import ROUTED, FusedExperts
 
 ModuleKey = tuple[int, str, int]  # (layer, component, index within the component's module list)
 ModuleIO = dict[ModuleKey, dict[str, torch.Tensor]]
@@ -35,24 +39,40 @@ def _flat(key: ModuleKey, name: str) -> str:
     return f"{layer}|{component}|{index}|{name}"
 
 
-def _capture(model: Model, modules: dict[ModuleKey, torch.nn.Module], prompts: Sequence[Prompt]) -> dict:
-    """Last-token input/output of each module (the base layer, adapters bypassed) over `prompts`."""
-    rows: dict[ModuleKey, dict[str, list[torch.Tensor]]] = {k: {"in": [], "out": []} for k in modules}
+def _capture(
+    model: Model, modules: dict[ModuleKey, torch.nn.Module], experts: dict[int, FusedExperts], prompts: Sequence[Prompt]
+) -> dict[ModuleKey, dict[str, torch.Tensor]]:
+    """Last-token input/output of each module (the base layer, adapters bypassed), and each fused experts layer's
+    last-token input rows and their top-k experts, over `prompts`."""
+    rows: dict[ModuleKey, dict[str, list[torch.Tensor]]] = {}
     hooks = []
+    batch = [0]  # prompts in the forward pass: fused experts see [batch * seq, H] rows
     for key, module in modules.items():
+        rows[key] = {"in": [], "out": []}
 
         def hook(_mod, args, output, key=key) -> None:
             rows[key]["in"].append(args[0][:, -1, :].detach().cpu())
             rows[key]["out"].append(output[:, -1, :].detach().cpu())
 
         hooks.append(module.register_forward_hook(hook))
+    for layer, fused in experts.items():
+        key = (layer, ROUTED, 0)
+        rows[key] = {"x": [], "topk": []}
+
+        def routed(_mod, args, _output, key=key) -> None:
+            x, topk = args[0], args[1]
+            rows[key]["x"].append(x.view(batch[0], -1, x.shape[-1])[:, -1, :].detach().cpu())
+            rows[key]["topk"].append(topk.view(batch[0], -1, topk.shape[-1])[:, -1, :].detach().cpu())
+
+        hooks.append(fused.module.register_forward_hook(routed))
     try:
-        for batch in batchify(list(prompts), model.settings.batch_size):
-            model.generate(batch, max_new_tokens=1, use_cache=False)
+        for chunk in batchify(list(prompts), model.settings.batch_size):
+            batch[0] = len(chunk)
+            model.generate(chunk, max_new_tokens=1, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {k: {side: torch.cat(v[side]) for side in ("in", "out")} for k, v in rows.items()}
+    return {k: {name: torch.cat(v) for name, v in sides.items()} for k, sides in rows.items()}
 
 
 def base_layers(model: Model) -> dict[ModuleKey, torch.nn.Module]:
@@ -67,25 +87,29 @@ def base_layers(model: Model) -> dict[ModuleKey, torch.nn.Module]:
 
 @torch.no_grad()
 def load_or_capture(
-    model: Model, good: Sequence[Prompt], bad: Sequence[Prompt], cache_dir: Path | None, key: str
+    model: Model,
+    experts: dict[int, FusedExperts],
+    good: Sequence[Prompt],
+    bad: Sequence[Prompt],
+    cache_dir: Path | None,
+    key: str,
 ) -> tuple[ModuleIO, bool]:
     """Module I/O from `cache_dir/module_io-<key>.safetensors`, captured and written there if absent.
 
     Returns (io, whether it came from the cache)."""
     path = cache_dir / f"module_io-{key}.safetensors" if cache_dir else None
-    modules = base_layers(model)
     if path is not None and path.is_file():
-        flat = load_file(path)
-        return {k: {n: flat[_flat(k, n)] for n in ("good_in", "good_out", "bad_in", "bad_out")} for k in modules}, True
-    good_io, bad_io = _capture(model, modules, good), _capture(model, modules, bad)
+        io: ModuleIO = {}
+        for flat, tensor in load_file(path).items():
+            layer, component, index, name = flat.split("|")
+            io.setdefault((int(layer), component, int(index)), {})[name] = tensor
+        if all((layer, ROUTED, 0) in io for layer in experts):  # a cache from before experts were recorded: recapture
+            return io, True
+    good_io = _capture(model, base_layers(model), experts, good)
+    bad_io = _capture(model, base_layers(model), experts, bad)
     io = {
-        k: {
-            "good_in": good_io[k]["in"],
-            "good_out": good_io[k]["out"],
-            "bad_in": bad_io[k]["in"],
-            "bad_out": bad_io[k]["out"],
-        }
-        for k in modules
+        k: {f"good_{n}": t for n, t in good_io[k].items()} | {f"bad_{n}": t for n, t in bad_io[k].items()}
+        for k in good_io
     }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,28 +24,29 @@ from mtp_abliterate.search.candidate.abliterator import (
     load_adapter_model,
     refusal_directions,
 )
-from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, AraParameters
+from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, AraParameters, ModelShape
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.candidate.heretic_bridge import heretic_settings, quiet_heretic
 from mtp_abliterate.search.candidate.module_io import ModuleIO, cache_key, load_or_capture
 from mtp_abliterate.search.config import PromptSet, StudyConfig
 
 
-def parse_parameters(method: str, raw: dict[str, Any], num_layers: int) -> AraParameters | DirectionalParameters:
-    """Validate a candidate's parameters against the method's ranges and the model's layer count (no loading)."""
+def parse_parameters(method: str, raw: dict[str, Any], shape: ModelShape) -> AraParameters | DirectionalParameters:
+    """Validate a candidate's parameters against the method's ranges and the model's shape (no loading)."""
     try:
         params = AraParameters(**raw) if method == "ara" else DirectionalParameters(**raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise AbliterationError(f"{method} parameters: {problems}") from None
-    params.check_against(num_layers, list(COMPONENTS))
+    params.check_against(shape, list(COMPONENTS))
     return params
 
 
-def num_layers_of(model: str) -> int:
-    """Decoder layers of a model (a folder or a cached hub id), from its config alone."""
-    config = AutoConfig.from_pretrained(locate(model).path)
-    return config.get_text_config().num_hidden_layers
+def shape_of(model: str) -> ModelShape:
+    """Decoder layers and routed experts of a model (a folder or a cached hub id), from its config alone."""
+    config = AutoConfig.from_pretrained(locate(model).path).get_text_config()
+    experts = config.num_experts if getattr(config, "enable_moe_block", False) else 0
+    return ModelShape(config.num_hidden_layers, experts or 0)
 
 
 class Resident:
@@ -99,7 +100,7 @@ class Resident:
         good, bad = self.prompts("good_prompts"), self.prompts("bad_prompts")
         key = cache_key(self.model_id, self.weights_digest(), good, bad, self.settings.batch_size)
         self.io_key = key
-        self._io, hit = load_or_capture(self.model, good, bad, self.cache_dir, key)
+        self._io, hit = load_or_capture(self.model, self.abliterator.experts.experts, good, bad, self.cache_dir, key)
         return self._io, hit
 
     def local_dir(self) -> Path:

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
-from mtp_abliterate.search.candidate.resident import Resident, num_layers_of, parse_parameters
+from mtp_abliterate.search.candidate.resident import Resident, parse_parameters, shape_of
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.errors import StudyError
 from mtp_abliterate.search.study.pareto import dominates, feasible, point_values
@@ -25,7 +25,7 @@ def score_reference(
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
     with runner.console.status(f"scoring the {method} reference {label!r}"):
         try:
-            params = parse_parameters(method, raw, num_layers_of(cfg.resolve(cfg.model.target)))
+            params = parse_parameters(method, raw, shape_of(cfg.resolve(cfg.model.target)))
             pipeline = TrialPipeline(cfg, Resident(cfg, cache_dir=runner.run_dir / "cache"))
         except (CheckpointError, ModelLoadError) as e:
             raise StudyError(str(e)) from None

@@ -86,9 +86,13 @@ class StudyRunner:
         with self.console.status("loading the model and capturing module I/O (once per study)"):
             self.resident = self.load_resident()
             self.resident.module_io()
-            space = SearchSpace(
-                self.resident.abliterator.num_layers, self.cfg.search.space, tuple(self.cfg.search.methods)
-            )
+            ab = self.resident.abliterator
+            if self.cfg.abliteration.experts and not ab.num_experts:
+                raise StudyError(
+                    f"abliteration.experts = true, but {self.cfg.model.target} has no routed experts; set it to false"
+                )
+            experts = ab.num_experts if self.cfg.abliteration.experts else 0
+            space = SearchSpace(ab.num_layers, self.cfg.search.space, tuple(self.cfg.search.methods), experts)
         base = self._fp8_base()
         plan = plan_serving(self.cfg, base, self.resident.local_dir(), records.swap_check(self.study), self.run_dir)
         if plan.note:

@@ -24,7 +24,7 @@ from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters
 from mtp_abliterate.search.config import Range
 
-INTEGER = {"start_layer_index", "end_layer_index", "k"}
+INTEGER = {"start_layer_index", "end_layer_index", "k", "experts_per_layer"}
 LOG = {"steer_w"}
 SCOPES = ("global", "per layer")
 METHODS = ("ara", "directional")
@@ -55,14 +55,16 @@ class Bounds:
         return self.low <= value <= self.high and (not self.integer or float(value).is_integer())
 
 
-def full_ranges(method: str, num_layers: int) -> dict[str, tuple[float, float]]:
-    """Each method's parameters and their widest ranges for a model of `num_layers` layers."""
+def full_ranges(method: str, num_layers: int, num_experts: int = 0) -> dict[str, tuple[float, float]]:
+    """Each method's parameters and their widest ranges for a model of `num_layers` layers; ARA's routed-experts
+    dimension when `num_experts` (per layer) is given."""
     if method == "ara":
         half = num_layers // 2
         return {
             "start_layer_index": (0, half),
             "end_layer_index": (min(half + 1, num_layers), num_layers),
             **AraParameters.RANGES,
+            **({"experts_per_layer": (0, num_experts)} if num_experts else {}),
         }
     last = max(num_layers - 1, 1)
     per_component = {
@@ -80,8 +82,13 @@ class SearchSpace:
     """Bounds per parameter and `suggest(trial)` -> a candidate; a fixed parameter is a one-value range."""
 
     def __init__(
-        self, num_layers: int, overrides: dict[str, Range] | None = None, methods: tuple[str, ...] = ("ara",)
+        self,
+        num_layers: int,
+        overrides: dict[str, Range] | None = None,
+        methods: tuple[str, ...] = ("ara",),
+        num_experts: int = 0,
     ) -> None:
+        """`num_experts`: routed experts per layer when ARA edits experts (abliteration.experts), else 0."""
         # a fixed order: the method's categorical distribution must not change when a config lists them differently
         self.num_layers, self.methods = num_layers, tuple(m for m in METHODS if m in methods)
         self.params: dict[str, list[str]] = {}
@@ -89,7 +96,7 @@ class SearchSpace:
         problems = []
         known: set[str] = set()
         for method in self.methods:
-            full = full_ranges(method, num_layers)
+            full = full_ranges(method, num_layers, num_experts)
             known |= set(full)
             self.params[method] = list(full)
             for name, (low, high) in full.items():
@@ -142,6 +149,9 @@ class SearchSpace:
         for name in names:
             b = self.bounds[name]
             if name not in out:
+                if name == "experts_per_layer":  # an informed trial that names no experts: the fewest edited
+                    out[name] = b.low
+                    continue
                 if b.low != b.high:
                     problems.append(f"{name} is missing")
                     continue

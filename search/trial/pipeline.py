@@ -79,6 +79,8 @@ def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None
     if q.scheme != "FP8_DYNAMIC" or not q.incremental:
         return None
     editable = [f"{name}.weight" for name in resident.abliterator.module_names.values()]
+    if cfg.abliteration.experts:
+        editable += resident.abliterator.experts.editable()
     versions = {k: v for k, v in software_versions().items() if k in ("torch", "llmcompressor", "compressed-tensors")}
     key = base_key(resident.model_id + resident.weights_digest(), q.ignore, editable, versions)
     return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key)
