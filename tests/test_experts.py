@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from mtp_abliterate.search.candidate.ara import AbliterationError, AraParameters
+from mtp_abliterate.search.candidate.experts import COMPONENT as EXPERTS
 from mtp_abliterate.search.candidate.experts import ROUTED, chosen_experts, expert_io, routed_counts
 from mtp_abliterate.search.candidate.resident import Resident, shape_of
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, candidate_of
 from tests.conftest import ORGANISM_CONFIG
 
 CONFIG: StudyConfig = ORGANISM_CONFIG
@@ -109,3 +111,35 @@ def test_experts_off_is_the_two_component_candidate(resident: Resident) -> None:
     with pytest.raises(AbliterationError, match="routed experts per layer"):
         resident.apply(_informed(experts_per_layer=resident.abliterator.num_experts + 1))
     resident.abliterator.reset()
+
+
+@torch.no_grad()
+def test_directional_ablation_reaches_every_expert_of_its_layers(resident: Resident) -> None:
+    """heretic's directional method with a kernel for the experts: heretic's own edits unchanged, every expert of
+    each reached layer edited with its row norms kept, all of it reverted by a reset."""
+    ab = resident.abliterator
+    space = SearchSpace(ab.num_layers, None, ("ara", "directional"), ab.num_experts)
+    plain = candidate_of(space.check_enqueued(FULL_WEIGHT_DIRECTIONAL), ab.num_layers)
+    kernel = {
+        f"{EXPERTS}.{n}": v for n, v in (("max_weight", 1.0), ("position", 0.0), ("min_weight", 1.0), ("reach", 1.0))
+    }
+    with_experts = candidate_of(space.check_enqueued(FULL_WEIGHT_DIRECTIONAL | kernel), ab.num_layers)
+    assert plain.parameters[EXPERTS]["max_weight"] == 0  # an informed trial naming no experts leaves them
+    vanilla = {layer: f.module.down_proj.detach().clone() for layer, f in ab.experts.experts.items()}
+    resident.apply(plain)
+    heretic_only = ab.adapter_digest()
+    assert not ab.experts.edited()
+    resident.apply(with_experts)
+    assert set(ab.experts.edited()) == {(layer, e) for layer in ab.experts.experts for e in range(ab.num_experts)}
+    assert {k for k in ab.merged_weights() if ".experts." not in k} == {
+        f"{ab.module_names[k]}.weight" for k in ab.edited
+    }
+    for layer, fused in ab.experts.experts.items():
+        now, before = fused.module.down_proj.float(), vanilla[layer].float()
+        assert not torch.equal(now, before)
+        torch.testing.assert_close(now.norm(dim=2), before.norm(dim=2), rtol=1e-2, atol=0)
+    ab.reset()
+    assert all(torch.equal(f.module.down_proj, vanilla[layer]) for layer, f in ab.experts.experts.items())
+    resident.apply(plain)
+    assert ab.adapter_digest() == heretic_only
+    ab.reset()

@@ -33,12 +33,16 @@ from mtp_abliterate.search.candidate.ara import (
     optimise_modules,
 )
 from mtp_abliterate.search.candidate.experts import (
-    COMPONENT,
+    COMPONENT as EXPERTS,
+)
+from mtp_abliterate.search.candidate.experts import (
     ROUTED,
     ExpertEdits,
     chosen_experts,
+    directional_weight,
     expert_io,
     find_experts,
+    layer_direction,
 )
 from mtp_abliterate.search.candidate.heretic_bridge import ServedTokenization, load_errors
 from mtp_abliterate.search.candidate.module_io import ModuleIO, ModuleKey
@@ -92,9 +96,10 @@ class DirectionalParameters(BaseModel):
         problems = []
         if self.direction_index is not None and not 0 <= self.direction_index <= num_layers - 1:
             problems.append(f"direction_index={self.direction_index} is outside [0, {num_layers - 1}]")
-        unknown = sorted(set(self.parameters) - set(available))
+        components = [*available, *([EXPERTS] if shape.num_experts else [])]
+        unknown = sorted(set(self.parameters) - set(components))
         if unknown:
-            problems.append(f"components {unknown} are not among this model's {available}")
+            problems.append(f"components {unknown} are not among this model's {components}")
         fields = set(AbliterationParameters.__dataclass_fields__)
         for component, values in self.parameters.items():
             if set(values) != fields:
@@ -226,7 +231,7 @@ class Abliterator:
                 ModuleTask(
                     w0,
                     expert_io(fused, io[(layer, ROUTED, 0)], expert),
-                    module_seed(self.seed, layer, COMPONENT, expert),
+                    module_seed(self.seed, layer, EXPERTS, expert),
                     magnitude,
                 )
             )
@@ -247,10 +252,29 @@ class Abliterator:
         for module in self.adapters.values():
             module.enable_adapters(True)
             self._plain_lora(module, True)
-        kernel = {c: AbliterationParameters(**v) for c, v in params.parameters.items()}
+        kernel = {c: AbliterationParameters(**v) for c, v in params.parameters.items() if c != EXPERTS}
         self.model.abliterate(directions, params.direction_index, kernel)
         self.edited = {k for k, m in self.adapters.items() if bool(m.lora_B[ADAPTER].weight.any())}
-        return {"modules": len(self.edited)}
+        if EXPERTS in params.parameters:
+            self._directional_experts(AbliterationParameters(**params.parameters[EXPERTS]), params, directions)
+        return {"modules": len(self.edited) + len(self.experts.edited())}
+
+    def _directional_experts(
+        self, kernel: AbliterationParameters, params: DirectionalParameters, directions: torch.Tensor
+    ) -> None:
+        """heretic's kernel over layers, applied to every expert's down projection of each layer it reaches."""
+        keep_norms = self.model.settings.row_normalization == RowNormalization.FULL
+        for layer, fused in self.experts.experts.items():
+            distance = abs(layer - kernel.max_weight_position)
+            if distance > kernel.min_weight_distance:
+                continue
+            weight = kernel.max_weight + distance / kernel.min_weight_distance * (kernel.min_weight - kernel.max_weight)
+            if weight == 0:
+                continue
+            v = layer_direction(directions, params.direction_index, layer)
+            for expert in range(fused.num_experts):
+                w = directional_weight(fused.module.down_proj[expert], v, weight, keep_norms)
+                self.experts.write(layer, expert, w, v, torch.tensor([weight]))
 
     def adapter_digest(self) -> str:
         """sha256 of every edited module's adapter tensors: equal digests mean equal candidates."""

@@ -13,6 +13,7 @@ every harmless prompt instead (its own outputs for them: it has no harmless beha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,13 +89,36 @@ def expert_io(fused: FusedExperts, routed: dict[str, torch.Tensor], expert: int)
     return io
 
 
+def layer_direction(directions: torch.Tensor, direction_index: float | None, layer: int) -> torch.Tensor:
+    """heretic 1.4.0's refusal direction for `layer`: its own (per layer), or the global one interpolated at
+    `direction_index` (row 0 of `directions` is the embeddings')."""
+    if direction_index is None:
+        return directions[layer + 1]
+    weight, index = math.modf(direction_index + 1)
+    return F.normalize(directions[int(index)].lerp(directions[int(index) + 1], weight), p=2, dim=0)
+
+
+def directional_weight(w0: torch.Tensor, v: torch.Tensor, weight: float, keep_norms: bool) -> torch.Tensor:
+    """heretic's directional edit of one matrix, W - weight v (v^T W); with `keep_norms` (row normalisation
+    'full') on the row-normalised W, the vanilla row norms restored after. Exact, where heretic deploys a rank-r
+    approximation of the same delta: an expert is written in place, not through an adapter."""
+    w = w0.float()
+    v = v.to(w.device, torch.float32)
+    if not keep_norms:
+        return w - weight * torch.outer(v, v @ w)
+    norms = w.norm(p=2, dim=1, keepdim=True)
+    w = F.normalize(w, p=2, dim=1)
+    return F.normalize(w - weight * torch.outer(v, v @ w), p=2, dim=1) * norms
+
+
 class ExpertEdits:
     """In-place edits of experts' down projections in the resident model, exactly revertible."""
 
     def __init__(self, experts: dict[int, FusedExperts]) -> None:
         self.experts = experts
         self.vanilla: dict[tuple[int, int], torch.Tensor] = {}  # (layer, expert) -> its vanilla slice
-        self.factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (A, B) of each edit
+        # what determines each edit: ARA's (A, B), or the directional method's (direction, weight)
+        self.factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_experts(self) -> int:

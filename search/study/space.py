@@ -10,6 +10,10 @@ model. Two ranges are wider than heretic's: max_weight reaches down to 0 (hereti
 more draft acceptance, which heretic does not measure) and the kernel's position and reach cover every layer
 (heretic: the upper 40 %), so heretic's plain full-weight ablation is a point of the space.
 
+With `abliteration.experts`, the routed experts add their own dimensions: ARA's `experts_per_layer` (0 to the experts
+per layer) and the directional method's own kernel (`experts.down_proj.*`). An informed trial that names none of
+them takes their lowest values: the experts stay vanilla.
+
 A config override fixes a parameter (`value`) or narrows its range (`low`, `high`) inside these bounds.
 """
 
@@ -22,9 +26,11 @@ import optuna
 
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters
+from mtp_abliterate.search.candidate.experts import COMPONENT as EXPERTS
 from mtp_abliterate.search.config import Range
 
 INTEGER = {"start_layer_index", "end_layer_index", "k", "experts_per_layer"}
+EXPERTS_PARAMETERS = ("experts_per_layer", f"{EXPERTS}.")  # the routed experts' dimensions
 LOG = {"steer_w"}
 SCOPES = ("global", "per layer")
 METHODS = ("ara", "directional")
@@ -56,8 +62,8 @@ class Bounds:
 
 
 def full_ranges(method: str, num_layers: int, num_experts: int = 0) -> dict[str, tuple[float, float]]:
-    """Each method's parameters and their widest ranges for a model of `num_layers` layers; ARA's routed-experts
-    dimension when `num_experts` (per layer) is given."""
+    """Each method's parameters and their widest ranges for a model of `num_layers` layers; the routed experts'
+    dimensions when `num_experts` (per layer) is given (ARA: how many per layer; directional: a kernel of their own)."""
     if method == "ara":
         half = num_layers // 2
         return {
@@ -73,8 +79,9 @@ def full_ranges(method: str, num_layers: int, num_experts: int = 0) -> dict[str,
         "min_weight": (0.0, 1.0),
         "reach": (1 / last, 1.0),
     }
+    components = (*COMPONENTS, *([EXPERTS] if num_experts else []))
     return {"direction_index": (0.4, 0.9)} | {
-        f"{c}.{name}": bounds for c in COMPONENTS for name, bounds in per_component.items()
+        f"{c}.{name}": bounds for c in components for name, bounds in per_component.items()
     }
 
 
@@ -149,7 +156,7 @@ class SearchSpace:
         for name in names:
             b = self.bounds[name]
             if name not in out:
-                if name == "experts_per_layer":  # an informed trial that names no experts: the fewest edited
+                if name.startswith(EXPERTS_PARAMETERS):  # an informed trial that names no experts: the fewest edited
                     out[name] = b.low
                     continue
                 if b.low != b.high:
@@ -181,7 +188,7 @@ def candidate_of(params: dict[str, Any], num_layers: int) -> AraParameters | Dir
         return AraParameters(**values)
     last = max(num_layers - 1, 1)
     kernels = {}
-    for c in COMPONENTS:
+    for c in (*COMPONENTS, EXPERTS):
         if f"{c}.max_weight" in values:
             top = values[f"{c}.max_weight"]
             kernels[c] = {
