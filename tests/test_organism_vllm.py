@@ -28,13 +28,7 @@ PROMPTS = [
 def _serve_greedy(body: Path, tmp_path: Path, vllm_python: Path) -> dict:
     """Greedy chats through vLLM with the organism's BF16 draft as MTP drafter (n=4)."""
     chats = [chat_messages(p, SYSTEM_PROMPT) for p in PROMPTS]
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CACHE_ROOT": str(tmp_path),
-    }
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp_path)}
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [
