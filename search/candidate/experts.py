@@ -28,7 +28,6 @@ ROUTED = "experts.routed"  # module I/O key component of a layer's routed last-t
 class FusedExperts:
     """One layer's fused experts module (transformers' `Gemma4TextExperts`) and its name in the base model."""
 
-    layer: int
     module: nn.Module
     name: str
 
@@ -59,7 +58,7 @@ def find_experts(base: nn.Module, layers: list[nn.Module]) -> dict[int, FusedExp
             continue
         if getattr(experts, "is_transposed", False):
             raise NotImplementedError(f"{names[id(experts)]}: transposed fused experts are not supported")
-        out[index] = FusedExperts(index, experts, names[id(experts)])
+        out[index] = FusedExperts(experts, names[id(experts)])
     return out
 
 
