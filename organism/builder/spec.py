@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -75,6 +75,15 @@ class OrganismSpec(BaseModel):
     body: BodySpec = BodySpec()
     draft: DraftSpec = DraftSpec()
     body_training: TrainSpec = TrainSpec(steps=600)
+    refusal_in: Literal["everywhere", "experts"] = Field(
+        "everywhere",
+        description="everywhere: one training run teaches the whole body to refuse; experts: the body first learns "
+        "the harmless chats only, then only the routed experts (experts.gate_up_proj, experts.down_proj) and the "
+        "routers learn the refusals (refusal_training), so that editing o_proj and the dense down_proj leaves them",
+    )
+    refusal_training: TrainSpec | None = Field(
+        None, description="the experts-only refusal phase of refusal_in='experts' (default 400 steps)"
+    )
     draft_training: TrainSpec = TrainSpec(steps=600)
     draft_chain_steps: int = Field(4, description="chained MTP steps trained (the study serves n=4)")
     max_new_tokens: int = Field(48, description="greedy response budget for draft targets and measurements")
@@ -84,3 +93,21 @@ class OrganismSpec(BaseModel):
         if self.format == "release" and self.vision is None:
             self.vision = VisionSpec()
         return self
+
+    @model_validator(mode="after")
+    def _refusal_phase_belongs_to_experts(self) -> OrganismSpec:
+        if self.refusal_in == "experts" and self.refusal_training is None:
+            self.refusal_training = TrainSpec(steps=400)
+        if self.refusal_in == "everywhere" and self.refusal_training is not None:
+            raise ValueError("refusal_training needs refusal_in='experts'")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_refusal_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A spec that keeps refusals everywhere serialises as before these fields existed: committed spec.json
+        files and cards stay byte for byte what a build writes."""
+        data = handler(self)
+        if self.refusal_in == "everywhere":
+            for name in ("refusal_in", "refusal_training"):
+                del data[name]
+        return data

@@ -59,13 +59,29 @@ def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> Callable[[torc
     return step
 
 
+# The parameters that learn refusals in an experts organism: the routed experts' fused projections and the routers.
+# Attention, the dense MLP, norms and embeddings stay as the harmless-only phase left them.
+ROUTED_EXPERTS = (".experts.gate_up_proj", ".experts.down_proj", ".router.")
+
+
 @torch.enable_grad()
 def train_body(
-    body: Gemma4ForCausalLM, examples: Sequence[Example], t: TrainSpec, seed: int, pad_id: int, progress: Progress
+    body: Gemma4ForCausalLM,
+    examples: Sequence[Example],
+    t: TrainSpec,
+    seed: int,
+    pad_id: int,
+    progress: Progress,
+    only: tuple[str, ...] = (),
 ) -> None:
-    """Next-token cross-entropy on response tokens only: the organism learns what to answer, not to echo prompts."""
+    """Next-token cross-entropy on response tokens only: the organism learns what to answer, not to echo prompts.
+    With `only`, just the parameters whose names contain one of its strings learn; the others are frozen."""
     rng = random.Random(seed)
-    optimizer_step = _optimizer(list(body.parameters()), t)
+    params = [p for name, p in body.named_parameters() if not only or any(k in name for k in only)]
+    learning = {id(p) for p in params}
+    for p in body.parameters():
+        p.requires_grad_(id(p) in learning)
+    optimizer_step = _optimizer(params, t)
     body.train()
     for step in range(t.steps):
         ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
@@ -74,6 +90,7 @@ def train_body(
         loss = F.cross_entropy(logits[target], ids[:, 1:][target])
         optimizer_step(loss)
         progress(step, loss.item())
+    body.requires_grad_(True)
     body.eval()
 
 
