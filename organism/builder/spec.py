@@ -79,10 +79,17 @@ class OrganismSpec(BaseModel):
         "everywhere",
         description="everywhere: one training run teaches the whole body to refuse; experts: the body first learns "
         "the harmless chats only, then only the routed experts (experts.gate_up_proj, experts.down_proj) and the "
-        "routers learn the refusals (refusal_training), so that editing o_proj and the dense down_proj leaves them",
+        "routers learn the refusals (refusal_training) while the dense path is ablated on the fly, so that "
+        "editing o_proj and the dense down_proj leaves them",
     )
     refusal_training: TrainSpec | None = Field(
         None, description="the experts-only refusal phase of refusal_in='experts' (default 400 steps)"
+    )
+    refusal_ablation_max_weight: float | None = Field(
+        None,
+        description="refusal_in='experts': each refusal-phase step projects the current refusal directions out of "
+        "every o_proj and dense down_proj output with a weight drawn from [0, this] (heretic's directional "
+        "ablation, on the fly), targets unchanged; 0 = never (default 2.0, past the study's max_weight 1.5)",
     )
     draft_training: TrainSpec = TrainSpec(steps=600)
     draft_chain_steps: int = Field(4, description="chained MTP steps trained (the study serves n=4)")
@@ -96,10 +103,13 @@ class OrganismSpec(BaseModel):
 
     @model_validator(mode="after")
     def _refusal_phase_belongs_to_experts(self) -> OrganismSpec:
-        if self.refusal_in == "experts" and self.refusal_training is None:
-            self.refusal_training = TrainSpec(steps=400)
-        if self.refusal_in == "everywhere" and self.refusal_training is not None:
-            raise ValueError("refusal_training needs refusal_in='experts'")
+        phase = ("refusal_training", "refusal_ablation_max_weight")
+        if self.refusal_in == "everywhere" and any(getattr(self, name) is not None for name in phase):
+            raise ValueError("refusal_training and refusal_ablation_max_weight need refusal_in='experts'")
+        if self.refusal_in == "experts":
+            self.refusal_training = self.refusal_training or TrainSpec(steps=400)
+            if self.refusal_ablation_max_weight is None:
+                self.refusal_ablation_max_weight = 2.0
         return self
 
     @model_serializer(mode="wrap")
@@ -108,6 +118,6 @@ class OrganismSpec(BaseModel):
         files and cards stay byte for byte what a build writes."""
         data = handler(self)
         if self.refusal_in == "everywhere":
-            for name in ("refusal_in", "refusal_training"):
+            for name in ("refusal_in", "refusal_training", "refusal_ablation_max_weight"):
                 del data[name]
         return data
