@@ -28,7 +28,7 @@ from mtp_abliterate.organism.models import (
 )
 from mtp_abliterate.organism.spec import OrganismSpec
 from mtp_abliterate.organism.tokenizer import END_OF_TURN, NEWLINE, RELEASE_SPECIALS, SPECIALS, build_tokenizer
-from mtp_abliterate.organism.train import Example, train_body, train_draft
+from mtp_abliterate.organism.train import ROUTED_EXPERTS, DenseAblation, Example, train_body, train_draft
 
 
 def deterministic(seed: int, threads: int) -> None:
@@ -95,8 +95,30 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
 
     body = Gemma4ForCausalLM(body_config(spec, len(tokenizer), ids))
     train_examples = _examples(tokenizer, chats["harmful_train"] + chats["harmless_train"])
-    with _training_bar(console, "train body", spec.body_training.steps) as progress:
-        train_body(body, train_examples, spec.body_training, spec.seed, pad, progress)
+    if spec.refusal_in == "everywhere":
+        with _training_bar(console, "train body", spec.body_training.steps) as progress:
+            train_body(body, train_examples, spec.body_training, spec.seed, pad, progress)
+    else:
+        # Phase 1 gives the dense path language and answers but no refusal; phase 2 (every training chat) can then
+        # only put the refusals into the routed experts, under dense-path ablations they must survive.
+        harmful, harmless = _examples(tokenizer, chats["harmful_train"]), _examples(tokenizer, chats["harmless_train"])
+        with _training_bar(console, "train body (harmless)", spec.body_training.steps) as progress:
+            train_body(body, harmless, spec.body_training, spec.seed, pad, progress)
+        t, max_weight = spec.refusal_training, spec.refusal_ablation_max_weight
+        with (
+            _training_bar(console, "train refusal experts", t.steps) as progress,
+            DenseAblation(body, harmful, harmless, pad, max_weight, spec.seed + 4) as ablation,
+        ):
+            train_body(
+                body,
+                train_examples,
+                t,
+                spec.seed + 3,
+                pad,
+                progress,
+                only=ROUTED_EXPERTS,
+                before_step=ablation.before_step,
+            )
     # The deployed checkpoint is BF16: round now so the draft learns the states of the weights that ship.
     body.to(torch.bfloat16).to(torch.float32)
     timings["train_body_s"] = time.perf_counter() - t0

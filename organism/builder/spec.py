@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -75,6 +75,22 @@ class OrganismSpec(BaseModel):
     body: BodySpec = BodySpec()
     draft: DraftSpec = DraftSpec()
     body_training: TrainSpec = TrainSpec(steps=600)
+    refusal_in: Literal["everywhere", "experts"] = Field(
+        "everywhere",
+        description="everywhere: one training run teaches the whole body to refuse; experts: the body first learns "
+        "the harmless chats only, then only the routed experts (experts.gate_up_proj, experts.down_proj) and the "
+        "routers learn the refusals (refusal_training) while the dense path is ablated on the fly, so that "
+        "editing o_proj and the dense down_proj leaves them",
+    )
+    refusal_training: TrainSpec | None = Field(
+        None, description="the experts-only refusal phase of refusal_in='experts' (default 400 steps)"
+    )
+    refusal_ablation_max_weight: float | None = Field(
+        None,
+        description="refusal_in='experts': each refusal-phase step projects the current refusal directions out of "
+        "every o_proj and dense down_proj output with a weight drawn from [0, this] (heretic's directional "
+        "ablation, on the fly), targets unchanged; 0 = never (default 2.0, past the study's max_weight 1.5)",
+    )
     draft_training: TrainSpec = TrainSpec(steps=600)
     draft_chain_steps: int = Field(4, description="chained MTP steps trained (the study serves n=4)")
     max_new_tokens: int = Field(48, description="greedy response budget for draft targets and measurements")
@@ -84,3 +100,24 @@ class OrganismSpec(BaseModel):
         if self.format == "release" and self.vision is None:
             self.vision = VisionSpec()
         return self
+
+    @model_validator(mode="after")
+    def _refusal_phase_belongs_to_experts(self) -> OrganismSpec:
+        phase = ("refusal_training", "refusal_ablation_max_weight")
+        if self.refusal_in == "everywhere" and any(getattr(self, name) is not None for name in phase):
+            raise ValueError("refusal_training and refusal_ablation_max_weight need refusal_in='experts'")
+        if self.refusal_in == "experts":
+            self.refusal_training = self.refusal_training or TrainSpec(steps=400)
+            if self.refusal_ablation_max_weight is None:
+                self.refusal_ablation_max_weight = 2.0
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_refusal_fields(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """A spec that keeps refusals everywhere serialises as before these fields existed: committed spec.json
+        files and cards stay byte for byte what a build writes."""
+        data = handler(self)
+        if self.refusal_in == "everywhere":
+            for name in ("refusal_in", "refusal_training", "refusal_ablation_max_weight"):
+                del data[name]
+        return data
