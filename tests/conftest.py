@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tomlkit
 
-from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.config import StudyConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM_TOML = REPO / "configs" / "organism.toml"
@@ -93,3 +93,30 @@ def write_study_config(src: Path, dst: Path, **edits: Any) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(tomlkit.dumps(doc))
     return dst
+
+
+def assert_serves_as_recorded(
+    cfg: StudyConfig, checkpoint: Path, draft: str, recorded: Mapping[str, float], vllm_python: Path, log: Path
+) -> None:
+    """`checkpoint` served by vLLM with `draft` gives the acceptance the study recorded for it: the same counts for
+    the sets it measured in full (greedy on CPU), a full figure inside the recorded interval for a set it stopped
+    early."""
+    from mtp_abliterate.objectives.acceptance import AcceptanceSets
+    from mtp_abliterate.search.prompts import load_prompt_set
+    from mtp_abliterate.search.serving.server import VllmServer
+
+    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
+    a = cfg.acceptance
+    with VllmServer(serving, str(checkpoint), draft, log) as server:
+        measured = AcceptanceSets(
+            server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
+        )
+        details = measured.compute().details["sets"]
+    full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
+    assert full  # the harmful set is measured in full from the refusal answers
+    for name in full:
+        assert details[name]["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
+    for name in set(details) - set(full):
+        m = details[name]
+        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]

@@ -31,10 +31,9 @@ from mtp_abliterate.search.candidate.fp8_base import write_candidate
 from mtp_abliterate.search.candidate.quantize import FP8
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import load_config
-from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import SwapError, VllmServer, check_swappable
 from mtp_abliterate.search.trial.pipeline import fp8_base
-from tests.conftest import CLI, RELEASE_TOML, REPO, write_study_config
+from tests.conftest import CLI, RELEASE_TOML, REPO, assert_serves_as_recorded, write_study_config
 from tests.conftest import RELEASE_CONFIG as CONFIG
 from tests.llmcompressor_reference import whole_model_fp8
 
@@ -292,26 +291,8 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: P
 
     # The FP8 export is served by vLLM with the vanilla draft and answers as the trial did.
     recorded = study.trials[number].user_attrs["metrics"]
-    serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    from mtp_abliterate.objectives.acceptance import AcceptanceSets
-
-    with VllmServer(serving, str(tmp / "export-fp8"), str(RELEASE / "draft"), tmp / "export-server.log") as server:
-        a = cfg.acceptance
-        details = (
-            AcceptanceSets(
-                server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
-            )
-            .compute()
-            .details["sets"]
-        )
-    full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
-    assert full  # the harmful set is measured in full from the refusal answers
-    for name in full:
-        assert details[name]["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]  # greedy on CPU
-    for name in set(details) - set(full):  # stopped early: the full figure lies in the recorded interval
-        m = details[name]
-        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
+    draft, log = str(RELEASE / "draft"), tmp / "export-server.log"
+    assert_serves_as_recorded(cfg, tmp / "export-fp8", draft, recorded, vllm_python, log)
 
 
 @pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included

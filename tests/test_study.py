@@ -20,13 +20,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.search.config import load_config
-from mtp_abliterate.search.prompts import load_prompt_set
-from mtp_abliterate.search.serving.server import VllmServer
 from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
-from tests.conftest import CLI, ORGANISM_TOML, REPO, group_alive, write_study_config
+from tests.conftest import CLI, ORGANISM_TOML, REPO, assert_serves_as_recorded, group_alive, write_study_config
 
 
 def study_config(tmp: Path, name: str, python: Path, n_trials: int, **edits) -> Path:
@@ -377,21 +374,7 @@ def test_export_card_serves_and_remeasures(finished_study, vllm_python: Path) ->
     assert "--speculative-config" in card and f'"num_speculative_tokens": {n}' in card
 
     cfg = load_config(tmp / "demo.toml")
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
-    with VllmServer(serving, str(out), cfg.resolve(cfg.model.draft), tmp / "export-server.log") as server:
-        a = cfg.acceptance
-        measured = AcceptanceSets(
-            server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
-        )
-        details = measured.compute().details["sets"]
-    full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
-    assert full  # the harmful set is measured in full from the refusal answers
-    for name in full:  # the trial's FP8 checkpoint, greedy, on CPU: the same counts exactly
-        assert details[name]["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
-    for name in set(details) - set(full):  # stopped early: the full figure lies in the recorded interval
-        m = details[name]
-        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
+    assert_serves_as_recorded(cfg, out, cfg.resolve(cfg.model.draft), recorded, vllm_python, tmp / "export-server.log")
 
 
 def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: Path, vllm_python: Path) -> None:

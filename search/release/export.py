@@ -162,7 +162,7 @@ def export_trial(
             "what was skipped: export a trial of the Pareto front"
         )
     if not (out / "config.json").is_file():
-        materialize(cfg, t, out, precision)
+        materialize(cfg, t, out, precision, fuse_experts=True)  # loads in transformers too
     (out / "README.md").write_text(model_card(cfg, t, records.vanilla(study) or {}, repo, precision))
 
 

@@ -16,6 +16,7 @@ from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.release.fused_experts import fuse_unquantized_experts
 from mtp_abliterate.search.study.records import TrialRecord, records
 from mtp_abliterate.search.study.space import candidate_of
 from mtp_abliterate.search.study.storage import run_dir_of
@@ -52,8 +53,12 @@ def _differences(t: TrialRecord, io_key: str | None) -> str:
     return "; ".join(diffs) or "same software versions and inputs (a nondeterministic kernel on this machine?)"
 
 
-def materialize(cfg: StudyConfig, t: TrialRecord, out: Path, precision: str = "fp8") -> Materialized:
-    """Write the trial's candidate to `out` (FP8 as served, or BF16) after checking its edited tensors' hash."""
+def materialize(
+    cfg: StudyConfig, t: TrialRecord, out: Path, precision: str = "fp8", fuse_experts: bool = False
+) -> Materialized:
+    """Write the trial's candidate to `out` (FP8 as served, or BF16) after checking its edited tensors' hash.
+    `fuse_experts`: unquantized routed experts in transformers' fused layout (an export), not llm-compressor's split
+    one (what was served)."""
     from mtp_abliterate.search.candidate.resident import Resident
 
     if precision not in ("fp8", "bf16"):
@@ -79,6 +84,8 @@ def materialize(cfg: StudyConfig, t: TrialRecord, out: Path, precision: str = "f
         merged = resident.abliterator.save_merged(Path(tmp) / "bf16", resident.local_dir(), weights)
         if precision == "fp8":
             quantize_fp8_dynamic(merged, out, cfg.quantization.ignore)
+            if fuse_experts:
+                fuse_unquantized_experts(out, merged)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(merged), out)
