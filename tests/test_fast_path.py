@@ -91,6 +91,27 @@ def test_incremental_candidates_are_byte_identical_to_llm_compressor(
         assert all((base / f.name).samefile(f) for f in incremental.glob("*.safetensors") if f.is_symlink())
 
 
+def test_edited_experts_quantized_to_fp8_are_byte_identical_to_llm_compressor(
+    resident: Resident, tmp_path: Path
+) -> None:
+    """The real target's layout: experts outside the ignore list are written FP8 and split per expert. A base that
+    splits out every expert's down projection, then a candidate rewriting only the experts ARA edited, gives
+    llm-compressor's whole-model bytes."""
+    ignore = [i for i in CONFIG.quantization.ignore if "experts" not in i]
+    ab = resident.abliterator
+    editable = [f"{n}.weight" for n in ab.module_names.values()] + ab.experts.editable()
+    base = prepare_base(resident.local_dir(), tmp_path / "base", ignore, editable, "experts-fp8")
+    weights = _merged(resident, DOCUMENTED.model_copy(update={"experts_per_layer": 1}))
+    experts = [name for name in weights if ".experts." in name]
+    assert experts and all(name in editable for name in experts)
+    incremental = write_candidate(base, tmp_path / "incremental", weights)
+    merged = ab.save_merged(tmp_path / "bf16", CONFIG.resolve(CONFIG.model.target), weights)
+    whole_model_fp8(merged, tmp_path / "full", ignore)
+    tensors = _tensors(incremental)
+    assert tensors == _tensors(tmp_path / "full")
+    assert all(tensors[name][0] == "torch.float8_e4m3fn" and name + "_scale" in tensors for name in experts)
+
+
 def test_the_base_is_reused_for_its_key_and_rebuilt_for_another(resident: Resident, base: Path) -> None:
     stamp = (base / KEY_FILE).stat().st_mtime_ns
     assert fp8_base(CONFIG, resident, base.parent) == base  # a resumed study

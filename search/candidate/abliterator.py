@@ -46,6 +46,7 @@ from mtp_abliterate.search.candidate.experts import (
 )
 from mtp_abliterate.search.candidate.heretic_bridge import ServedTokenization, load_errors
 from mtp_abliterate.search.candidate.module_io import ModuleIO, ModuleKey
+from mtp_abliterate.search.candidate.quantize import EXPERT
 
 ADAPTER = "default"
 
@@ -322,7 +323,7 @@ class Abliterator:
 
         Non-weight files (config, tokenizer, chat template, generation config) are copied from a local `source`
         unchanged, so the candidate's config is byte-identical to the vanilla one. Edited experts are saved in
-        their fused parameter, which holds them in place.
+        their fused parameter, written from `weights` (the resident may have been reset since).
         """
         base = self.model.model.get_base_model()
         state = {}
@@ -331,7 +332,16 @@ class Abliterator:
                 continue
             state[name.replace(".base_layer.", ".")] = tensor
         merged = self.merged_weights() if weights is None else weights
-        state.update({name: tensor for name, tensor in merged.items() if name in state})
+        copied: set[str] = set()
+        for name, tensor in merged.items():
+            if name in state:
+                state[name] = tensor
+            elif m := EXPERT.fullmatch(name):  # an expert's slice, written into a copy of its fused parameter
+                fused = f"{m['experts']}.{m['proj']}"
+                if fused not in copied:
+                    state[fused] = state[fused].clone()
+                    copied.add(fused)
+                state[fused][int(m["index"])] = tensor
         out.mkdir(parents=True, exist_ok=True)
         base.save_pretrained(out, state_dict=state)
         self.model.tokenizer.save_pretrained(out)
