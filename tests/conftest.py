@@ -109,8 +109,9 @@ def assert_serves_as_recorded(
     serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
     a = cfg.acceptance
     with VllmServer(serving, str(checkpoint), draft, log) as server:
+        n = cfg.serving.num_speculative_tokens
         measured = AcceptanceSets(
-            server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
+            server.base_url, server.served_name, sets, n, a.max_tokens, a.temperature, a.seeds, a.concurrency
         )
         details = measured.compute().details["sets"]
     full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]

@@ -158,18 +158,33 @@ def plan(source: Path, ignore: list[str]) -> Fp8Plan:
     )
 
 
+def weight_files(folder: Path) -> dict[str, str]:
+    """Every tensor's name -> its safetensors file in `folder`: the index's map, else read from each file."""
+    index = folder / INDEX
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    file_of = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            file_of.update(dict.fromkeys(f.keys(), shard.name))
+    return file_of
+
+
+def write_index(folder: Path, weight_map: dict[str, str]) -> None:
+    """The index a sharded checkpoint needs (none for one file), as transformers writes it."""
+    files = set(weight_map.values())
+    if len(files) > 1:
+        total = sum((folder / f).stat().st_size for f in files)
+        (folder / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        )
+
+
 class _Source:
     """The source checkpoint's tensors by name, opened one shard at a time."""
 
     def __init__(self, source: Path) -> None:
-        index = source / INDEX
-        if index.is_file():
-            self.file_of = json.loads(index.read_text())["weight_map"]
-        else:
-            self.file_of = {}
-            for shard in sorted(source.glob("*.safetensors")):
-                with safe_open(shard, "pt") as f:
-                    self.file_of.update({key: shard.name for key in f.keys()})
+        self.file_of = weight_files(source)
         if not self.file_of:
             raise QuantizationError(f"{source} holds no .safetensors weights")
         self.source = source
@@ -252,9 +267,5 @@ def quantize_fp8_dynamic(
     resave_config(the_plan.config, str(out))
     the_plan.compressor.update_config(str(out))
     the_plan.recipe.yaml(file_path=str(out / "recipe.yaml"), existing_recipe_path=infer_recipe_from_model_path(source))
-    if len(set(weight_map.values())) > 1:
-        total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-        (out / INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-        )
+    write_index(out, weight_map)
     return verify(out, ignore)

@@ -11,32 +11,20 @@ llm-compressor's split layout: their scales are per expert.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mtp_abliterate.search.candidate.quantize import EXPERT, INDEX, SCALE
-
-
-def _weight_files(folder: Path) -> dict[str, str]:
-    """tensor name -> file, from the index or from the single/every safetensors file."""
-    if (folder / INDEX).is_file():
-        return json.loads((folder / INDEX).read_text())["weight_map"]
-    file_of = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            file_of.update(dict.fromkeys(f.keys(), path.name))
-    return file_of
+from mtp_abliterate.search.candidate.quantize import EXPERT, SCALE, weight_files, write_index
 
 
 def fuse_unquantized_experts(folder: Path, source: Path) -> list[str]:
     """Replace, in the FP8 checkpoint `folder`, each experts module whose split weights are all unquantized by its
     fused tensors from the BF16 checkpoint `source` it was quantized from, one weight file in memory at a time.
     Returns the fused modules' names."""
-    file_of = _weight_files(folder)
-    source_of = _weight_files(source)
+    file_of = weight_files(folder)
+    source_of = weight_files(source)
     split: dict[str, list[str]] = {}
     for name in file_of:
         if m := EXPERT.fullmatch(name):
@@ -57,10 +45,5 @@ def fuse_unquantized_experts(folder: Path, source: Path) -> list[str]:
             with safe_open(source / source_of[fused], "pt") as f:
                 tensors[fused] = f.get_tensor(fused)
         save_file(tensors, folder / file, metadata={"format": "pt"})
-    if (folder / INDEX).is_file():
-        weight_map = {k: v for k, v in file_of.items() if k not in dropped} | home
-        total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-        (folder / INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-        )
+    write_index(folder, {k: v for k, v in file_of.items() if k not in dropped} | home)
     return sorted(fused_of)
