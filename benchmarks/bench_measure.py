@@ -139,7 +139,9 @@ def compare(trials: int, seed: int, lengths: list[int]) -> dict:
         pipelines = {"full": TrialPipeline(_fixed(cfg), resident, base, serving)}
         pipelines["adaptive"] = TrialPipeline(cfg, resident, base, serving)
         space = SearchSpace(resident.abliterator.num_layers, cfg.search.space, tuple(cfg.search.methods))
-        study = optuna.create_study(directions=["minimize", "minimize", "maximize"], sampler=make_sampler(cfg, 0))
+        study = optuna.create_study(
+            directions=["minimize", "minimize", "maximize"], sampler=make_sampler(cfg, 0, host="")
+        )
         for params in cfg.search.enqueue:
             study.enqueue_trial(space.check_enqueued(params))
         kept = []

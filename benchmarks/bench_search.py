@@ -190,7 +190,7 @@ ARMS = {
 def sampler_of(cfg: StudyConfig, arm: Arm, seed: int) -> optuna.samplers.BaseSampler:
     """The product's own sampler for `search.sampler`, seeded by the benchmark's sampler seed."""
     search = cfg.search.model_copy(update={"seed": seed, "sampler": arm.sampler, "methods": list(arm.methods)})
-    return make_sampler(cfg.model_copy(update={"search": search}), offset=0)
+    return make_sampler(cfg.model_copy(update={"search": search}), offset=0, host="")
 
 
 def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick: Callable[[], None]) -> ArmRun:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mtp_abliterate.search import views
 from mtp_abliterate.search.config import ConfigError, StudyConfig, load_config
@@ -29,7 +31,8 @@ Precision = Annotated[str, typer.Option(help="fp8 (as served in the study) or bf
 
 
 def fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    # One line whatever its length; escaped: a fix such as `pip install 'mtp-abliterate[distributed]'` is not markup.
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -243,8 +246,8 @@ def study_run(
         for title, server in study_servers(cfg):
             console.print(f"# {title}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
-    runner = StudyRunner(cfg, console, file)
     try:
+        runner = StudyRunner(cfg, console, file)
         runner.run(limits)
     except KeyboardInterrupt:
         console.print(
@@ -298,7 +301,7 @@ def study_status(target: Path) -> None:
     objectives, n = objective_specs(cfg), cfg.serving.num_speculative_tokens
     console.print(views.trials_table(study, objectives, n))
     console.print(views.pareto_table(study, objectives, n))
-    console.print(views.swap_summary(cfg, records.swap_check(study)))
+    console.print(views.swap_summary(cfg, records.swap_checks(study)))
 
 
 @app.command("ui")
@@ -308,26 +311,70 @@ def ui(
     host: Annotated[
         str, typer.Option(help="interface to listen on (0.0.0.0 to reach it from another machine)")
     ] = "127.0.0.1",
+    workers: Annotated[
+        int, typer.Option(help="MLflow's uvicorn workers: 1 beside a running study, 4 (MLflow's default) for a team")
+    ] = 1,
+    dashboard: Annotated[
+        bool, typer.Option(help="also open optuna-dashboard on the study's storage (Pareto front of any 2 objectives)")
+    ] = False,
+    dashboard_port: Annotated[int, typer.Option(help="port of optuna-dashboard")] = 8080,
 ) -> None:
-    """Start the MLflow UI on the study's tracking store and print its URL."""
+    """Browse a study: the MLflow UI on its tracking store (and optuna-dashboard on its storage); Ctrl-C stops both."""
+    import os
+    import signal
     import subprocess
     import sys
 
     from mtp_abliterate.search.serving.server import port_in_use
-    from mtp_abliterate.search.study.storage import tracking_uri
+    from mtp_abliterate.search.study.storage import redact, storage_url, tracking_uri
+    from mtp_abliterate.search.study.tracking import served
 
     cfg = _study_target(target)
     uri = tracking_uri(cfg)
-    if port_in_use(port):
-        fail(f"port {port} is already in use; pass --port with a free one")
-    console.print(f"MLflow UI for study {cfg.name}: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
+    bin_dir = Path(sys.executable).parent
+    commands = []
+    if served(uri):  # the study logs to a tracking server: that server is the UI
+        console.print(f"MLflow UI for study {cfg.name}: {uri}  (the study's tracking server)")
+    else:
+        commands.append(
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+             "--workers", str(workers)]
+        )  # fmt: skip
+        shown = f"store {redact(uri)}; {workers} worker(s)"
+        console.print(f"MLflow UI for study {cfg.name}: http://{host}:{port}  ({shown})")
+    if dashboard:
+        commands.append(
+            [str(bin_dir / "optuna-dashboard"), storage_url(cfg), "--host", host, "--port", str(dashboard_port),
+             "--server", "wsgiref"]  # wsgiref: optuna-dashboard would pick gunicorn, which MLflow installs
+        )  # fmt: skip
+        url = f"http://{host}:{dashboard_port}"
+        console.print(f"optuna-dashboard for study {cfg.name}: {url}  (Pareto front: pick any two objectives)")
+    if not commands:
+        return
+    for command in commands:
+        if port_in_use(p := int(command[command.index("--port") + 1])):
+            option = "--dashboard-port" if "optuna" in command[0] else "--port"
+            fail(f"port {p} is already in use; pass {option} with a free one")
+    console.print("Ctrl-C to stop")
+    # MLflow's job consumers serve its GenAI features, which a study never uses: they would cost ~8 processes.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    procs = [subprocess.Popen(c, env=env) for c in commands]
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` or a service manager stops both, as Ctrl-C does
     try:
-        subprocess.run(
-            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)],
-            check=False,
-        )
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _scored_trial(target: Path, number: int):

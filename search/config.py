@@ -301,13 +301,38 @@ class Export(Section):
 
 
 class Tracking(Section):
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default: a SQLite store under runs/")
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: http://HOST:PORT of an `mlflow server` for several machines; default: a "
+        "SQLite store under runs/",
+    )
 
 
 class Storage(Section):
+    """Where the study lives. Several machines share one study through a PostgreSQL URL (README "Several machines")."""
+
     optuna_url: str | None = Field(
-        None, description="Optuna storage URL (postgresql://... for several machines); default: SQLite under the run"
+        None,
+        description="Optuna storage URL, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB for several machines (the "
+        "psycopg driver: `pip install 'mtp-abliterate[distributed]'`); default: SQLite under the study's folder",
     )
+    heartbeat_s: Annotated[int, Field(ge=1, description="a running trial's heartbeat to the storage, seconds")] = 60
+    grace_s: Annotated[
+        int,
+        Field(
+            ge=2,
+            description="a trial whose heartbeat stopped this long ago (its host died) is failed and re-queued once "
+            "by another process of the study, seconds",
+        ),
+    ] = 180
+
+    @model_validator(mode="after")
+    def _grace_covers_heartbeats(self) -> Storage:
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(
+                f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s}): a live trial would be failed"
+            )
+        return self
 
 
 class StudyConfig(Section):

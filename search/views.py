@@ -261,15 +261,19 @@ def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
     return table
 
 
-def swap_summary(cfg: StudyConfig, check: dict[str, Any] | None) -> str:
-    """How the study serves candidates, and the swap self-check's verdict."""
+def swap_summary(cfg: StudyConfig, checks: dict[str, dict[str, Any]]) -> str:
+    """How the study serves candidates, and each host's swap self-check verdict."""
     mode = cfg.serving.mode
     if mode == "cold":
         return "serving: a cold start per candidate (serving.mode = 'cold')"
-    if check is None:
+    if not checks:
         return f"serving: swap (serving.mode = '{mode}'), " + (
             "no self-check (forced)" if mode == "swap" else "self-check pending (first candidate)"
         )
+    return "\n".join(f"{host}: {_verdict_line(check)}" for host, check in checks.items())
+
+
+def _verdict_line(check: dict[str, Any]) -> str:
     if check.get("passed", check["identical"]):  # verdicts of earlier versions have only `identical`
         return f"serving: swap, self-check passed on trial {check['trial']} ({check.get('rule', 'bit-identical')})"
     return (

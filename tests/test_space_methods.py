@@ -72,7 +72,7 @@ def test_the_gp_sampler_takes_one_method(tmp_path) -> None:
     one = write_study_config(
         ORGANISM_TOML, tmp_path / "one.toml", search={"sampler": "gp", "methods": ["ara"], "enqueue": [ara]}
     )
-    assert isinstance(make_sampler(load_config(one), offset=0), optuna.samplers.GPSampler)
+    assert isinstance(make_sampler(load_config(one), offset=0, host=""), optuna.samplers.GPSampler)
 
 
 def test_a_one_method_study_names_no_method_and_still_rebuilds_its_candidates() -> None:

@@ -38,9 +38,12 @@ def _edit_file(weight_name: str) -> str:
     return f"edit-{weight_name.removesuffix('.weight')}.safetensors"
 
 
-def base_key(model_key: str, ignore: Iterable[str], editable: Iterable[str], versions: Mapping[str, str]) -> str:
-    """Identity of a base: the vanilla weights, the ignore list, the split and the quantizer's versions."""
-    payload = json.dumps([model_key, sorted(ignore), sorted(editable), sorted(versions.items())])
+def base_key(
+    model_key: str, ignore: Iterable[str], editable: Iterable[str], versions: Mapping[str, str], host: str
+) -> str:
+    """Identity of a base: the vanilla weights, the ignore list, the split, the quantizer's versions and the host
+    that built it (a base is never taken over from another machine's runs folder)."""
+    payload = json.dumps([model_key, sorted(ignore), sorted(editable), sorted(versions.items()), host])
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -25,10 +25,12 @@ ModuleIO = dict[ModuleKey, dict[str, torch.Tensor]]
 
 
 def cache_key(
-    model_id: str, weights_digest: str, good: Sequence[Prompt], bad: Sequence[Prompt], batch_size: int
+    model_id: str, weights_digest: str, good: Sequence[Prompt], bad: Sequence[Prompt], batch_size: int, host: str
 ) -> str:
+    """Identity of a capture: the model, the prompts, the batch and the host (another machine's kernels round
+    differently: a copied or shared runs folder is never reused across hosts)."""
     h = hashlib.sha256()
-    h.update(json.dumps([model_id, weights_digest, batch_size]).encode())
+    h.update(json.dumps([model_id, weights_digest, batch_size, host]).encode())
     for p in (*good, None, *bad):
         h.update(json.dumps(None if p is None else [p.system, p.user]).encode())
     return h.hexdigest()[:24]

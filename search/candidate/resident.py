@@ -29,6 +29,7 @@ from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.candidate.heretic_bridge import heretic_settings, quiet_heretic
 from mtp_abliterate.search.candidate.module_io import ModuleIO, cache_key, load_or_capture
 from mtp_abliterate.search.config import PromptSet, StudyConfig
+from mtp_abliterate.search.hosts import host_id
 
 
 def parse_parameters(method: str, raw: dict[str, Any], shape: ModelShape) -> AraParameters | DirectionalParameters:
@@ -98,7 +99,7 @@ class Resident:
             return self._io, True
         self.abliterator.reset()
         good, bad = self.prompts("good_prompts"), self.prompts("bad_prompts")
-        key = cache_key(self.model_id, self.weights_digest(), good, bad, self.settings.batch_size)
+        key = cache_key(self.model_id, self.weights_digest(), good, bad, self.settings.batch_size, host_id())
         self.io_key = key
         self._io, hit = load_or_capture(self.model, self.abliterator.experts.experts, good, bad, self.cache_dir, key)
         return self._io, hit

@@ -32,13 +32,21 @@ def save_vanilla(study: optuna.Study, metrics: dict[str, float]) -> None:
     study.set_user_attr(VANILLA, metrics)
 
 
-def swap_check(study: optuna.Study) -> dict[str, Any] | None:
-    """The swap self-check's verdict: passed, identical, differences, rule, gap, noise, trial, key."""
-    return study.user_attrs.get(SWAP_CHECK)
+def swap_check(study: optuna.Study, host: str) -> dict[str, Any] | None:
+    """`host`'s swap self-check verdict: passed, identical, differences, rule, gap, noise, trial, key. Each host
+    checks its own vLLM: a verdict holds only for the host that measured it."""
+    return study.user_attrs.get(f"{SWAP_CHECK}.{host}")
 
 
-def save_swap_check(study: optuna.Study, verdict: dict[str, Any]) -> None:
-    study.set_user_attr(SWAP_CHECK, verdict)
+def swap_checks(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """Every host's verdict, by host."""
+    prefix = SWAP_CHECK + "."
+    attrs = study.user_attrs
+    return {k.removeprefix(prefix): attrs[k] for k in sorted(attrs) if k.startswith(prefix)}
+
+
+def save_swap_check(study: optuna.Study, host: str, verdict: dict[str, Any]) -> None:
+    study.set_user_attr(f"{SWAP_CHECK}.{host}", verdict)  # one key per host: hosts never overwrite each other
 
 
 def references(study: optuna.Study) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import signal
-import socket
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from mtp_abliterate.search.candidate.quantize import QuantizationError
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.disk import DiskFullError, require_free_space
+from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.quiet import quiet_libraries
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.errors import StudyError
@@ -39,14 +39,17 @@ from mtp_abliterate.search.study.pareto import constraint_values, objective_spec
 from mtp_abliterate.search.study.serving_plan import plan_serving, swap_key
 from mtp_abliterate.search.study.space import SearchSpace
 from mtp_abliterate.search.study.storage import (
+    StorageError,
     open_storage,
     open_study,
     reap_dead_trials,
+    redact,
     run_dir_of,
     storage_url,
     tracking_uri,
     write_pointer,
 )
+from mtp_abliterate.search.study.tracking import Tracker, TrackingError, check_tracking, served
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to
 from mtp_abliterate.search.trial.result import TrialResult
 from mtp_abliterate.search.versions import software_versions
@@ -65,9 +68,13 @@ class StudyRunner:
         self.config_text = config_path.read_text() if config_path else cfg.model_dump_json(indent=2)
         self.run_dir = run_dir_of(cfg)
         self.objectives = objective_specs(cfg)
-        self.storage = open_storage(cfg)
-        self.study = open_study(cfg, self.storage)
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        try:  # both stores are reached before any model loads: a bad URL costs seconds, not a model load
+            self.storage = open_storage(cfg)
+            check_tracking(tracking_uri(cfg))
+        except (StorageError, TrackingError) as e:
+            raise StudyError(str(e)) from None
+        self.study, self.created = open_study(cfg, self.storage)
+        self.host, self.pid = host_id(), os.getpid()
         self.swap_check_pending = False
         write_pointer(cfg, config_path, self.config_text)
 
@@ -94,12 +101,14 @@ class StudyRunner:
             experts = ab.num_experts if self.cfg.abliteration.experts else 0
             space = SearchSpace(ab.num_layers, self.cfg.search.space, tuple(self.cfg.search.methods), experts)
         base = self._fp8_base()
-        plan = plan_serving(self.cfg, base, self.resident.local_dir(), records.swap_check(self.study), self.run_dir)
+        plan = plan_serving(
+            self.cfg, base, self.resident.local_dir(), records.swap_check(self.study, self.host), self.run_dir
+        )
         if plan.note:
             self.console.print(plan.note)
         self.swap_check_pending = plan.check_pending
         pipeline = TrialPipeline(self.cfg, self.resident, base, plan.mode)
-        if not self.study.trials:
+        if self.created or not self.study.trials:  # one process enqueues, however many start the study together
             for params in self.cfg.search.enqueue:
                 self.study.enqueue_trial(space.check_enqueued(params), skip_if_exists=True)
         try:
@@ -132,15 +141,13 @@ class StudyRunner:
             except (QuantizationError, Fp8BaseError) as e:
                 raise StudyError(f"the vanilla FP8 base could not be built: {e}") from None
 
-    def tracker(self):
+    def tracker(self) -> Tracker:
         """The study's MLflow mirror with its parent run started (or resumed)."""
-        from mtp_abliterate.search.study.tracking import Tracker
-
-        local = self.cfg.tracking.mlflow_uri is None  # a tracking server decides its own artifact store
+        uri = self.mlflow_uri()
         tracker = Tracker(
-            self.mlflow_uri(),
+            uri,
             self.cfg.name,
-            self.run_dir / "mlartifacts" if local else None,
+            None if served(uri) else self.run_dir / "mlartifacts",  # a tracking server keeps its own artifacts
             self.objectives,
             self.cfg.serving.num_speculative_tokens,
         )
@@ -163,10 +170,10 @@ class StudyRunner:
             "methods": ",".join(c.search.methods),
             "seed": c.search.seed,
             "n_trials": c.search.n_trials,
-            "storage": storage_url(c).split("@")[-1],  # never a password
+            "storage": redact(storage_url(c)),
         }
 
-    def sync(self, tracker) -> None:
+    def sync(self, tracker: Tracker) -> None:
         try:
             tracker.sync(self.study)
         except Exception as e:  # MLflow is a mirror; the next sync repairs it
@@ -204,7 +211,7 @@ class StudyRunner:
             raise
         finally:
             self.sync(tracker)
-            tracker.finish(status)
+            tracker.finish(self.study, status)
 
     def _optimize(self, limits: RunLimits, space: SearchSpace, pipeline: TrialPipeline, sync) -> None:
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -267,7 +274,9 @@ class StudyRunner:
         """Keep the self-check's verdict in the study (a resumed run reuses it) and fall back to cold starts when
         swapping did not reproduce a cold start."""
         self.swap_check_pending = False
-        records.save_swap_check(self.study, {**check, "trial": number, "key": swap_key(self.cfg, pipeline.base)})
+        records.save_swap_check(
+            self.study, self.host, {**check, "trial": number, "key": swap_key(self.cfg, pipeline.base)}
+        )
         if check["passed"]:
             console.print(f"swap self-check passed on trial {number}: {check['rule']}")
             return

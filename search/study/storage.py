@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
+import time
+import zlib
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.samplers import GPSampler, RandomSampler, TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from mtp_abliterate.search.config import StudyConfig, load_config
+from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.study.pareto import objective_specs
 from mtp_abliterate.search.study.records import TrialRecord, constraints_of, fail_running
 
-HEARTBEAT_S, GRACE_S = 60, 180
 POINTER = "study.json"
 
 
@@ -32,41 +34,101 @@ def run_dir_of(cfg: StudyConfig) -> Path:
 
 
 def storage_url(cfg: StudyConfig) -> str:
-    return cfg.storage.optuna_url or f"sqlite:///{(run_dir_of(cfg) / 'optuna.db').absolute()}"
+    """The config's URL, a bare postgresql:// taken with the psycopg driver (the `distributed` extra installs
+    psycopg 3; SQLAlchemy's default would be psycopg2), else SQLite in the study's folder."""
+    url = cfg.storage.optuna_url
+    if url is None:
+        return f"sqlite:///{(run_dir_of(cfg) / 'optuna.db').absolute()}"
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
 def tracking_uri(cfg: StudyConfig) -> str:
-    """The MLflow store: the config's, else a SQLite database beside the studies (no server needed)."""
-    return cfg.tracking.mlflow_uri or f"sqlite:///{(Path(cfg.resolve(cfg.runs_dir)) / 'mlflow.db').absolute()}"
+    """The MLflow store: the config's (a bare postgresql:// with psycopg, as for Optuna), else a SQLite database
+    beside the studies (no server needed)."""
+    uri = cfg.tracking.mlflow_uri
+    if uri is None:
+        return f"sqlite:///{(Path(cfg.resolve(cfg.runs_dir)) / 'mlflow.db').absolute()}"
+    return "postgresql+psycopg://" + uri.removeprefix("postgresql://") if uri.startswith("postgresql://") else uri
+
+
+class StorageError(RuntimeError):
+    """The study's storage cannot be opened; the one-line message names the fix."""
 
 
 def open_storage(cfg: StudyConfig) -> RDBStorage:
+    """The study's storage, reached (and its schema created) now, before any model loads. Raises StorageError."""
     run_dir_of(cfg).mkdir(parents=True, exist_ok=True)
-    return RDBStorage(
-        storage_url(cfg),
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    url = storage_url(cfg)
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=cfg.storage.heartbeat_s,
+                grace_period=cfg.storage.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Two processes creating the schema of a new database at once: the loser finds the tables next time.
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+        except Exception as e:
+            raise StorageError(_storage_failure(url, e)) from None
+    raise AssertionError("unreachable")
 
 
-def open_study(cfg: StudyConfig, storage: RDBStorage) -> optuna.Study:
-    """The study in `storage`, created on first use, with a sampler that does not replay earlier processes' draws."""
-    study = optuna.create_study(
-        study_name=cfg.name,
-        storage=storage,
-        directions=[o.direction.value for o in objective_specs(cfg)],
-        load_if_exists=True,
-    )
-    study.sampler = make_sampler(cfg, offset=len(study.get_trials(deepcopy=False)))
-    return study
+def _storage_failure(url: str, e: Exception) -> str:
+    shown = redact(url)
+    if isinstance(e, ImportError):
+        return (
+            f"storage.optuna_url {shown}: its database driver is not installed; "
+            "run `pip install 'mtp-abliterate[distributed]'` (psycopg for postgresql://)"
+        )
+    if isinstance(e, sqlalchemy.exc.ArgumentError):
+        return (
+            f"storage.optuna_url {shown} is not a database URL SQLAlchemy knows ({str(e).splitlines()[0]}); "
+            "use postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or sqlite:///PATH"
+        )
+    if isinstance(e, sqlalchemy.exc.OperationalError):
+        cause = " ".join((str(e.orig) if e.orig else str(e)).split())
+        if "FATAL" in cause:  # the server answered and refused: the URL's user, password or database
+            return (
+                f"the study's database {shown} refused the connection ({cause}); fix the user, password or database "
+                'name in storage.optuna_url (README "Several machines" creates them)'
+            )
+        return (
+            f"cannot reach the study's database {shown} ({cause}); start PostgreSQL there (README \"Several "
+            'machines") or fix storage.optuna_url'
+        )
+    return f"storage.optuna_url {shown}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def make_sampler(cfg: StudyConfig, offset: int) -> optuna.samplers.BaseSampler:
-    """Seeded by the config's seed plus the trials already in the study: a resumed process must not replay the
-    first process's draws (same seed, same RNG: it would propose the same candidates again)."""
+def redact(url: str) -> str:
+    """A URL as it may be printed and logged: without its password."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url.split("@")[-1]
+
+
+def open_study(cfg: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
+    """The study in `storage` and whether this process created it (exactly one process does, however many start
+    at once: the storage's unique study name decides), with a sampler that does not replay other processes' draws."""
+    directions = [o.direction.value for o in objective_specs(cfg)]
+    try:
+        study = optuna.create_study(study_name=cfg.name, storage=storage, directions=directions)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(study_name=cfg.name, storage=storage), False
+    study.sampler = make_sampler(cfg, offset=len(study.get_trials(deepcopy=False)), host=host_id())
+    return study, created
+
+
+def make_sampler(cfg: StudyConfig, offset: int, host: str) -> optuna.samplers.BaseSampler:
+    """Seeded by the config's seed, the trials already in the study and the host: a resumed process must not replay
+    the first process's draws, nor two hosts starting together draw the same candidates (same seed, same RNG)."""
     s = cfg.search
-    seed = s.seed + offset
+    seed = (s.seed + offset + zlib.crc32(host.encode())) % 2**32
     # Model-based samplers are always constrained: an invalid candidate is infeasible (`constraint_values`).
     if s.sampler == "tpe":
         return TPESampler(  # group: each method's parameters are modelled apart (a conditional space)
@@ -98,7 +160,7 @@ def _alive(pid: int) -> bool:
 
 def reap_dead_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
     """Trials RUNNING for a process of this host that no longer exists: failed now, re-queued once."""
-    host = socket.gethostname()
+    host = host_id()
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         r = TrialRecord.of(t)

@@ -12,20 +12,61 @@ import csv
 import math
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import optuna
-from mlflow.entities import Metric, Param, RunTag
+import sqlalchemy
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
+from mtp_abliterate.search.study.storage import redact
 
 TRIAL_TAG = "mtp_abliterate.trial_number"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached; the one-line message names the fix."""
+
+
+def served(uri: str) -> bool:
+    """Whether `uri` is an MLflow tracking server (it keeps the artifacts) rather than a store written directly."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_tracking(uri: str) -> None:
+    """Reach the MLflow store now, before any model loads (a study would otherwise find out after its vanilla
+    measurement). Raises TrackingError."""
+    if served(uri):
+        try:
+            httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as e:
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server {uri} ({type(e).__name__}: {e}); start it (`mlflow server`, "
+                'README "Several machines") or fix tracking.mlflow_uri'
+            ) from None
+    elif not uri.startswith(("sqlite:", "file:")) and "://" in uri:  # a database MLflow writes directly
+        try:
+            with sqlalchemy.create_engine(uri).connect():
+                pass
+        except ImportError:
+            raise TrackingError(
+                f"tracking.mlflow_uri {redact(uri)}: its database driver is not installed; "
+                "run `pip install 'mtp-abliterate[distributed]'`"
+            ) from None
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            raise TrackingError(
+                f"cannot reach the MLflow store {redact(uri)} ({str(e).strip().splitlines()[0]}); start the database "
+                "or fix tracking.mlflow_uri"
+            ) from None
 
 
 class Tracker:
@@ -39,32 +80,43 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.objectives = objectives
         self.positions = positions
-        found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            location = None
-            if artifact_dir is not None:
-                artifact_dir.mkdir(parents=True, exist_ok=True)
-                location = artifact_dir.absolute().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = found.experiment_id
+        self.experiment_id = self._experiment(experiment, artifact_dir)
         self.parent_id: str | None = None
+        self._created: str | None = None  # the parent run this process created, until another's is adopted
+
+    def _experiment(self, name: str, artifact_dir: Path | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if artifact_dir is not None:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            location = artifact_dir.absolute().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # another process of the study created it a moment ago
+            if (found := self.client.get_experiment_by_name(name)) is None:
+                raise
+            return found.experiment_id
+
+    def _active(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except mlflow.exceptions.MlflowException:
+            return False  # a different MLflow store than last time
 
     def start_parent(
         self, study: optuna.Study, params: dict[str, Any], versions: dict[str, str], config_text: str
     ) -> str:
-        """The study's parent run: reused on resume (its id is kept in the Optuna study), else created."""
+        """The study's parent run: the one recorded in the Optuna study (a resumed study, or another process of
+        it), else created and recorded."""
         run_id = mlflow_parent(study)
-        if run_id:
-            try:
-                self.client.get_run(run_id)
-                self.parent_id = run_id
-                self.client.update_run(run_id, status="RUNNING")
-                return run_id
-            except mlflow.exceptions.MlflowException:
-                pass  # a different MLflow store than last time: start a new parent
+        if run_id and self._active(run_id):
+            self.parent_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
         run = self.client.create_run(self.experiment_id, run_name=study.study_name, tags={"kind": "study"})
-        self.parent_id = run.info.run_id
+        self.parent_id = self._created = run.info.run_id
         set_mlflow_parent(study, self.parent_id)
         self.client.log_batch(
             self.parent_id,
@@ -75,7 +127,28 @@ class Tracker:
             path = Path(tmp) / "config.toml"
             path.write_text(config_text)
             self.client.log_artifact(self.parent_id, str(path))
+        self._follow_parent(study)
         return self.parent_id
+
+    def _follow_parent(self, study: optuna.Study) -> None:
+        """Two processes that start a study at the same moment each create a parent run; the storage keeps the one
+        recorded last, and every process follows it: the other creator deletes its own (and any child logged
+        under it, logged again under the survivor by the next sync). One parent whatever the timing."""
+        current = mlflow_parent(study)
+        if current is None or current == self.parent_id or not self._active(current):
+            return
+        mine, self.parent_id = self.parent_id, current
+        if mine is not None and mine == self._created:
+            self._created = None
+            for run in self._children(mine):
+                self._delete(run.info.run_id)
+            self._delete(mine)
+
+    def _delete(self, run_id: str) -> None:
+        try:
+            self.client.delete_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            pass  # deleted a moment ago by another process
 
     def _log_reference_points(self, marks: dict[str, dict[str, float]]) -> None:
         """Vanilla and `study reference` points, as `<name>.*` metrics of the parent run."""
@@ -83,19 +156,40 @@ class Tracker:
         for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
             self.client.log_batch(self.parent_id, metrics=metrics[i : i + 900])
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.parent_id:
-            self.client.set_terminated(self.parent_id, status=status)
+    def finish(self, study: optuna.Study, status: str = "FINISHED") -> None:
+        """End the parent run, unless another process of the study is still running a trial: the last one to stop
+        ends it."""
+        if not self.parent_id:
+            return
+        fail_stale_trials(study)  # a trial of a dead host must not keep the run open
+        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return
+        self.client.set_terminated(self.parent_id, status=status)
+
+    def _children(self, parent_id: str) -> list[Run]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000
+        )
 
     def _logged_trials(self) -> dict[int, str]:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}'", max_results=50000
-        )
-        return {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+        """Trial number -> its child run. A trial two processes logged at the same moment keeps one run, the same
+        one whichever process looks (the smallest id); the others are deleted."""
+        by_trial: dict[int, list[str]] = defaultdict(list)
+        for r in self._children(self.parent_id):
+            if TRIAL_TAG in r.data.tags:
+                by_trial[int(r.data.tags[TRIAL_TAG])].append(r.info.run_id)
+        logged = {}
+        for number, ids in by_trial.items():
+            keep, *extra = sorted(ids)
+            for run_id in extra:
+                self._delete(run_id)
+            logged[number] = keep
+        return logged
 
     def sync(self, study: optuna.Study) -> list[FrozenTrial]:
-        """Log every finished trial not yet in MLflow, retag the Pareto front, refresh the parent's artifacts.
-        Returns the Pareto front."""
+        """Follow the study's parent run, log every finished trial not yet in MLflow (whichever process ran it),
+        retag the Pareto front, refresh the parent's artifacts. Returns the Pareto front."""
+        self._follow_parent(study)
         trials = study.get_trials(deepcopy=False)
         logged = self._logged_trials()
         for t in trials:
@@ -129,6 +223,7 @@ class Tracker:
             "invalid_reason": r.invalid_reason,
             "not_measured": r.not_measured,
             "retry_of": r.retry_of,
+            "host": r.host,
         }
         self.client.log_batch(
             run_id,

