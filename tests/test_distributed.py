@@ -29,7 +29,7 @@ from mtp_abliterate.search.hosts import HOST_ENV
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
 from mtp_abliterate.search.study.runner import StudyRunner
-from mtp_abliterate.search.study.tracking import TRIAL_TAG
+from mtp_abliterate.search.study.tracking import TRIAL_TAG, Tracker
 from tests.conftest import CLI, ORGANISM_TOML, REPO, write_study_config
 from tests.services import MlflowServer, Postgres, free_port
 
@@ -185,6 +185,35 @@ def test_two_hosts_share_one_study_and_a_killed_hosts_trial_is_finished_by_the_o
     with open(client.download_artifacts(parent.info.run_id, "hypervolume.csv", str(out))) as f:
         drawn = {int(row["trial"]) for row in csv.DictReader(f)}
     assert {t.user_attrs["host"] for t in complete if t.number in drawn} == set(HOSTS)
+
+
+def test_two_processes_that_create_a_parent_run_at_once_converge_on_one(backends) -> None:
+    """The race the two-process study can only hit by chance, played in order on the real stores: process b read
+    the study before process a recorded its parent, so both created one; and both logged one trial at once."""
+    pg, mlflow = backends
+    objectives = objective_specs(load_config(ORGANISM_TOML, check_paths=False))
+    study = optuna.create_study(
+        study_name="race", storage=with_psycopg(pg.url("optuna")), directions=[o.direction.value for o in objectives]
+    )
+    for host, values in (("host-a", [0.0, 0.1, 3.0]), ("host-b", [0.2, 0.01, 3.5])):
+        study.add_trial(optuna.trial.create_trial(values=values, user_attrs={"host": host}))
+    a, b = (Tracker(mlflow.uri, "race", None, objectives, 4) for _ in range(2))
+    a.start_parent(study, {}, {}, "")
+    a.sync(study)  # a's parent, with both trials as its children
+    mine = a.parent_id
+    records.set_mlflow_parent(study, "")  # what b read: nothing recorded yet
+    b.start_parent(study, {}, {}, "")  # b creates its own and records it last
+    b._log_trial(study.trials[0])  # b's sync logs trial 0 at the moment a's does
+    a.sync(study)
+    b.sync(study)
+
+    client = MlflowClient(tracking_uri=mlflow.uri)
+    experiment = client.get_experiment_by_name("race").experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.kind = 'study'")
+    assert [r.info.run_id for r in parents] == [b.parent_id] == [a.parent_id]
+    assert client.get_run(mine).info.lifecycle_stage == "deleted"
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{b.parent_id}'")
+    assert sorted(int(r.data.tags[TRIAL_TAG]) for r in children) == [0, 1]
 
 
 def test_each_host_keeps_its_own_fp8_base_module_io_and_swap_verdict(backends, two_hosts) -> None:
