@@ -224,8 +224,6 @@ def study_run(
     dry_run: Annotated[bool, typer.Option(help="print the commands of the study's vLLM servers and exit")] = False,
 ) -> None:
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
-    import time
-
     from mtp_abliterate.search.candidate.ara import AbliterationError
     from mtp_abliterate.search.disk import DiskFullError
     from mtp_abliterate.search.study.errors import StudyError
@@ -233,6 +231,7 @@ def study_run(
     from mtp_abliterate.search.study.runner import StudyRunner
     from mtp_abliterate.search.study.serving_plan import study_servers
     from mtp_abliterate.search.study.space import SpaceError
+    from mtp_abliterate.search.study.tracking import served
 
     cfg = _config(file)
     if runs_dir:
@@ -258,11 +257,9 @@ def study_run(
     except (StudyError, DiskFullError, SpaceError, AbliterationError) as e:
         fail(str(e))
     console.print(views.pareto_table(runner.study, runner.objectives, cfg.serving.num_speculative_tokens))
-    console.print(
-        f"study folder: {runner.run_dir}\n"
-        f"browse it in MLflow: mtp-abliterate ui {runner.run_dir}   (or: mlflow ui --backend-store-uri "
-        f"{runner.mlflow_uri()})"
-    )
+    uri = runner.mlflow_uri()
+    browse = uri if served(uri) else f"mtp-abliterate ui {runner.run_dir} [--dashboard]"
+    console.print(f"study folder: {runner.run_dir}\nbrowse it: {browse}")
 
 
 @study_app.command("reference")

@@ -16,14 +16,26 @@ from tests.conftest import CLI, ORGANISM_TOML, write_study_config
 from tests.conftest import ORGANISM_CONFIG as CONFIG
 
 
-def _baseline(tmp_path: Path, label: str, model: Path | None, n: str = "1,4") -> dict:
-    study = write_study_config(ORGANISM_TOML, tmp_path / "study.toml", runs_dir=tmp_path)
+def _start_baseline(study: Path, label: str, model: Path | None, n: str) -> tuple[subprocess.Popen, Path]:
+    """`mtp-abliterate baseline` started in the background; its stdout and stderr go to files beside the config."""
     cmd = [*CLI, "baseline", str(study), "--n", n, "--label", label]
     cmd += ["--model", str(model)] if model else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "tok/s 1 stream" in proc.stdout and f"tok/s {CONFIG.acceptance.concurrency} streams" in proc.stdout
-    out = tmp_path / "organism" / "baseline" / label
+    log = study.parent / f"baseline-{label}"
+    with log.with_suffix(".stdout").open("w") as out, log.with_suffix(".stderr").open("w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err), log
+
+
+def _finished(started: tuple[subprocess.Popen, Path], label: str) -> dict:
+    proc, log = started
+    try:
+        returncode = proc.wait(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = log.with_suffix(".stdout").read_text()
+    assert returncode == 0, stdout[-3000:] + log.with_suffix(".stderr").read_text()[-3000:]
+    assert "tok/s 1 stream" in stdout and f"tok/s {CONFIG.acceptance.concurrency} streams" in stdout
+    out = log.parent / "organism" / "baseline" / label
     assert (out / "baseline.csv").is_file() and "model-fp8" in json.loads((out / "baseline.json").read_text())["model"]
     rows = json.loads((out / "baseline.json").read_text())["rows"]
     return {(r["n"], r["prompt_set"]): r for r in rows}
@@ -31,16 +43,22 @@ def _baseline(tmp_path: Path, label: str, model: Path | None, n: str = "1,4") ->
 
 @pytest.mark.usefixtures("vllm_python")
 def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
-    cfg = CONFIG.model_copy(
-        update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}
-    )
-    resident = Resident(cfg, cache_dir=None)
-    resident.apply(DirectionalParameters(**DIRECTIONAL_PARAMETERS))
-    assert resident.evaluate()["refusal_rate"].value <= 0.2
-    abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
-
-    vanilla = _baseline(tmp_path, "vanilla", None, n="0,1,4")
-    ablit = _baseline(tmp_path, "abliterated", abliterated)
+    study = write_study_config(ORGANISM_TOML, tmp_path / "study.toml", runs_dir=tmp_path)
+    # The vanilla baseline (its own process, FP8 model and vLLM servers) runs while the abliterated body is made.
+    vanilla_run = _start_baseline(study, "vanilla", None, n="0,1,4")
+    try:
+        cfg = CONFIG.model_copy(
+            update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}
+        )
+        resident = Resident(cfg, cache_dir=None)
+        resident.apply(DirectionalParameters(**DIRECTIONAL_PARAMETERS))
+        assert resident.refusal.compute().value <= 0.2
+        abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
+        ablit = _finished(_start_baseline(study, "abliterated", abliterated, n="1,4"), "abliterated")
+    except BaseException:
+        vanilla_run[0].kill()  # its servers die with it (PR_SET_PDEATHSIG)
+        raise
+    vanilla = _finished(vanilla_run, "vanilla")
     for rows in (vanilla, ablit):
         assert all(r["invalid_reason"] is None for r in rows.values())
         assert all(r["single_stream_tok_s"] > 0 and r["aggregate_tok_s"] > 0 for r in rows.values())

