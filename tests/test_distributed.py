@@ -252,7 +252,10 @@ def test_ui_opens_optuna_dashboard_on_the_shared_study(backends, two_hosts) -> N
     try:
         listed = wait_for(lambda: answer(url), 120, "optuna-dashboard", ui).json()["study_summaries"]
         assert [s["study_name"] for s in listed] == [STUDY]
-        assert len(listed[0]["directions"]) == 3  # its Pareto-front plot picks any two of the three
+        detail = httpx.get(f"{url}/{listed[0]['study_id']}?after=0", timeout=30).json()
+        # Its Pareto-front plot picks any two of the three objectives, by name.
+        objectives = objective_specs(load_config(two_hosts["tmp"] / "host-b.toml"))
+        assert detail["objective_names"] == [o.name for o in objectives]
     finally:
         ui.terminate()  # as Ctrl-C: both servers stop
         out, _ = ui.communicate(timeout=60)

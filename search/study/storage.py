@@ -114,12 +114,16 @@ def redact(url: str) -> str:
 def open_study(cfg: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, bool]:
     """The study in `storage` and whether this process created it (exactly one process does, however many start
     at once: the storage's unique study name decides), with a sampler that does not replay other processes' draws."""
-    directions = [o.direction.value for o in objective_specs(cfg)]
+    objectives = objective_specs(cfg)
     try:
-        study = optuna.create_study(study_name=cfg.name, storage=storage, directions=directions)
+        study = optuna.create_study(
+            study_name=cfg.name, storage=storage, directions=[o.direction.value for o in objectives]
+        )
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         study, created = optuna.load_study(study_name=cfg.name, storage=storage), False
+    if study.metric_names is None:  # optuna-dashboard's plots name the objectives by these, not "Objective 0"
+        study.set_metric_names([o.name for o in objectives])
     study.sampler = make_sampler(cfg, offset=len(study.get_trials(deepcopy=False)), host=host_id())
     return study, created
 
