@@ -7,6 +7,7 @@ fails its trial through Optuna's heartbeat, re-queues it and finishes it.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import signal
@@ -84,11 +85,15 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, *procs: su
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def load_shared(pg: Postgres) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=STUDY, storage=with_psycopg(pg.url("optuna")))
-    except KeyError:
-        return None
+@functools.cache
+def shared_storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) for all of the test's reads: a storage per poll would leave a pool per
+    poll open until garbage collection, and PostgreSQL refuses clients past max_connections (100)."""
+    return optuna.storages.RDBStorage(with_psycopg(url))
+
+
+def load_shared(pg: Postgres) -> optuna.Study:
+    return optuna.load_study(study_name=STUDY, storage=shared_storage(pg.url("optuna")))
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +116,11 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory, backends, vllm_python: P
     a, b = procs["host-a"], procs["host-b"]
 
     def a_measures_its_second_trial():
-        study = load_shared(pg)
-        if study is None:
+        # Both pointers are written once the processes have created the schema and the study: reading the storage
+        # earlier would race them on the schema.
+        if not all((tmp / f"runs-{host}" / STUDY / "study.json").exists() for host in HOSTS):
             return None
-        mine = [t for t in study.get_trials() if t.user_attrs.get("host") == "host-a"]
+        mine = [t for t in load_shared(pg).get_trials() if t.user_attrs.get("host") == "host-a"]
         running = [
             t for t in mine if t.state == TrialState.RUNNING and t.user_attrs.get("stage") in ("refusals", "acceptance")
         ]
@@ -251,11 +257,12 @@ def test_ui_opens_optuna_dashboard_on_the_shared_study(backends, two_hosts) -> N
     ui = start_ui(str(two_hosts["tmp"] / "runs-host-b" / STUDY), "--dashboard", "--dashboard-port", str(port))
     try:
         listed = wait_for(lambda: answer(url), 120, "optuna-dashboard", ui).json()["study_summaries"]
-        assert [s["study_name"] for s in listed] == [STUDY]
-        detail = httpx.get(f"{url}/{listed[0]['study_id']}?after=0", timeout=30).json()
+        shared = next(s for s in listed if s["study_name"] == STUDY)  # the storage also holds the race test's
+        detail = httpx.get(f"{url}/{shared['study_id']}?after=0", timeout=30).json()
         # Its Pareto-front plot picks any two of the three objectives, by name.
         objectives = objective_specs(load_config(two_hosts["tmp"] / "host-b.toml"))
         assert detail["objective_names"] == [o.name for o in objectives]
+        assert len(detail["trials"]) == len(load_shared(backends[0]).trials)  # both hosts' trials
     finally:
         ui.terminate()  # as Ctrl-C: both servers stop
         out, _ = ui.communicate(timeout=60)

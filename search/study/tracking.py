@@ -55,8 +55,12 @@ def check_tracking(uri: str) -> None:
             ) from None
     elif not uri.startswith(("sqlite:", "file:")) and "://" in uri:  # a database MLflow writes directly
         try:
-            with sqlalchemy.create_engine(uri).connect():
-                pass
+            engine = sqlalchemy.create_engine(uri)
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()  # the study's MLflow client opens its own
         except ImportError:
             raise TrackingError(
                 f"tracking.mlflow_uri {redact(uri)}: its database driver is not installed; "
