@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,13 +24,11 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from rich.console import Console
 
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.hosts import HOST_ENV
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
-from mtp_abliterate.search.study.runner import StudyRunner
 from mtp_abliterate.search.study.tracking import TRIAL_TAG, Tracker
 from tests.conftest import CLI, ORGANISM_TOML, REPO, write_study_config
 from tests.services import MlflowServer, Postgres, free_port
@@ -291,7 +290,15 @@ def descendants(pid: int) -> list[str]:
 def test_ui_beside_a_study_starts_mlflow_with_one_worker_and_no_job_consumers(tmp_path: Path) -> None:
     """A study folder on the default local stores (its storage and pointer are written before any model loads)."""
     cfg = write_study_config(ORGANISM_TOML, tmp_path / "local.toml", name="local", runs_dir=tmp_path / "runs")
-    StudyRunner(load_config(cfg, check_paths=False), Console(), cfg)
+    # In its own process: the runner quiets libraries through the environment, which later tests' processes would
+    # inherit from this one.
+    program = (
+        "import sys; from pathlib import Path; from rich.console import Console\n"
+        "from mtp_abliterate.search.config import load_config\n"
+        "from mtp_abliterate.search.study.runner import StudyRunner\n"
+        "StudyRunner(load_config(Path(sys.argv[1])), Console(), Path(sys.argv[1]))\n"
+    )
+    subprocess.run([sys.executable, "-c", program, str(cfg)], cwd=REPO, check=True, capture_output=True, timeout=300)
     port = free_port()
     ui = start_ui(str(tmp_path / "runs" / "local"), "--port", str(port))
     try:
