@@ -348,9 +348,10 @@ def ui(
         console.print(f"optuna-dashboard for study {cfg.name}: {url}  (Pareto front: pick any two objectives)")
     if not commands:
         return
-    for command in commands:
-        if port_in_use(p := int(command[command.index("--port") + 1])):
-            option = "--dashboard-port" if "optuna" in command[0] else "--port"
+    wanted = {"--port": port} if not served(uri) else {}
+    wanted |= {"--dashboard-port": dashboard_port} if dashboard else {}
+    for option, p in wanted.items():
+        if port_in_use(p):
             fail(f"port {p} is already in use; pass {option} with a free one")
     console.print("Ctrl-C to stop")
     # MLflow's job consumers serve its GenAI features, which a study never uses: they would cost ~8 processes.

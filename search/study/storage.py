@@ -39,6 +39,10 @@ def storage_url(cfg: StudyConfig) -> str:
     url = cfg.storage.optuna_url
     if url is None:
         return f"sqlite:///{(run_dir_of(cfg) / 'optuna.db').absolute()}"
+    return _with_psycopg(url)
+
+
+def _with_psycopg(url: str) -> str:
     return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
@@ -48,7 +52,7 @@ def tracking_uri(cfg: StudyConfig) -> str:
     uri = cfg.tracking.mlflow_uri
     if uri is None:
         return f"sqlite:///{(Path(cfg.resolve(cfg.runs_dir)) / 'mlflow.db').absolute()}"
-    return "postgresql+psycopg://" + uri.removeprefix("postgresql://") if uri.startswith("postgresql://") else uri
+    return _with_psycopg(uri)
 
 
 class StorageError(RuntimeError):
