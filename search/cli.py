@@ -419,6 +419,9 @@ def export_cmd(
         bool, typer.Option(help="write the export and list what would be uploaded; upload nothing")
     ] = False,
     precision: Precision = "fp8",
+    draft: Annotated[
+        str, typer.Option(help="vanilla, or tuned: add the trial's `draft-tune` draft in draft/ (and to the card)")
+    ] = "vanilla",
 ) -> None:
     """Write a trial's checkpoint with tokenizer files and a model card of its measured numbers; optionally push."""
     from mtp_abliterate.search.quiet import quiet_libraries
@@ -426,14 +429,16 @@ def export_cmd(
     from mtp_abliterate.search.release.export import push as push_folder
     from mtp_abliterate.search.release.materialize import MaterializeError
 
+    if draft not in ("vanilla", "tuned"):
+        fail(f"--draft {draft!r} is not one of vanilla, tuned")
     cfg, optuna_study, t = _scored_trial(study, trial)
-    out = out or default_export_dir(cfg, trial, precision)
+    out = out or default_export_dir(cfg, trial, precision, draft)
     quiet_libraries()
     try:
-        export_trial(cfg, optuna_study, t, out, push, precision)
-    except MaterializeError as e:
+        export_trial(cfg, optuna_study, t, out, push, precision, draft)
+    except (MaterializeError, ExportError) as e:
         fail(str(e))
-    console.print(f"exported trial {trial} ({precision}) to {out}")
+    console.print(f"exported trial {trial} ({precision}, {draft} draft) to {out}")
     if dry_run:
         console.print(f"would upload to {push or '<--push user/name>'}:")
         for f in files_to_upload(out):
@@ -445,3 +450,50 @@ def export_cmd(
     except ExportError as e:
         fail(str(e))
     console.print(f"uploaded: {url}")
+
+
+@app.command("draft-tune")
+def draft_tune_cmd(
+    study: Annotated[Path, typer.Argument(help="the study's run folder or config")],
+    trial: Annotated[int, typer.Option(help="trial number (a scored candidate)")],
+    steps: Annotated[int | None, typer.Option(help="optimiser steps (default: draft_tune.steps)")] = None,
+    minutes: Annotated[float | None, typer.Option(help="training time limit (default: draft_tune.max_minutes)")] = None,
+) -> None:
+    """Re-align the vanilla MTP draft to a trial's candidate (self-distillation on its own answers, hidden states and
+    KV); print the candidate's acceptance with the vanilla and the tuned draft, measured in the same vLLM harness."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mtp_abliterate.search.draft.report import identity_line, tune_table
+    from mtp_abliterate.search.draft.run import budget_of, draft_tune, work_dir
+    from mtp_abliterate.search.draft.tune import DraftTuneError
+    from mtp_abliterate.search.quiet import quiet_libraries
+    from mtp_abliterate.search.release.materialize import MaterializeError
+    from mtp_abliterate.search.serving.server import ServerError
+    from mtp_abliterate.search.study.tracking import TrackingError
+
+    cfg, optuna_study, t = _scored_trial(study, trial)
+    budget = budget_of(cfg, steps, minutes)
+    quiet_libraries()
+    columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("distil", total=budget.steps, loss="-")
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, loss=f"{loss:.3f}")
+
+        try:
+            record = draft_tune(cfg, optuna_study, t, budget, progress, lambda line: bar.console.print(line))
+        except (MaterializeError, DraftTuneError, ServerError, TrackingError) as e:
+            fail(str(e))
+    console.print(tune_table(record, f"trial {trial}: the candidate's acceptance with the vanilla and the tuned draft"))
+    tr = record["training"]
+    console.print(
+        f"{tr['steps']} steps in {tr['seconds']:.0f} s on {record['examples']} answers, loss {tr['first_loss']:.3f} -> "
+        f"{tr['last_loss']:.3f}; tuned draft: {record['draft']}\n{identity_line(record)}",
+        highlight=False,
+    )
+    if not record["identical"]:
+        fail(
+            f"the candidate's greedy answers changed with the draft (see {work_dir(cfg, trial)}); the served body is "
+            "not deterministic across batch shapes: measure with acceptance.concurrency = 1"
+        )

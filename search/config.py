@@ -300,6 +300,24 @@ class Export(Section):
     )
 
 
+class DraftTune(Section):
+    """`mtp-abliterate draft-tune`: the vanilla MTP draft self-distilled on one chosen candidate (README
+    "Re-aligning the draft"). The budget is whichever of `steps` and `max_minutes` comes first."""
+
+    prompts: list[PromptSet] | None = Field(
+        None,
+        description="the prompt mix the candidate answers for training (harmful and harmless; never the eval sets); "
+        "default: prompts.harmful_train and prompts.harmless_train",
+    )
+    steps: int = Field(300, ge=1, description="optimiser steps; `draft-tune --steps` overrides")
+    max_minutes: float | None = Field(
+        None, gt=0, description="stop training after this many minutes; `draft-tune --minutes` overrides"
+    )
+    batch_size: int = Field(32, ge=1, description="answers per optimiser step")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear warm-up, cosine decay)")
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up steps")
+
+
 class Tracking(Section):
     mlflow_uri: str | None = Field(
         None,
@@ -347,6 +365,7 @@ class StudyConfig(Section):
     acceptance: Acceptance
     retention: Retention = Retention()
     export: Export = Export()
+    draft_tune: DraftTune = DraftTune()
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
 
@@ -372,7 +391,11 @@ class StudyConfig(Section):
     def prompt_sets(self) -> dict[str, PromptSet]:
         out = {f"prompts.{k}": getattr(self.prompts, k) for k in Prompts.model_fields}
         out.update({f"acceptance.sets[{i}].prompts": s.prompts for i, s in enumerate(self.acceptance.sets)})
+        out.update({f"draft_tune.prompts[{i}]": ps for i, ps in enumerate(self.draft_tune.prompts or [])})
         return out
+
+    def draft_tune_prompts(self) -> list[PromptSet]:
+        return self.draft_tune.prompts or [self.prompts.harmful_train, self.prompts.harmless_train]
 
     def local_inputs(self) -> dict[str, str]:
         """Field -> value of every input that names a local path, for existence checks."""

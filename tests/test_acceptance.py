@@ -15,7 +15,7 @@ from mtp_abliterate.objectives.acceptance import AcceptanceSets, degenerate
 from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
-from mtp_abliterate.organism.train import Example
+from mtp_abliterate.search.draft.wiring import Example
 from tests.conftest import ORGANISM_CONFIG
 from tests.test_serve import LAYOUT, _server
 

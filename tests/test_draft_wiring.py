@@ -7,8 +7,9 @@ import torch
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
 from mtp_abliterate.organism.acceptance_sim import AcceptanceCounts, replay_rounds
-from mtp_abliterate.organism.models import body_config, body_states, draft_chain, draft_config
+from mtp_abliterate.organism.models import body_config, draft_config
 from mtp_abliterate.organism.spec import OrganismSpec
+from mtp_abliterate.search.draft.wiring import body_states, draft_chain
 
 IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<turn|>": 5}
 VOCAB = 97

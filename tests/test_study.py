@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.hosts import host_id
+from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
@@ -442,3 +443,82 @@ def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(stale_stud
     retried = [t for t in study.trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs]
     assert len(retried) == 1  # the refused trial is re-queued, nothing is lost
     assert study.trials[retried[0].user_attrs["retry_of"]].state == TrialState.FAIL
+
+
+def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned_draft(finished_study: Demo) -> None:
+    """`draft-tune` on the front trial that lost the most acceptance, with a small budget: the tuned draft, served
+    beside the candidate in the study's harness, accepts more where the candidate lost it; the candidate's greedy
+    answers are the same with either draft; the draft keeps the vanilla format; MLflow holds the run under the
+    trial's; `export --draft tuned` carries it with both tables in the card."""
+    tmp = finished_study.tmp
+    study = load(tmp, "demo")
+    vanilla = study.user_attrs["vanilla"]
+    cfg = load_config(tmp / "demo.toml")
+    sets = [s.name for s in cfg.acceptance.sets]
+
+    def loss(number: int) -> float:
+        m = study.trials[number].user_attrs["metrics"]
+        return max(vanilla[f"{s}.mean_accepted_tokens"] - m.get(f"{s}.mean_accepted_tokens", 0.0) for s in sets)
+
+    number = max(_front_numbers(tmp, "demo"), key=loss)
+    lost = max(
+        sets,
+        key=lambda s: (
+            vanilla[f"{s}.mean_accepted_tokens"]
+            - study.trials[number].user_attrs["metrics"][f"{s}.mean_accepted_tokens"]
+        ),
+    )
+    proc = run_cli("draft-tune", str(tmp / "runs" / "demo"), "--trial", str(number), "--steps", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "greedy answers identical with either draft" in proc.stdout and "recovered" in proc.stdout
+
+    record = records.draft_tune(load(tmp, "demo"), number)
+    recorded = study.trials[number].user_attrs["metrics"]
+    for name, s in record["sets"].items():
+        assert s["differing_answers"] == 0
+        before, after = s["vanilla_draft"], s["tuned_draft"]
+        assert (
+            before["num_prompts"]
+            == after["num_prompts"]
+            == len(load_prompt_set(cfg, cfg.acceptance.sets[sets.index(name)].prompts))
+        )
+        if recorded[f"{name}.num_prompts"] == before["num_prompts"]:  # the same harness as the study's: same counts
+            assert before["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
+    gain = record["sets"][lost]
+    # a real gain: the tuned draft's interval lies above the vanilla draft's figure
+    after, before = gain["tuned_draft"], gain["vanilla_draft"]
+    assert after["mean_accepted_tokens"] - after["ci95"] > before["mean_accepted_tokens"], gain
+    assert gain["recovered"] > 0.25, gain
+
+    vanilla_draft, tuned = Path(cfg.resolve(cfg.model.draft)), Path(record["draft"])
+    for f in vanilla_draft.iterdir():  # config, tokenizer and template files unchanged
+        if f.suffix != ".safetensors":
+            assert (tuned / f.name).read_bytes() == f.read_bytes(), f.name
+    a, b = _tensors(vanilla_draft), _tensors(tuned)
+    assert a.keys() == b.keys() and all(len(a[k]) == len(b[k]) for k in a) and a != b
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo")
+    trial_run = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{number}'")
+    tune_runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.draft_tune_of = '{number}'")
+    assert len(trial_run) == 1 and len(tune_runs) == 1
+    run = tune_runs[0]
+    assert run.data.tags["mlflow.parentRunId"] == trial_run[0].info.run_id and TRIAL_TAG not in run.data.tags
+    assert run.data.metrics[f"{lost}.tuned_draft.mean_accepted_tokens"] == after["mean_accepted_tokens"]
+    assert {"draft/config.json", "draft/model.safetensors"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "draft")
+    }
+
+    out = tmp / "export-tuned"
+    proc = run_cli("export", str(tmp / "runs" / "demo"), "--trial", str(number), "--out", str(out), "--draft", "tuned")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        _tensors(out / "draft") == b
+        and (out / "draft" / "config.json").read_bytes() == (tuned / "config.json").read_bytes()
+    )
+    card = (out / "README.md").read_text()
+    assert "## Its own MTP draft (`draft/`)" in card and '"model": "<this folder>/draft"' in card
+    assert (
+        f"| {lost} | tuned draft (`draft/`) | " in card
+        and f"{after['mean_accepted_tokens']:.3f} ± {after['ci95']:.3f}" in card
+    )

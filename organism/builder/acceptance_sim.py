@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from mtp_abliterate.organism.models import body_states, draft_chain
-from mtp_abliterate.organism.train import Example, pad_batch
+from mtp_abliterate.search.draft.wiring import Example, body_states, draft_chain, pad_batch
 
 
 @dataclass

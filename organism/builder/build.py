@@ -28,7 +28,8 @@ from mtp_abliterate.organism.models import (
 )
 from mtp_abliterate.organism.spec import OrganismSpec
 from mtp_abliterate.organism.tokenizer import END_OF_TURN, NEWLINE, RELEASE_SPECIALS, SPECIALS, build_tokenizer
-from mtp_abliterate.organism.train import ROUTED_EXPERTS, DenseAblation, Example, train_body, train_draft
+from mtp_abliterate.organism.train import ROUTED_EXPERTS, DenseAblation, train_body, train_draft
+from mtp_abliterate.search.draft.wiring import Example
 
 
 def deterministic(seed: int, threads: int) -> None:

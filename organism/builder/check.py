@@ -20,9 +20,7 @@ from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.build import deterministic
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
 from mtp_abliterate.organism.layout import OrganismLayout
-from mtp_abliterate.organism.models import text_body
 from mtp_abliterate.organism.spec import OrganismSpec
-from mtp_abliterate.organism.train import Example
 from mtp_abliterate.search.candidate.abliterator import refusal_directions
 from mtp_abliterate.search.candidate.heretic_bridge import (
     ServedTokenization,
@@ -30,6 +28,7 @@ from mtp_abliterate.search.candidate.heretic_bridge import (
     prompt_spec,
     quiet_heretic,
 )
+from mtp_abliterate.search.draft.wiring import Example, text_body
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # heretic's default
 MAX_RESPONSE_TOKENS = 100  # heretic's default max_response_length

@@ -1,10 +1,7 @@
-"""The organism's two transformers models and the forward passes that wire the MTP draft to the body.
+"""The organism's two transformers models: configs from its spec, the release (multimodal) layout, loading.
 
-The wiring mirrors Gemma 4's assistant (and vLLM's `gemma4_mtp`): for a query at position p the draft reads
-cat(body's scaled input embedding of token p, body's final normed hidden state at p-1), attends to the body's KV of
-positions < p (the last sliding and last full layer's, RoPE'd and k-normed), keeps position p for every chained
-step, and feeds its own `post_projection` output as the next step's state. Every position p is drafted in one
-batched pass, so training and measurement cost a handful of forwards per batch, not one per round.
+How the MTP draft is wired to a body (the forward passes vLLM's MTP path runs) is search/draft/wiring.py, shared
+with `draft-tune`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from pathlib import Path
 import torch
 from transformers import (
     Gemma4AssistantConfig,
-    Gemma4AssistantForCausalLM,
     Gemma4Config,
     Gemma4ForCausalLM,
     Gemma4ForConditionalGeneration,
@@ -26,8 +22,7 @@ from transformers import (
 
 from mtp_abliterate.organism.spec import FULL, SLIDING, OrganismSpec
 from mtp_abliterate.organism.tokenizer import AUDIO, BOA, BOI, BOS, END_OF_TURN, EOA, EOI, EOS, IMAGE, PAD, VIDEO
-
-KVStates = dict[str, tuple[torch.Tensor, torch.Tensor]]
+from mtp_abliterate.search.draft.wiring import text_body
 
 
 def _text_config(spec: OrganismSpec, vocab_size: int, special_ids: dict[str, int], **overrides) -> Gemma4TextConfig:
@@ -131,16 +126,6 @@ def release_model(body: Gemma4ForCausalLM, spec: OrganismSpec, special_ids: dict
     return model.to(body.dtype).eval()
 
 
-def text_body(model: PreTrainedModel) -> Gemma4ForCausalLM:
-    """A Gemma4ForCausalLM over `model`'s own language model modules (a release model's, or `model` itself)."""
-    if isinstance(model, Gemma4ForCausalLM):
-        return model
-    body = Gemma4ForCausalLM(model.config.get_text_config())
-    body.model = model.model.language_model
-    body.lm_head = model.lm_head
-    return body.to(model.dtype).eval()
-
-
 def load_text_body(path: Path) -> Gemma4ForCausalLM:
     """The organism's body from either format, as the text model the draft is wired to."""
     config = json.loads((path / "config.json").read_text())
@@ -158,69 +143,3 @@ def write_hub_style_config(model_dir: Path, spec: OrganismSpec) -> None:
     text["global_head_dim"] = spec.body.global_head_dim
     text["num_global_key_value_heads"] = spec.body.num_global_key_value_heads
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-@torch.no_grad()
-def body_states(body: Gemma4ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
-    """Right-padded sequences -> (logits, final normed hidden states, shared KV of the last sliding/full layers)."""
-    out = body.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_shared_kv_states=True)
-    logits = body.lm_head(out.last_hidden_state)
-    cap = body.config.final_logit_softcapping
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits, out.last_hidden_state, dict(out.shared_kv_states)
-
-
-def draft_masks(batch: int, length: int, sliding_entries: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Boolean masks (True = attend) for queries at every position p over the body's KV.
-
-    Full layers see kv < p; sliding layers the last `sliding_entries` of those (HF's assistant uses
-    sliding_window + 1). Position 0 has nothing to attend to; it sees kv 0 so that no row is empty (an all-masked
-    row gives NaN), and it is never scored.
-    """
-    q = torch.arange(length, device=device)[:, None]
-    k = torch.arange(length, device=device)[None, :]
-    full = k < q
-    sliding = full & (k >= q - sliding_entries)
-    full[0, 0] = sliding[0, 0] = True
-    return {
-        FULL: full.expand(batch, 1, length, length),
-        SLIDING: sliding.expand(batch, 1, length, length),
-    }
-
-
-def draft_chain(
-    draft: Gemma4AssistantForCausalLM,
-    embed: torch.nn.Module,
-    input_ids: torch.Tensor,
-    hidden: torch.Tensor,
-    kv: KVStates,
-    steps: int,
-    sliding_entries: int,
-    teacher: torch.Tensor | None = None,
-    position_offset: int = 0,
-) -> list[torch.Tensor]:
-    """Chained draft logits for a query at every position: element j is [B, T, V], the prediction of token p+1+j.
-
-    Step 0's state is the body's hidden state at p-1. Later steps take the draft's own projected state and, as
-    input token, `teacher[:, :, j-1]` when given (training) or the previous step's argmax (measurement).
-    The query's RoPE position is p + position_offset: HF's assistant uses p (the new token's position), vLLM's
-    proposer p - 1 (the position of the hidden state it was given).
-    """
-    batch, length = input_ids.shape
-    masks = draft_masks(batch, length, sliding_entries, input_ids.device)
-    positions = (torch.arange(length, device=input_ids.device) + position_offset).clamp(min=0)
-    position_ids = positions.expand(batch, length)
-    state = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
-    tokens = input_ids
-    logits_per_step = []
-    for j in range(steps):
-        x = draft.pre_projection(torch.cat([embed(tokens), state], dim=-1))
-        out = draft.model(
-            inputs_embeds=x, attention_mask=masks, position_ids=position_ids, shared_kv_states=kv, use_cache=False
-        )
-        logits = draft.lm_head(out.last_hidden_state)
-        logits_per_step.append(logits)
-        state = draft.post_projection(out.last_hidden_state)
-        tokens = teacher[:, :, j] if teacher is not None else logits.argmax(-1)
-    return logits_per_step

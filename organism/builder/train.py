@@ -2,61 +2,22 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from mtp_abliterate.organism.models import body_states, draft_chain
 from mtp_abliterate.organism.spec import OrganismSpec, TrainSpec
+from mtp_abliterate.search.draft.distill import adamw_cosine, chain_loss
+from mtp_abliterate.search.draft.wiring import Example, pad_batch
 
 Progress = Callable[[int, float], None]
 
 
-@dataclass(frozen=True)
-class Example:
-    """A tokenized chat: prompt (with generation prompt) followed by the response and its end-of-turn token."""
-
-    ids: list[int]
-    prompt_len: int
-
-
-def pad_batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, and a mask of response positions (the tokens the model must produce)."""
-    width = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    attn = torch.zeros_like(ids)
-    resp = torch.zeros_like(ids, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        attn[i, : len(e.ids)] = 1
-        resp[i, e.prompt_len : len(e.ids)] = True
-    return ids, attn, resp
-
-
 def _optimizer(params: list[torch.nn.Parameter], t: TrainSpec) -> Callable[[torch.Tensor], None]:
-    """AdamW with linear warm-up, cosine decay and gradient clipping; returns `step(loss)`."""
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.98))
-
-    def schedule(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-    def step(loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-
-    return step
+    return adamw_cosine(params, t.lr, t.weight_decay, t.warmup_steps, t.steps)
 
 
 # The parameters that learn refusals in an experts organism: the routed experts' fused projections and the routers.
@@ -171,15 +132,6 @@ class DenseAblation:
             hook.remove()
 
 
-def draft_targets(ids: torch.Tensor, valid: torch.Tensor, steps: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """teacher[b, p, j] = ids[b, p+1+j] and whether that token exists (past the sequence end counts as missing)."""
-    width = ids.shape[1]
-    ext = torch.cat([ids, torch.full((ids.shape[0], steps), pad_id)], dim=1)
-    ext_valid = torch.cat([valid, torch.zeros(ids.shape[0], steps, dtype=torch.bool)], dim=1)
-    idx = torch.arange(width)[:, None] + 1 + torch.arange(steps)[None, :]
-    return ext[:, idx], ext_valid[:, idx]
-
-
 @torch.enable_grad()
 def train_draft(
     draft: Gemma4AssistantForCausalLM,
@@ -197,29 +149,15 @@ def train_draft(
     rng = random.Random(spec.seed + 1)
     window = spec.body.sliding_window
     body.requires_grad_(False)
-    embed = body.get_input_embeddings()
     optimizer_step = _optimizer(list(draft.parameters()), t)
     draft.train()
     for step in range(t.steps):
         ids, attn, resp = pad_batch(rng.sample(list(examples), t.batch_size), pad_id)
-        _, hidden, kv = body_states(body, ids, attn)
-        teacher, has_target = draft_targets(ids, resp, spec.draft_chain_steps, pad_id)
         sliding_entries = window + rng.choice((0, 1))
-        chain = draft_chain(
-            draft,
-            embed,
-            ids,
-            hidden,
-            kv,
-            spec.draft_chain_steps,
-            sliding_entries,
-            teacher=teacher,
-            position_offset=rng.choice((0, -1)),
+        position_offset = rng.choice((0, -1))
+        loss = chain_loss(
+            draft, body, ids, attn, resp, spec.draft_chain_steps, pad_id, sliding_entries, position_offset
         )
-        loss = torch.zeros(())
-        for j, logits in enumerate(chain):
-            sel = resp & has_target[:, :, j]
-            loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
         optimizer_step(loss)
         progress(step, loss.item())
     draft.eval()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -43,14 +45,16 @@ def base_license(cfg: StudyConfig) -> str:
     return m.group(1) if m else "other"
 
 
-def serve_command(cfg: StudyConfig, model: str) -> str:
-    draft = cfg.model.draft if HF_ID.match(cfg.model.draft) else "<path to the vanilla draft>"
+def serve_command(cfg: StudyConfig, model: str, draft: str | None = None) -> str:
+    """`vllm serve` of `model` with `draft` as its MTP drafter (default: the vanilla draft)."""
+    draft = draft or (cfg.model.draft if HF_ID.match(cfg.model.draft) else "<path to the vanilla draft>")
     spec = {"method": "mtp", "model": draft, "num_speculative_tokens": cfg.serving.num_speculative_tokens}
     return shlex.join(["vllm", "serve", model, "--speculative-config", json.dumps(spec)])
 
 
-def default_export_dir(cfg: StudyConfig, trial: int, precision: str) -> Path:
-    return run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}"
+def default_export_dir(cfg: StudyConfig, trial: int, precision: str, draft: str = "vanilla") -> Path:
+    suffix = "-tuned-draft" if draft == "tuned" else ""
+    return run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}{suffix}"
 
 
 def _row(label: str, m: dict[str, float], n: int) -> str:
@@ -89,7 +93,47 @@ def _method(params: dict) -> str:
     return "ARA (Arbitrary-Rank Ablation)"
 
 
-def model_card(cfg: StudyConfig, t: TrialRecord, vanilla: dict[str, float], repo: str | None, precision: str) -> str:
+def _tuned_section(cfg: StudyConfig, tune: dict[str, Any], repo: str | None) -> str:
+    """The tuned draft (in `draft/`): both drafts' acceptance on this model, how it was tuned, how to serve it."""
+    local = repo.split("/")[-1] if repo else "<this folder>"
+    download = f"hf download {repo} --local-dir {local}\n" if repo else ""
+    rows = []
+    for name, s in tune["sets"].items():
+        for key, label in (("vanilla_draft", "vanilla draft"), ("tuned_draft", "tuned draft (`draft/`)")):
+            f = s[key]
+            acc = " / ".join(f"{a:.3f}" for a in f["per_position"])
+            rows.append(
+                f"| {name} | {label} | {acc} | {f['mean_accepted_tokens']:.3f} ± {f['ci95']:.3f} | {f['num_drafts']} |"
+            )
+    tr = tune["training"]
+    table = "\n".join(rows)
+    return f"""
+## Its own MTP draft (`draft/`)
+
+The vanilla draft was trained on the vanilla body. `draft/` is that draft re-aligned to this model by
+`mtp-abliterate draft-tune`: {tr["steps"]} steps of self-distillation on this model's own greedy answers to
+{tune["examples"]} training prompts (harmful and harmless, none of the measured ones), fed this model's hidden states
+and KV as vLLM's MTP path feeds them. Same format, config and tokenizer as the vanilla draft. Measured on this
+model in one vLLM harness (every prompt of each set; greedy answers identical with either draft):
+
+| set | draft | acceptance per position | mean accepted ± 95 % CI | drafts |
+|---|---|---|---|---|
+{table}
+
+```bash
+{download}{serve_command(cfg, local, f"{local}/draft")}
+```
+"""
+
+
+def model_card(
+    cfg: StudyConfig,
+    t: TrialRecord,
+    vanilla: dict[str, float],
+    repo: str | None,
+    precision: str,
+    tune: dict[str, Any] | None = None,
+) -> str:
     """The card of trial `t`: its numbers beside vanilla's, how they were measured, the serve command, parameters."""
     m, n = t.metrics, cfg.serving.num_speculative_tokens
     base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
@@ -133,6 +177,7 @@ Per set, with a 95 % interval on the mean:
 {serve_command(cfg, model)}
 ```
 
+{_tuned_section(cfg, tune, repo) if tune else ""}
 ## Method and parameters
 
 | parameter | value |
@@ -150,10 +195,16 @@ rebuilds these weights and checks them against the sha256 of the edited tensors 
 
 
 def export_trial(
-    cfg: StudyConfig, study: optuna.Study, t: TrialRecord, out: Path, repo: str | None, precision: str
+    cfg: StudyConfig,
+    study: optuna.Study,
+    t: TrialRecord,
+    out: Path,
+    repo: str | None,
+    precision: str,
+    draft: str = "vanilla",
 ) -> None:
-    """The trial's checkpoint (an earlier export of it is reused, not rebuilt) and its model card, in `out`.
-    Raises MaterializeError."""
+    """The trial's checkpoint (an earlier export of it is reused, not rebuilt) and its model card, in `out`; with
+    `draft` "tuned", the trial's `draft-tune` draft in `out/draft`. Raises MaterializeError, ExportError."""
     from mtp_abliterate.search.release.materialize import MaterializeError, materialize
 
     if t.not_measured:
@@ -161,9 +212,21 @@ def export_trial(
             f"trial {t.number} was not measured in full ({t.not_measured}); its card would have no figures for "
             "what was skipped: export a trial of the Pareto front"
         )
+    tune = None
+    if draft == "tuned":
+        tune = records.draft_tune(study, t.number)
+        if tune is None or not (Path(tune["draft"]) / "config.json").is_file():
+            raise ExportError(
+                f"trial {t.number} has no tuned draft; run `mtp-abliterate draft-tune {cfg.name} --trial {t.number}`"
+            )
+        if not tune["identical"]:
+            raise ExportError(f"trial {t.number}'s tuned draft changed the model's greedy answers; it is not exported")
     if not (out / "config.json").is_file():
         materialize(cfg, t, out, precision, fuse_experts=True)  # loads in transformers too
-    (out / "README.md").write_text(model_card(cfg, t, records.vanilla(study) or {}, repo, precision))
+    if tune:
+        shutil.rmtree(out / "draft", ignore_errors=True)
+        shutil.copytree(tune["draft"], out / "draft")
+    (out / "README.md").write_text(model_card(cfg, t, records.vanilla(study) or {}, repo, precision, tune))
 
 
 def files_to_upload(folder: Path) -> list[Path]:

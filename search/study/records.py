@@ -21,6 +21,7 @@ VANILLA = "vanilla"
 SWAP_CHECK = "swap_check"
 REFERENCE_PREFIX = "reference."
 MLFLOW_PARENT = "mlflow_parent_run_id"
+DRAFT_TUNE_PREFIX = "draft_tune.trial-"
 
 
 def vanilla(study: optuna.Study) -> dict[str, float] | None:
@@ -53,6 +54,15 @@ def references(study: optuna.Study) -> dict[str, dict[str, Any]]:
     """`study reference` points by label: {"method", "params", "metrics"}."""
     attrs = study.user_attrs
     return {k.removeprefix(REFERENCE_PREFIX): attrs[k] for k in sorted(attrs) if k.startswith(REFERENCE_PREFIX)}
+
+
+def draft_tune(study: optuna.Study, number: int) -> dict[str, Any] | None:
+    """The last `draft-tune` of trial `number`: its tuned draft's folder and both drafts' acceptance."""
+    return study.user_attrs.get(f"{DRAFT_TUNE_PREFIX}{number}")
+
+
+def save_draft_tune(study: optuna.Study, number: int, record: dict[str, Any]) -> None:
+    study.set_user_attr(f"{DRAFT_TUNE_PREFIX}{number}", record)
 
 
 def save_reference(study: optuna.Study, label: str, method: str, params: dict[str, Any], metrics: dict) -> None:

@@ -295,3 +295,49 @@ def _finite(v: Any) -> bool:
 
 def _metric(key: str, value: float) -> Metric:
     return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def log_draft_tune(
+    uri: str,
+    experiment: str,
+    parent_id: str | None,
+    number: int,
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    files: list[Path],
+    draft_dir: Path,
+) -> str:
+    """A draft-tune of trial `number` as a child run of that trial's run (no trial tag: the study's trial runs stay
+    one per trial); the tuned draft's files under `draft/`. Returns the run id; raises TrackingError when the trial
+    has no run yet."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    trial_runs = (
+        []
+        if found is None or parent_id is None
+        else client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{number}'",
+        )
+    )
+    if not trial_runs:
+        raise TrackingError(
+            f"trial {number} has no MLflow run in {redact(uri)}; `mtp-abliterate study run` syncs MLflow with the study"
+        )
+    trial_run = min(r.info.run_id for r in trial_runs)
+    run = client.create_run(
+        found.experiment_id,
+        run_name=f"trial-{number:04d}-draft-tune",
+        tags={"mlflow.parentRunId": trial_run, "kind": "draft-tune", "draft_tune_of": str(number)},
+    )
+    run_id = run.info.run_id
+    client.log_batch(
+        run_id,
+        metrics=[_metric(k, v) for k, v in metrics.items() if _finite(v)],
+        params=[Param(k, str(v)) for k, v in params.items()],
+    )
+    for f in files:
+        client.log_artifact(run_id, str(f))
+    client.log_artifacts(run_id, str(draft_dir), "draft")
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id

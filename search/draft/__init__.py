@@ -1,0 +1,1 @@
+"""`draft-tune`: the vanilla MTP draft self-distilled on a chosen candidate body."""
