@@ -122,6 +122,7 @@ def distil(
     rng = random.Random(seed)
     body.requires_grad_(False)
     params = list(draft.parameters())
+    device = params[0].device
     optimizer_step = adamw_cosine(params, budget.lr, budget.weight_decay, budget.warmup_steps, budget.steps)
     draft.train()
     losses: list[float] = []
@@ -131,7 +132,7 @@ def distil(
             if budget.max_seconds is not None and time.perf_counter() - t0 >= budget.max_seconds:
                 break
             batch = rng.sample(list(examples), min(budget.batch_size, len(examples)))
-            ids, attn, resp = pad_batch(batch, pad_id)
+            ids, attn, resp = (t.to(device) for t in pad_batch(batch, pad_id))
             window = body.config.sliding_window
             loss = chain_loss(draft, body, ids, attn, resp, chain_steps, pad_id, window, VLLM_POSITION_OFFSET)
             optimizer_step(loss)

@@ -119,8 +119,8 @@ def draft_chain(
 
 def draft_targets(ids: torch.Tensor, valid: torch.Tensor, steps: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """teacher[b, p, j] = ids[b, p+1+j] and whether that token exists (past the sequence end counts as missing)."""
-    width = ids.shape[1]
-    ext = torch.cat([ids, torch.full((ids.shape[0], steps), pad_id)], dim=1)
-    ext_valid = torch.cat([valid, torch.zeros(ids.shape[0], steps, dtype=torch.bool)], dim=1)
-    idx = torch.arange(width)[:, None] + 1 + torch.arange(steps)[None, :]
+    width, device = ids.shape[1], ids.device
+    ext = torch.cat([ids, torch.full((ids.shape[0], steps), pad_id, device=device)], dim=1)
+    ext_valid = torch.cat([valid, torch.zeros(ids.shape[0], steps, dtype=torch.bool, device=device)], dim=1)
+    idx = torch.arange(width, device=device)[:, None] + 1 + torch.arange(steps, device=device)[None, :]
     return ext[:, idx], ext_valid[:, idx]
