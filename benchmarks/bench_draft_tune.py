@@ -49,7 +49,8 @@ ASSISTANT_TEXT = dict(
     final_logit_softcapping=None,
     tie_word_embeddings=True,
 )
-# Peak dense BF16 TFLOP/s and memory bandwidth (TB/s), vendor figures: the projection's two ratios.
+# Peak dense BF16 TFLOP/s and memory bandwidth (TB/s), the projection's two ratios: H200 vendor figures; GB10's BF16
+# derived from its vendor figure of 1 PFLOP/s sparse FP4 (/2 dense, /4 BF16), 273 GB/s LPDDR5x.
 H200 = (989.0, 4.8)
 GB10 = (125.0, 0.273)
 CHAIN_STEPS = 4
@@ -141,7 +142,7 @@ def main(args: argparse.Namespace) -> None:
     console.print(proj)
     console.print(
         f"ratios: peak dense BF16 {H200[0]:.0f} vs {GB10[0]:.0f} TFLOP/s, memory {H200[1]} vs {GB10[1]} TB/s "
-        "(vendor figures); the Spark also generates the training answers first (vLLM, not timed here)"
+        "(vendor figures; GB10 BF16 derived from FP4); the Spark also generates the training answers first (vLLM, not timed here)"
     )
 
 
