@@ -142,7 +142,8 @@ def main(args: argparse.Namespace) -> None:
     console.print(proj)
     console.print(
         f"ratios: peak dense BF16 {H200[0]:.0f} vs {GB10[0]:.0f} TFLOP/s, memory {H200[1]} vs {GB10[1]} TB/s "
-        "(vendor figures; GB10 BF16 derived from FP4); the Spark also generates the training answers first (vLLM, not timed here)"
+        "(vendor figures; GB10 BF16 derived from FP4); the Spark also generates the training answers first "
+        "(vLLM, not timed here)"
     )
 
 
