@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -64,6 +65,7 @@ def draft_tune(
 ) -> dict[str, Any]:
     """Tune, record and log; returns the record. Raises MaterializeError, DraftTuneError, ServerError,
     TrackingError."""
+    started = time.time()
     work = work_dir(cfg, t.number)
     say(f"rebuilding trial {t.number}'s candidate (BF16 to learn from, FP8 to serve)")
     fp8, bf16 = candidate(cfg, t, work)
@@ -87,5 +89,6 @@ def draft_tune(
         params,
         [work / "draft-tune.json", table],
         tuned.draft_dir,
+        started,
     )
     return record

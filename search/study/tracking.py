@@ -306,10 +306,11 @@ def log_draft_tune(
     params: dict[str, Any],
     files: list[Path],
     draft_dir: Path,
+    start_time: float,
 ) -> str:
-    """A draft-tune of trial `number` as a child run of that trial's run (no trial tag: the study's trial runs stay
-    one per trial); the tuned draft's files under `draft/`. Returns the run id; raises TrackingError when the trial
-    has no run yet."""
+    """A draft-tune of trial `number` (started at `start_time`, epoch seconds) as a child run of that trial's run (no
+    trial tag: the study's trial runs stay one per trial); the tuned draft's files under `draft/`. Returns the run
+    id; raises TrackingError when the trial has no run yet."""
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     trial_runs = (
@@ -329,6 +330,7 @@ def log_draft_tune(
         found.experiment_id,
         run_name=f"trial-{number:04d}-draft-tune",
         tags={"mlflow.parentRunId": trial_run, "kind": "draft-tune", "draft_tune_of": str(number)},
+        start_time=int(start_time * 1000),
     )
     run_id = run.info.run_id
     client.log_batch(
