@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
         body_states(body, ids, attn)
         sync()
         t1 = time.perf_counter()
-        loss = chain_loss(draft, body, ids, attn, resp, CHAIN_STEPS, 0, window, VLLM_POSITION_OFFSET)
+        loss = chain_loss(draft, body, ids, attn, resp, CHAIN_STEPS, 0, window, VLLM_POSITION_OFFSET, True)
         step(loss)
         sync()
         t2 = time.perf_counter()

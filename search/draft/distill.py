@@ -58,9 +58,11 @@ def chain_loss(
     pad_id: int,
     sliding_entries: int,
     position_offset: int,
+    answer_logits_only: bool = False,
 ) -> torch.Tensor:
     """One batch's loss: sum over `steps` chained draft steps of the cross-entropy on the answer tokens. The body's
-    states are cast to the draft's dtype (a BF16 body can teach a float32 draft)."""
+    states are cast to the draft's dtype (a BF16 body can teach a float32 draft). `answer_logits_only`: the draft's
+    logits are computed at answer positions only (the same loss, a fraction of the memory)."""
     dtype = draft.dtype
     _, hidden, kv = body_states(body, ids, attn)
     kv = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in kv.items()}
@@ -76,11 +78,16 @@ def chain_loss(
         sliding_entries,
         teacher=teacher,
         position_offset=position_offset,
+        logits_at=resp if answer_logits_only else None,
     )
-    loss = torch.zeros((), dtype=dtype)
+    loss = torch.zeros((), dtype=dtype, device=ids.device)
     for j, logits in enumerate(chain):
-        sel = resp & has_target[:, :, j]
-        loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
+        if answer_logits_only:  # rows are the answer positions
+            has, target = has_target[:, :, j][resp], teacher[:, :, j][resp]
+            loss = loss + F.cross_entropy(logits[has], target[has])
+        else:
+            sel = resp & has_target[:, :, j]
+            loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
     return loss
 
 
@@ -134,7 +141,9 @@ def distil(
             batch = rng.sample(list(examples), min(budget.batch_size, len(examples)))
             ids, attn, resp = (t.to(device) for t in pad_batch(batch, pad_id))
             window = body.config.sliding_window
-            loss = chain_loss(draft, body, ids, attn, resp, chain_steps, pad_id, window, VLLM_POSITION_OFFSET)
+            loss = chain_loss(
+                draft, body, ids, attn, resp, chain_steps, pad_id, window, VLLM_POSITION_OFFSET, answer_logits_only=True
+            )
             optimizer_step(loss)
             losses.append(loss.item())
             progress(step, losses[-1])

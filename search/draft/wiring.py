@@ -90,8 +90,11 @@ def draft_chain(
     sliding_entries: int,
     teacher: torch.Tensor | None = None,
     position_offset: int = 0,
+    logits_at: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Chained draft logits for a query at every position: element j is [B, T, V], the prediction of token p+1+j.
+    """Chained draft logits for a query at every position: element j is [B, T, V], the prediction of token p+1+j;
+    with `logits_at` (a [B, T] mask; training, `teacher` given) only those positions' rows, [N, V]: a 262k vocabulary
+    at every position of every step is what fills a GPU at real shapes.
 
     Step 0's state is the body's hidden state at p-1. Later steps take the draft's own projected state and, as
     input token, `teacher[:, :, j-1]` when given (training) or the previous step's argmax (measurement).
@@ -110,7 +113,8 @@ def draft_chain(
         out = draft.model(
             inputs_embeds=x, attention_mask=masks, position_ids=position_ids, shared_kv_states=kv, use_cache=False
         )
-        logits = draft.lm_head(out.last_hidden_state)
+        last = out.last_hidden_state
+        logits = draft.lm_head(last if logits_at is None else last[logits_at])
         logits_per_step.append(logits)
         state = draft.post_projection(out.last_hidden_state)
         tokens = teacher[:, :, j] if teacher is not None else logits.argmax(-1)
