@@ -94,13 +94,17 @@ def main(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    body_s, total_s = [], []
+    cuda = device.type == "cuda"
+    resident = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    body_s, total_s, body_peak = [], [], float("nan")
     for i in range(args.repeats + 1):
         sync()
         t0 = time.perf_counter()
         body_states(body, ids, attn)
         sync()
         t1 = time.perf_counter()
+        if cuda and not i:
+            body_peak = torch.cuda.max_memory_allocated() / 2**30
         loss = chain_loss(draft, body, ids, attn, resp, CHAIN_STEPS, 0, window, VLLM_POSITION_OFFSET, True)
         step(loss)
         sync()
@@ -108,7 +112,7 @@ def main(args: argparse.Namespace) -> None:
         if i:  # the first step warms kernels and allocators
             body_s.append(t1 - t0)
             total_s.append(t2 - t1)  # chain_loss runs the body forward itself: a full step
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
     def fmt(xs: list[float]) -> str:
         return f"{statistics.median(xs):.3f} s ({min(xs):.3f}-{max(xs):.3f})"
@@ -127,7 +131,8 @@ def main(args: argparse.Namespace) -> None:
     console.print(table)
     console.print(
         f"batch {args.batch} x {args.seq_len} tokens ({tokens} per step, answers {tokens * 3 // 4}), "
-        f"{CHAIN_STEPS} chained draft steps, peak GPU memory {peak:.1f} GiB"
+        f"{CHAIN_STEPS} chained draft steps; GPU memory: the two models {resident:.1f} GiB, peak in the "
+        f"body's forward {body_peak:.1f} GiB, peak in a step {peak:.1f} GiB"
     )
 
     step_s = statistics.median(total_s)
