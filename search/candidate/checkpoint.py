@@ -19,6 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from mtp_abliterate.search.config import HF_ID
 
 CONFIG = "config.json"
@@ -104,4 +106,15 @@ def text_only_view(path: Path, out: Path) -> Path:
         if f.name != CONFIG:
             os.symlink(f.absolute(), out / f.name)
     (out / CONFIG).write_text(json.dumps(text, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def tensor_layout(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor's (dtype, shape), from the safetensors headers only."""
+    out = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                out[key] = (s.get_dtype(), tuple(s.get_shape()))
     return out

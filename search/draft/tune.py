@@ -23,12 +23,11 @@ from typing import Any
 import httpx
 import torch
 from heretic.utils import Prompt
-from safetensors import safe_open
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.objectives.served import Reply, chat
-from mtp_abliterate.search.candidate.checkpoint import locate, read_config
+from mtp_abliterate.search.candidate.checkpoint import locate, read_config, tensor_layout
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.draft.distill import Budget, Distilled, Progress, distil
 from mtp_abliterate.search.draft.wiring import Example, text_body
@@ -105,16 +104,6 @@ def load_body(path: Path, device: torch.device) -> Gemma4ForCausalLM:
     return text_body(cls.from_pretrained(path, dtype=dtype).eval()).to(device)
 
 
-def _tensor_layout(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    layout = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open has no iterator)
-                s = st.get_slice(name)
-                layout[name] = (s.get_dtype(), tuple(s.get_shape()))
-    return layout
-
-
 def save_draft(draft: Gemma4AssistantForCausalLM, vanilla: Path, dtype: torch.dtype, out: Path) -> Path:
     """`draft` in the vanilla draft's format: in `dtype` (the vanilla's), the same tensor names and shapes, the config,
     tokenizer and template files copied unchanged. Raises DraftTuneError when the tensors would not load where the
@@ -125,7 +114,7 @@ def save_draft(draft: Gemma4AssistantForCausalLM, vanilla: Path, dtype: torch.dt
         for f in vanilla.iterdir():
             if f.is_file() and not f.name.endswith(WEIGHTS):
                 shutil.copy2(f, saved / f.name)
-        want, got = _tensor_layout(vanilla), _tensor_layout(saved)
+        want, got = tensor_layout(vanilla), tensor_layout(saved)
         if want != got:
             diff = sorted(set(want.items()) ^ set(got.items()))[:3]
             raise DraftTuneError(f"the tuned draft's tensors differ from the vanilla draft's ({diff}); report it")

@@ -32,13 +32,13 @@ from collections import deque
 from pathlib import Path
 
 import httpx
-from safetensors import safe_open
 
 from mtp_abliterate.search.candidate.checkpoint import (
     CheckpointError,
     hub_cache_dir,
     is_multimodal,
     locate,
+    tensor_layout,
     text_config,
     text_only_view,
 )
@@ -404,17 +404,6 @@ def _host_dirs(path: Path) -> list[Path]:
     return [path, *{f.resolve().parent for f in path.iterdir() if f.is_symlink()}]
 
 
-def _layout(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Every tensor's (dtype, shape), from the safetensors headers only."""
-    out = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for key in f.keys():
-                s = f.get_slice(key)
-                out[key] = (s.get_dtype(), tuple(s.get_shape()))
-    return out
-
-
 def check_swappable(served: Path, candidate: Path) -> None:
     """Raise SwapError unless `candidate` has the served checkpoint's config, quantization format and tensors."""
     if not (candidate / "config.json").is_file():
@@ -429,7 +418,7 @@ def check_swappable(served: Path, candidate: Path) -> None:
             f"{candidate}'s config differs from the served model's ({', '.join(keys)}): a swap needs the same "
             "architecture and quantization format; serve it cold (serving.mode = 'cold')"
         )
-    have, want = _layout(served), _layout(candidate)
+    have, want = tensor_layout(served), tensor_layout(candidate)
     for name in sorted(have.keys() | want.keys()):
         if name in have and name in want and have[name][1] == want[name][1] and have[name][0] != want[name][0]:
             raise SwapError(
