@@ -206,6 +206,12 @@ class Serving(Section):
         "candidate proves swap == cold start (else cold starts); swap: swap without the self-check; cold: a fresh "
         "server per candidate",
     )
+    self_check_beside: bool = Field(
+        False,
+        description="the swap self-check's cold server starts while the study's server stays up, which saves "
+        "restarting it afterwards; needs memory for both servers at once (a CPU organism, never a 26B target on "
+        "one GPU or a Spark)",
+    )
 
     @field_validator("docker_template")
     @classmethod

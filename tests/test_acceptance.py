@@ -32,14 +32,36 @@ def _objective(server) -> AcceptanceSets:
     return AcceptanceSets(server.base_url, server.served_name, sets, 4, max_tokens=64, concurrency=4)
 
 
+@pytest.fixture(scope="module")
+def vanilla_server(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path):
+    """The vanilla organism served once (BF16 body, its draft at n=4) for the tests that only send it requests (they
+    come after the broken-draft test, so no two servers share the cores)."""
+    with _server(tmp_path_factory.mktemp("vanilla-server")) as server:
+        yield server
+
+
 def test_degenerate_answers_are_one_word_repeated() -> None:
     assert degenerate("the the the the the the the the") and not degenerate("to make soup , you need water")
 
 
 @pytest.mark.usefixtures("vllm_python")
-def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp_path: Path) -> None:
-    with _server(tmp_path) as server:
+def test_a_broken_draft_measures_zero_and_says_why(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-draft"
+    shutil.copytree(LAYOUT.draft, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.embed_tokens.weight"] = torch.zeros_like(weights["model.embed_tokens.weight"])  # = its lm_head
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    server = _server(tmp_path)
+    server.draft = str(broken)
+    with server:
         result = _objective(server).compute()
+    assert result.value == 0.0  # measured: nothing accepted at any position
+    assert all(s["num_drafts"] > 0 for s in result.details["sets"].values())  # speculation did run
+    assert "no draft token was ever accepted" in result.details["invalid_reason"]
+
+
+def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(vanilla_server) -> None:
+    result = _objective(vanilla_server).compute()
     assert result.details["invalid_reason"] is None
     tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
     body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
@@ -67,24 +89,7 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(tmp
     )
 
 
-@pytest.mark.usefixtures("vllm_python")
-def test_a_broken_draft_measures_zero_and_says_why(tmp_path: Path) -> None:
-    broken = tmp_path / "broken-draft"
-    shutil.copytree(LAYOUT.draft, broken)
-    weights = load_file(broken / "model.safetensors")
-    weights["model.embed_tokens.weight"] = torch.zeros_like(weights["model.embed_tokens.weight"])  # = its lm_head
-    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    server = _server(tmp_path)
-    server.draft = str(broken)
-    with server:
-        result = _objective(server).compute()
-    assert result.value == 0.0  # measured: nothing accepted at any position
-    assert all(s["num_drafts"] > 0 for s in result.details["sets"].values())  # speculation did run
-    assert "no draft token was ever accepted" in result.details["invalid_reason"]
-
-
-@pytest.mark.usefixtures("vllm_python")
-def test_served_and_hf_refusals_agree_prompt_by_prompt(resident, tmp_path: Path) -> None:
+def test_served_and_hf_refusals_agree_prompt_by_prompt(resident, vanilla_server) -> None:
     """Same markers and normalisation on both paths; the served BF16 organism and transformers agree per prompt."""
     from mtp_abliterate.objectives.refusal import RefusalRate, served_responder
 
@@ -92,8 +97,9 @@ def test_served_and_hf_refusals_agree_prompt_by_prompt(resident, tmp_path: Path)
     prompts = _prompts("harmful") + _prompts("harmless")
     resident.abliterator.reset()  # the vanilla organism, as served
     hf = RefusalRate(resident.respond, prompts, samples=len(prompts)).compute()
-    with _server(tmp_path) as server:
-        respond = served_responder(server.base_url, server.served_name, cfg.abliteration.max_response_length)
-        served = RefusalRate(respond, prompts, samples=len(prompts)).compute()
+    respond = served_responder(
+        vanilla_server.base_url, vanilla_server.served_name, cfg.abliteration.max_response_length
+    )
+    served = RefusalRate(respond, prompts, samples=len(prompts)).compute()
     assert [s["refusal"] for s in served.details["samples"]] == [s["refusal"] for s in hf.details["samples"]]
     assert served.details["refusals"] == hf.details["refusals"] == N_PROMPTS

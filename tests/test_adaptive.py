@@ -21,7 +21,8 @@ from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.metrics import KLD, MEAN_ACCEPTED, REFUSAL_RATE
 from mtp_abliterate.search.prompts import load_prompt_set
-from mtp_abliterate.search.trial.pipeline import Decisions, TrialPipeline
+from mtp_abliterate.search.serving.modes import SwapServing
+from mtp_abliterate.search.trial.pipeline import Decisions, TrialPipeline, fp8_base
 from tests.conftest import ORGANISM_CONFIG
 from tests.test_serve import _server
 
@@ -114,14 +115,21 @@ def test_candidates_a_constraint_rules_out_are_recorded_without_the_rest(residen
     assert over_kl.not_measured and "not served" in over_kl.not_measured
     assert "serve" not in over_kl.durations and over_kl.refusal_rate is None and over_kl.mean_accepted_tokens is None
     assert set(over_kl.metrics()) >= {KLD} and not {REFUSAL_RATE, MEAN_ACCEPTED} & set(over_kl.metrics())
-    # A refusal rate over max_refusal_rate: the refusals are served first, acceptance is not measured.
-    timid = AraParameters(**{**ORGANISM_CONFIG.search.enqueue[0], "steer_w": 1e-4, "overcorrect_w": 0.0})
-    refusing = TrialPipeline(_config(max_refusal_rate=0.0), resident).run(timid, tmp_path / "refusal", front=[])
+    # The two served runs share one server (a study's: the FP8 base, each candidate swapped in).
+    cfg = _config(max_refusal_rate=0.0)
+    base = fp8_base(cfg, resident, tmp_path)
+    pipeline = TrialPipeline(cfg, resident, base, SwapServing(cfg, base, tmp_path / "server.log"))
+    try:
+        # A refusal rate over max_refusal_rate: the refusals are served first, acceptance is not measured.
+        timid = AraParameters(**{**ORGANISM_CONFIG.search.enqueue[0], "steer_w": 1e-4, "overcorrect_w": 0.0})
+        refusing = pipeline.run(timid, tmp_path / "refusal", front=[])
+        # Without a front (the vanilla model, `study reference`), everything is measured.
+        measured = pipeline.run(timid, tmp_path / "all")
+    finally:
+        pipeline.serving.close()
     assert refusing.refusal_rate > 0 and "acceptance not measured" in refusing.not_measured
     assert "refusals" in refusing.durations and "acceptance" not in refusing.durations
     assert MEAN_ACCEPTED not in refusing.metrics()
-    # Without a front (the vanilla model, `study reference`), everything is measured.
-    measured = TrialPipeline(_config(max_refusal_rate=0.0), resident).run(timid, tmp_path / "all")
     assert measured.not_measured is None and measured.mean_accepted_tokens > 0
     # The refusal answers (greedy, max_response_length = acceptance.max_tokens) are the harmful set's answers: that
     # set is measured from them in full, only the other set is served in rounds.

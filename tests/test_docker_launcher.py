@@ -46,10 +46,9 @@ def docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vllm_python: Path) -
     return state
 
 
-def _serving(tmp_path: Path, **kw):
-    env = {**ORGANISM.serving.env, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+def _serving(**kw):
     return ORGANISM.serving.model_copy(
-        update={"launcher": "docker", "docker_template": TEMPLATE, "image": "vllm-cpu-standin", "env": env, **kw}
+        update={"launcher": "docker", "docker_template": TEMPLATE, "image": "vllm-cpu-standin", **kw}
     )
 
 
@@ -72,7 +71,7 @@ def _alive(pid: int) -> bool:
 def test_hub_ids_are_served_from_the_mounted_cache_on_loopback_and_ctrl_c_removes_the_container(
     docker: Path, tmp_path: Path
 ) -> None:
-    server = VllmServer(_serving(tmp_path), BODY_ID, DRAFT_ID, tmp_path / "server.log", label="spark-night")
+    server = VllmServer(_serving(), BODY_ID, DRAFT_ID, tmp_path / "server.log", label="spark-night")
     with pytest.raises(KeyboardInterrupt), server:
         with httpx.Client(timeout=120) as client:
             reply = chat(client, server.base_url, server.served_name, Prompt(system="", user="Hello!"), 8)
@@ -92,9 +91,7 @@ def test_hub_ids_are_served_from_the_mounted_cache_on_loopback_and_ctrl_c_remove
 
 
 def test_a_failed_start_removes_its_container(docker: Path, tmp_path: Path) -> None:
-    server = VllmServer(
-        _serving(tmp_path, startup_timeout_s=3), BODY_ID, DRAFT_ID, tmp_path / "server.log", label="spark-night"
-    )
+    server = VllmServer(_serving(startup_timeout_s=3), BODY_ID, DRAFT_ID, tmp_path / "server.log", label="spark-night")
     with pytest.raises(ServerError, match="did not become healthy within 3 s"):
         server.start()
     name = next(c for c in _calls(docker) if c[0] == "run")
@@ -108,7 +105,7 @@ sys.path.insert(0, {str(REPO)!r})
 from pathlib import Path
 from tests.test_docker_launcher import _serving, BODY_ID, DRAFT_ID
 from mtp_abliterate.search.serving.server import VllmServer
-server = VllmServer(_serving(Path({str(tmp_path)!r})), BODY_ID, DRAFT_ID, Path({str(tmp_path / "s.log")!r}),
+server = VllmServer(_serving(), BODY_ID, DRAFT_ID, Path({str(tmp_path / "s.log")!r}),
                     label="spark-night").start()
 print("healthy", flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -118,7 +115,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     (name, pid), *_ = _containers(docker).items()
     time.sleep(2)
     assert _alive(pid)  # a container is not the client's child: it outlived the killed study
-    serving = _serving(tmp_path)
+    serving = _serving()
     assert remove_orphan_containers(serving, "another-study") == []  # another study's containers are left alone
     assert remove_orphan_containers(serving, "spark-night") == [name]
     assert _containers(docker) == {} and not _alive(pid)
@@ -135,6 +132,6 @@ def test_a_template_publishing_on_every_interface_is_refused(tmp_path: Path) -> 
 
 def test_a_missing_docker_client_is_one_line_naming_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no docker here
-    server = VllmServer(_serving(tmp_path), str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log")
+    server = VllmServer(_serving(), str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log")
     with pytest.raises(ServerError, match=r"^docker not found on PATH .*install docker, or serve with"):
         server.start()

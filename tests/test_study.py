@@ -4,7 +4,7 @@ One study run (the default fast path: one swapped server, incremental FP8) cover
 agreement, the swap self-check, an injected stage failure (a vLLM launcher that exits at once on one launch) and a
 SIGKILL mid-trial followed by a resume (the same command); the same trials re-run in cold mode must give identical
 objective values; a study whose swaps differ from cold starts falls back to cold starts, and a full disk then stops
-it before its next trial.
+it before its next trial; Ctrl-C on that study's next trial fails it cleanly and re-queues it.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def test_study_completes_with_three_objectives(finished_study: Demo) -> None:
         assert [m[f"acc_pos_{i}"] for i in range(4)] == sorted((m[f"acc_pos_{i}"] for i in range(4)), reverse=True)
         assert m["mean_accepted_tokens"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
     vanilla = study.user_attrs["vanilla"]
-    assert vanilla["refusal_rate"] >= 0.95
+    assert vanilla["refusal_rate"] >= 0.95  # the FP8 base refuses, and keeps the BF16 draft:
+    assert vanilla["acc_pos_0"] >= 0.5
     assert "Pareto set" in proc.stdout
 
 
@@ -168,7 +169,14 @@ def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_stu
     tmp = finished_study.tmp
     demo = load(tmp, "demo")
     checked = records.swap_check(demo, host_id())["trial"]  # the others were measured on the swapped server only
-    fast = [t for t in demo.get_trials(states=(TrialState.COMPLETE,)) if t.number != checked][:2]
+    # one trial served and measured on the swapped server only (not the self-check's): a cold trial costs a start
+    swapped = [
+        t
+        for t in demo.get_trials(states=(TrialState.COMPLETE,))
+        if t.number != checked and "not_measured" not in t.user_attrs
+    ]
+    assert swapped
+    fast = swapped[:1]
     cfg = study_config(
         tmp,
         "cold",
@@ -314,8 +322,13 @@ def test_kill_9_mid_trial_then_resume(finished_study: Demo) -> None:
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3  # n_trials, reached by the resumed run
 
 
-def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_python: Path) -> None:
-    cfg = study_config(tmp_path, "interrupted", vllm_python, n_trials=1)
+def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(stale_study, tmp_path: Path) -> None:
+    """Ctrl-C while the stale study's next trial measures on its (cold-start) server: resuming a finished study
+    reaches that point without a new vanilla measurement. (Both this test and the full-disk one leave exactly one
+    re-queued trial, in either order.)"""
+    tmp, _ = stale_study
+    complete_before = [t.number for t in load(tmp, "stale").get_trials(states=(TrialState.COMPLETE,))]
+    cfg = write_study_config(tmp / "stale.toml", tmp_path / "more.toml", search={"n_trials": len(complete_before) + 1})
     log = (tmp_path / "run.log").open("w")
     # SIGINT as a terminal delivers it; a runner started in the background (`cmd &`) hands its children SIGINT
     # ignored, and Python then installs no KeyboardInterrupt handler: restore the default in the child.
@@ -326,15 +339,9 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_pyt
         stderr=subprocess.STDOUT,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    started = tmp_path / "runs" / "interrupted" / "study.json"  # written once the study's storage exists
 
     def serving_a_trial():
-        if not started.exists():  # opening the storage while the study creates it races on its schema
-            return None
-        try:
-            trials = load(tmp_path, "interrupted").get_trials()
-        except KeyError:
-            return None
+        trials = load(tmp, "stale").get_trials()
         running = [t for t in trials if t.state == TrialState.RUNNING and "server_pid" in t.user_attrs]
         return running[0] if running and running[0].user_attrs.get("stage") in ("refusals", "acceptance") else None
 
@@ -346,12 +353,13 @@ def test_ctrl_c_fails_the_trial_cleanly_and_requeues_it(tmp_path: Path, vllm_pyt
         if proc.poll() is None:
             proc.kill()
     assert not group_alive(trial.user_attrs["server_pid"])  # stopped before the process exited
-    study = load(tmp_path, "interrupted")
+    study = load(tmp, "stale")
     failed = study.trials[trial.number]
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
     retried = [t for t in study.trials if t.state == TrialState.WAITING and "retry_of" in t.user_attrs]
     assert len(retried) == 1 and retried[0].user_attrs["retry_of"] == trial.number
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))] == complete_before
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
     assert client.get_run(study.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
     assert "run `mtp-abliterate study run" in (tmp_path / "run.log").read_text()
 

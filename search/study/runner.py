@@ -265,8 +265,9 @@ class StudyRunner:
             raise
         except (KeyboardInterrupt, DiskFullError) as e:
             log.interrupted("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e))
-            if records.record_of(self.study, trial.number).retry_of is None:  # re-queued once, like a killed trial
-                records.requeue(self.study, trial)
+            # Re-queued every time (a killed trial is re-queued once, as it may be what kills the process): neither
+            # the user's Ctrl-C nor a full disk is the trial's fault, and a retry interrupted again is not dropped.
+            records.requeue(self.study, trial)
             raise
         return self._record(trial, log, trial_dir, result)
 

@@ -21,9 +21,11 @@ from mtp_abliterate.search.study.storage import run_dir_of
 
 
 def swap_key(cfg: StudyConfig, base: Path | None) -> str:
-    """What a swap self-check verdict holds for: the serving settings, the draft and the base checkpoint."""
+    """What a swap self-check verdict holds for: the serving settings (but how the check itself is run), the draft
+    and the base checkpoint."""
     base_id = (base / KEY_FILE).read_text() if base else cfg.model.target
-    payload = json.dumps([cfg.serving.model_dump(mode="json"), cfg.model.draft, base_id], sort_keys=True)
+    serving = cfg.serving.model_dump(mode="json", exclude={"self_check_beside"})
+    payload = json.dumps([serving, cfg.model.draft, base_id], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

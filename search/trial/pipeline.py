@@ -389,10 +389,12 @@ class TrialPipeline:
         return answer_all(server.base_url, server.served_name, self.harmful, limit, concurrency)
 
     def _swap_check(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
-        """The swap self-check: the same candidate on a cold server (the swap server is stopped first: both would
-        not fit a real target's memory), and when the two differ, on a second cold server: the noise floor of a
-        vLLM that is not batch-invariant (GPUs). Returns the verdict (`swap_verdict`) and the cold measurement."""
-        self.serving.close()
+        """The swap self-check: the same candidate on a cold server (the swap server is stopped first, as both
+        would not fit a real target's memory, unless `serving.self_check_beside`), and when the two differ, on a
+        second cold server: the noise floor of a vLLM that is not batch-invariant (GPUs). Returns the verdict
+        (`swap_verdict`) and the cold measurement."""
+        if not self.cfg.serving.self_check_beside:
+            self.serving.close()
         cold = self._cold_measurement(candidate, trial_dir / "swap-check-server.log")
         again = None
         if swapped.fingerprint() != cold.fingerprint():
