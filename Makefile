@@ -17,7 +17,7 @@ demo: venv vllm-env
 TEST_WORKERS ?= 2
 test: venv vllm-env
 	$(VENV)/bin/ruff check search objectives organism/builder tests
-	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml

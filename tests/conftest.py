@@ -27,7 +27,7 @@ RELEASE_CONFIG = load_config(RELEASE_TOML, check_paths=False)
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
 
-# `make test` runs the files on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of the suite waits on vLLM
+# `make test` runs the files on two pytest-xdist workers (`-n 2 --dist loadfile`): most of the suite waits on vLLM
 # start-ups (three python processes importing vLLM one after another, ~47 s on one core), so a second worker uses
 # the second core. Each worker keeps to one core: torch and OpenMP at one thread (threads spinning for a core the
 # other worker holds slow both down many times over), and its vLLM servers' engine thread bound to its own core
@@ -40,17 +40,11 @@ if XDIST_WORKER:
 
     torch.set_num_threads(1)
 
-# Files that run on one worker together (they share a session fixture, built once); every other file is its own
-# group, so its module fixtures are built once too.
-SHARED_GROUPS = {"test_bad_candidates": "study_at_n2", "test_positions": "study_at_n2"}
 # The longest files start first, so the last to finish is not a long one started late.
 LONGEST_FIRST = ["test_study", "test_distributed", "test_release_format", "test_experts_organism", "test_baseline"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.stem, item.path.stem)))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
@@ -99,9 +93,9 @@ class StudyAtN2:
 @pytest.fixture(scope="session")
 def study_at_n2(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> StudyAtN2:
     """One organism study at n = 2, swapped without the self-check (one vLLM start), shared by test_bad_candidates
-    and test_positions: two candidates from the corner of the space that really degenerate (every layer edited,
-    nothing preserved, maximal steering and overcorrection), then the config's informed ARA trial. One failure in
-    a row would stop it: bad candidates must not count as failures."""
+    and test_positions (built once per pytest worker that runs either file): two candidates from the corner of the
+    space that really degenerate (every layer edited, nothing preserved, maximal steering and overcorrection), then
+    the config's informed ARA trial. One failure in a row would stop it: bad candidates must not count as failures."""
     from mtp_abliterate.search.candidate.resident import shape_of
 
     tmp = tmp_path_factory.mktemp("n2")
