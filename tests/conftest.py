@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, MutableSequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,46 +71,6 @@ def release_resident(tmp_path_factory: pytest.TempPathFactory):
     from mtp_abliterate.search.candidate.resident import Resident
 
     return Resident(RELEASE_CONFIG, cache_dir=tmp_path_factory.mktemp("release-cache"))
-
-
-@dataclass
-class StudyAtN2:
-    """The organism study at `serving.num_speculative_tokens = 2` (see `study_at_n2`)."""
-
-    tmp: Path
-    config: Path
-    run: subprocess.CompletedProcess  # `study run`
-    bad: list[int]  # the degenerate candidates' trial numbers
-    good: int  # the informed ARA trial's
-
-    def study(self):
-        import optuna
-
-        return optuna.load_study(study_name="n2", storage=f"sqlite:///{self.tmp / 'runs' / 'n2' / 'optuna.db'}")
-
-
-@pytest.fixture(scope="session")
-def study_at_n2(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> StudyAtN2:
-    """One organism study at n = 2, swapped without the self-check (one vLLM start), shared by test_bad_candidates
-    and test_positions (built once per pytest worker that runs either file): two candidates from the corner of the
-    space that really degenerate (every layer edited, nothing preserved, maximal steering and overcorrection), then
-    the config's informed ARA trial. One failure in a row would stop it: bad candidates must not count as failures."""
-    from mtp_abliterate.search.candidate.resident import shape_of
-
-    tmp = tmp_path_factory.mktemp("n2")
-    layers = shape_of(ORGANISM_CONFIG.resolve(ORGANISM_CONFIG.model.target)).num_layers
-    corner = {"start_layer_index": 0, "end_layer_index": layers, "preserve_w": 0.0, "overcorrect_w": 1.3, "k": 1}
-    enqueue = [{**corner, "steer_w": 1.0}, {**corner, "steer_w": 0.5}, ORGANISM_CONFIG.search.enqueue[0]]
-    cfg = write_study_config(
-        ORGANISM_TOML,
-        tmp / "n2.toml",
-        name="n2",
-        runs_dir=tmp / "runs",
-        search={"n_trials": len(enqueue), "enqueue": enqueue, "max_consecutive_failures": 1},
-        serving={"python": vllm_python, "num_speculative_tokens": 2, "mode": "swap"},
-    )
-    proc = subprocess.run([*CLI, "study", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=1200)
-    return StudyAtN2(tmp, cfg, proc, bad=[0, 1], good=2)
 
 
 def group_alive(pgid: int) -> bool:

@@ -216,12 +216,18 @@ def stale_study(
     return tmp, run_cli("study", "run", str(cfg))
 
 
-def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(stale_study) -> None:
-    """A vLLM whose in-place reload leaves stale kernel weights must be caught by the self-check, not trusted."""
+def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(stale_study, finished_study: Demo) -> None:
+    """A vLLM whose in-place reload leaves stale kernel weights must be caught by the self-check, not trusted: the
+    vanilla figures, measured on the same swapped server, are measured again on a cold start."""
     tmp, proc = stale_study
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "swap self-check FAILED on trial 0" in proc.stdout
+    assert "vanilla (again, on a cold start)" in proc.stdout
     study = load(tmp, "stale")
+    # The demo study's vanilla, on a vLLM whose swaps passed the self-check: the same FP8 base, greedy on a CPU.
+    demo_vanilla = load(finished_study.tmp, "demo").user_attrs["vanilla"]
+    for key in ("refusal_rate", "mean_accepted_tokens", *(f"acc_pos_{i}" for i in range(4))):
+        assert study.user_attrs["vanilla"][key] == demo_vanilla[key], key
     check = records.swap_check(study, host_id())
     assert not check["identical"] and any(k.endswith("num_accepted_tokens") for k in check["differences"])
     (trial,) = study.get_trials(states=(TrialState.COMPLETE,))  # the full-disk test adds no complete trial
