@@ -39,6 +39,14 @@ if XDIST_WORKER:
 
     torch.set_num_threads(1)
 
+    @pytest.fixture(autouse=True)
+    def _one_torch_thread():
+        """The organism's build and check set torch to their spec's thread count (bit-exact sums need a fixed one):
+        back to this worker's one thread after every test."""
+        yield
+        torch.set_num_threads(1)
+
+
 # The longest files start first, so the last to finish is not a long one started late.
 LONGEST_FIRST = ["test_study", "test_distributed", "test_release_format", "test_experts_organism", "test_baseline"]
 
