@@ -215,11 +215,6 @@ def fail_running(storage: optuna.storages.BaseStorage, study: optuna.Study, numb
     return storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
-def record_of(study: optuna.Study, number: int) -> TrialRecord:
-    """The record of trial `number` as stored now (a running trial's record too)."""
-    return TrialRecord.of(next(t for t in study.get_trials(deepcopy=False) if t.number == number))
-
-
 def mlflow_parent(study: optuna.Study) -> str | None:
     """The id of the study's parent MLflow run (kept in the study so a resumed run reuses it)."""
     return study.user_attrs.get(MLFLOW_PARENT)
