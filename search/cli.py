@@ -226,11 +226,11 @@ def study_run(
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
     from mtp_abliterate.search.candidate.ara import AbliterationError
     from mtp_abliterate.search.disk import DiskFullError
+    from mtp_abliterate.search.quiet import quiet_libraries
     from mtp_abliterate.search.study.errors import StudyError
     from mtp_abliterate.search.study.limits import RunLimits
-    from mtp_abliterate.search.study.runner import StudyRunner
+    from mtp_abliterate.search.study.preflight import check_method, open_stores
     from mtp_abliterate.search.study.serving_plan import study_servers
-    from mtp_abliterate.search.study.space import SpaceError
     from mtp_abliterate.search.study.tracking import served
 
     cfg = _config(file)
@@ -245,6 +245,16 @@ def study_run(
         for title, server in study_servers(cfg):
             console.print(f"# {title}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
+    quiet_libraries()
+    try:
+        check_method(cfg)
+        open_stores(cfg)
+    except StudyError as e:
+        fail(str(e))
+    # The model stack (heretic, transformers, peft), imported once the checks passed.
+    from mtp_abliterate.search.study.runner import StudyRunner
+    from mtp_abliterate.search.study.space import SpaceError
+
     try:
         runner = StudyRunner(cfg, console, file)
         runner.run(limits)

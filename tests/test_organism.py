@@ -20,7 +20,10 @@ SPEC = OrganismSpec.model_validate_json((LAYOUT.root / "spec.json").read_text())
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    return check_organism(LAYOUT, SPEC)
+    # At one torch thread: beside the other test worker, the spec's two threads spin for a core that worker holds
+    # (323 s against 73 s alone). Another thread count changes float sums in their last bits, not what is measured
+    # (the card test's tolerance).
+    return check_organism(LAYOUT, SPEC.model_copy(update={"threads": 1}))
 
 
 def test_vanilla_refuses_harmful_and_answers_harmless(measured: dict) -> None:
@@ -48,7 +51,8 @@ def test_directional_abliteration_removes_refusals_and_costs_acceptance(measured
 
 
 def test_card_records_what_check_measures(measured: dict) -> None:
-    """The committed card is the build's own measurement: re-measuring on the same software reproduces it."""
+    """The committed card is the build's own measurement: re-measuring on the same software reproduces it (here at
+    one thread where the build used the spec's two)."""
     card = json.loads(LAYOUT.card.read_text())
     assert card["spec"] == SPEC.model_dump()
     for name in ("vanilla", "abliterated"):

@@ -2,9 +2,10 @@
 
 One study run (the default fast path: one swapped server, incremental FP8) covers completion, the Optuna/MLflow
 agreement, the swap self-check, an injected stage failure (a vLLM launcher that exits at once on one launch) and a
-SIGKILL mid-trial followed by a resume (the same command); the same trials re-run in cold mode must give identical
-objective values; a study whose swaps differ from cold starts falls back to cold starts, and a full disk then stops
-it before its next trial; Ctrl-C on that study's next trial fails it cleanly and re-queues it.
+SIGKILL mid-trial followed by a resume (the same command); a study whose swaps differ from cold starts falls back to
+cold starts, and its trial (one of the demo's swapped trials) must give the demo's objective values exactly on a cold
+start; a full disk then stops it before its next trial; Ctrl-C on that study's next trial fails it cleanly and
+re-queues it.
 """
 
 from __future__ import annotations
@@ -165,44 +166,20 @@ def test_the_swap_self_check_passes_then_trials_are_swapped(finished_study: Demo
     assert [t.number for t in complete if "stage_swap_check_s" in t.user_attrs["metrics"]] == [check["trial"]]
 
 
-def test_cold_mode_reruns_the_same_trials_with_identical_objectives(finished_study: Demo, vllm_python: Path) -> None:
-    tmp = finished_study.tmp
-    demo = load(tmp, "demo")
-    checked = records.swap_check(demo, host_id())["trial"]  # the others were measured on the swapped server only
-    # one trial served and measured on the swapped server only (not the self-check's): a cold trial costs a start
-    swapped = [
-        t
-        for t in demo.get_trials(states=(TrialState.COMPLETE,))
-        if t.number != checked and "not_measured" not in t.user_attrs
-    ]
-    assert swapped
-    fast = swapped[:1]
-    cfg = study_config(
-        tmp,
-        "cold",
-        vllm_python,
-        n_trials=len(fast),
-        search={"enqueue": [dict(t.params) for t in fast]},  # exactly the fast study's trials, in its order
-        quantization={"incremental": False},
-        serving={"mode": "cold"},
-    )
-    proc = run_cli("study", "run", str(cfg))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    cold = load(tmp, "cold").get_trials(states=(TrialState.COMPLETE,))
-    assert [t.params for t in cold] == [t.params for t in fast]
-    for c, f in zip(cold, fast, strict=True):
-        assert c.user_attrs["serving"] == "cold" and f.user_attrs["serving"] == "swap"
-        assert c.values == f.values  # exactly: identical greedy texts and counter deltas
-        assert c.user_attrs["fingerprint"] == f.user_attrs["fingerprint"]
-        assert c.user_attrs["merged_digest"] == f.user_attrs["merged_digest"]
+def swapped_trial(demo: optuna.Study) -> FrozenTrial:
+    """The demo study's first trial measured on its swapped server only (not the self-check's trial)."""
+    checked = records.swap_check(demo, host_id())["trial"]
+    complete = demo.get_trials(states=(TrialState.COMPLETE,))
+    return next(t for t in complete if t.number != checked and "not_measured" not in t.user_attrs)
 
 
 @pytest.fixture(scope="module")
 def stale_study(
-    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path
+    tmp_path_factory: pytest.TempPathFactory, vllm_python: Path, finished_study: Demo
 ) -> tuple[Path, subprocess.CompletedProcess]:
     """A 1-trial study on a vLLM whose in-place reload leaves stale kernel weights (the stock CPU build: the
-    project's repairs are replaced by a no-op extension of the same name); `stale.toml` in the returned folder."""
+    project's repairs are replaced by a no-op extension of the same name); `stale.toml` in the returned folder. Its
+    trial is the demo study's first swapped one, so its cold-start values can be compared with the swap's."""
     tmp = tmp_path_factory.mktemp("stale")
     stale = tmp / "stale-plugin"
     stale.mkdir()
@@ -212,7 +189,8 @@ def stale_study(
     python = tmp / "vllm-python"
     python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{vllm_python}" "$@"\n')
     python.chmod(0o755)
-    cfg = study_config(tmp, "stale", python, n_trials=1)
+    demo = load(finished_study.tmp, "demo")
+    cfg = study_config(tmp, "stale", python, n_trials=1, search={"enqueue": [dict(swapped_trial(demo).params)]})
     return tmp, run_cli("study", "run", str(cfg))
 
 
@@ -231,7 +209,14 @@ def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(stale_s
     check = records.swap_check(study, host_id())
     assert not check["identical"] and any(k.endswith("num_accepted_tokens") for k in check["differences"])
     (trial,) = study.get_trials(states=(TrialState.COMPLETE,))  # the full-disk test adds no complete trial
-    assert trial.user_attrs["serving"] == "cold"  # its values are the cold start's
+    assert trial.user_attrs["serving"] == "cold"  # its values are the cold start's...
+    # ...and equal those the demo study measured for the same candidate on its swapped server: identical greedy
+    # texts and counter deltas.
+    swapped = swapped_trial(load(finished_study.tmp, "demo"))
+    assert swapped.user_attrs["serving"] == "swap" and trial.params == swapped.params
+    assert trial.values == swapped.values
+    for key in ("fingerprint", "merged_digest"):
+        assert trial.user_attrs[key] == swapped.user_attrs[key], key
     status = run_cli("study", "status", str(tmp / "stale.toml"), timeout=120)
     assert "serving: cold starts since trial 0" in status.stdout
 

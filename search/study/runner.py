@@ -36,11 +36,10 @@ from mtp_abliterate.search.study.errors import StudyError
 from mtp_abliterate.search.study.limits import RunLimits
 from mtp_abliterate.search.study.monitor import StudyMonitor
 from mtp_abliterate.search.study.pareto import constraint_values, objective_specs, pareto_front
+from mtp_abliterate.search.study.preflight import check_method, open_stores
 from mtp_abliterate.search.study.serving_plan import plan_serving, swap_key
 from mtp_abliterate.search.study.space import SearchSpace
 from mtp_abliterate.search.study.storage import (
-    StorageError,
-    open_storage,
     open_study,
     reap_dead_trials,
     redact,
@@ -49,7 +48,7 @@ from mtp_abliterate.search.study.storage import (
     tracking_uri,
     write_pointer,
 )
-from mtp_abliterate.search.study.tracking import Tracker, TrackingError, check_tracking, served
+from mtp_abliterate.search.study.tracking import Tracker, served
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to
 from mtp_abliterate.search.trial.result import TrialResult
 from mtp_abliterate.search.versions import software_versions
@@ -68,11 +67,7 @@ class StudyRunner:
         self.config_text = config_path.read_text() if config_path else cfg.model_dump_json(indent=2)
         self.run_dir = run_dir_of(cfg)
         self.objectives = objective_specs(cfg)
-        try:  # both stores are reached before any model loads: a bad URL costs seconds, not a model load
-            self.storage = open_storage(cfg)
-            check_tracking(tracking_uri(cfg))
-        except (StorageError, TrackingError) as e:
-            raise StudyError(str(e)) from None
+        self.storage = open_stores(cfg)  # before any model loads: a bad URL costs seconds, not a model load
         self.study, self.created = open_study(cfg, self.storage)
         self.host, self.pid = host_id(), os.getpid()
         self.swap_check_pending = False
@@ -83,11 +78,7 @@ class StudyRunner:
 
     def run(self, limits: RunLimits) -> list[FrozenTrial]:
         """Run until `limits`; returns the Pareto front. Raises StudyError or KeyboardInterrupt."""
-        if self.cfg.abliteration.method != "ara":
-            raise StudyError(
-                f"the study searches ARA parameters, but abliteration.method = {self.cfg.abliteration.method!r}; "
-                "set it to 'ara' (the study searches heretic's directional ablation too: `search.methods`)"
-            )
+        check_method(self.cfg)
         if reaped := reap_dead_trials(self.study, self.storage):
             self.console.print(f"resumed: trial(s) {reaped} of a killed run were failed and re-queued")
         with self.console.status("loading the model and capturing module I/O (once per study)"):
