@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
 from mtp_abliterate.search.draft.wiring import Example, body_states, draft_chain, draft_targets, pad_batch
 
 VLLM_POSITION_OFFSET = -1  # vLLM's proposer queries at the position of the hidden state it was given
+# Answer positions whose float32 logits exist at once in `chunked_cross_entropy` (1 GiB at a 262k vocabulary).
+LOGIT_CHUNK = 1024
 
 Progress = Callable[[int, float], None]
 
@@ -48,6 +51,22 @@ def adamw_cosine(
     return step
 
 
+def _summed_cross_entropy(head: torch.nn.Module, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows), target, reduction="sum")
+
+
+def chunked_cross_entropy(
+    head: torch.nn.Module, rows: torch.Tensor, target: torch.Tensor, chunk: int = LOGIT_CHUNK
+) -> torch.Tensor:
+    """`F.cross_entropy(head(rows), target)` (the mean) without every row's logits in memory at once: `chunk` rows
+    at a time, each chunk's logits recomputed in the backward pass instead of kept for it."""
+    total = rows.new_zeros(())
+    for i in range(0, len(rows), chunk):
+        part = (rows[i : i + chunk], target[i : i + chunk])
+        total = total + checkpoint(_summed_cross_entropy, head, *part, use_reentrant=False)
+    return total / len(rows)
+
+
 def chain_loss(
     draft: Gemma4AssistantForCausalLM,
     body: Gemma4ForCausalLM,
@@ -62,7 +81,8 @@ def chain_loss(
 ) -> torch.Tensor:
     """One batch's loss: sum over `steps` chained draft steps of the cross-entropy on the answer tokens. The body's
     states are cast to the draft's dtype (a BF16 body can teach a float32 draft). `answer_logits_only`: the draft's
-    logits are computed at answer positions only (the same loss, a fraction of the memory)."""
+    logits are computed at answer positions only, `LOGIT_CHUNK` rows at a time (the same loss, a fraction of the
+    memory)."""
     dtype = draft.dtype
     _, hidden, kv = body_states(body, ids, attn)
     kv = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in kv.items()}
@@ -78,16 +98,16 @@ def chain_loss(
         sliding_entries,
         teacher=teacher,
         position_offset=position_offset,
-        logits_at=resp if answer_logits_only else None,
+        rows_at=resp if answer_logits_only else None,
     )
     loss = torch.zeros((), dtype=dtype, device=ids.device)
-    for j, logits in enumerate(chain):
-        if answer_logits_only:  # rows are the answer positions
+    for j, out in enumerate(chain):
+        if answer_logits_only:  # the draft's states at the answer positions
             has, target = has_target[:, :, j][resp], teacher[:, :, j][resp]
-            loss = loss + F.cross_entropy(logits[has], target[has])
+            loss = loss + chunked_cross_entropy(draft.lm_head, out[has], target[has])
         else:
             sel = resp & has_target[:, :, j]
-            loss = loss + F.cross_entropy(logits[sel], teacher[:, :, j][sel])
+            loss = loss + F.cross_entropy(out[sel], teacher[:, :, j][sel])
     return loss
 
 

@@ -90,11 +90,12 @@ def draft_chain(
     sliding_entries: int,
     teacher: torch.Tensor | None = None,
     position_offset: int = 0,
-    logits_at: torch.Tensor | None = None,
+    rows_at: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Chained draft logits for a query at every position: element j is [B, T, V], the prediction of token p+1+j;
-    with `logits_at` (a [B, T] mask; training, `teacher` given) only those positions' rows, [N, V]: a 262k vocabulary
-    at every position of every step is what fills a GPU at real shapes.
+    with `rows_at` (a [B, T] mask; training, `teacher` given) the draft's final states at those positions instead,
+    [N, H], for a loss that applies `draft.lm_head` itself a chunk at a time: a 262k vocabulary at every position of
+    every step is what fills a GPU at real shapes.
 
     Step 0's state is the body's hidden state at p-1. Later steps take the draft's own projected state and, as
     input token, `teacher[:, :, j-1]` when given (training) or the previous step's argmax (measurement).
@@ -114,10 +115,12 @@ def draft_chain(
             inputs_embeds=x, attention_mask=masks, position_ids=position_ids, shared_kv_states=kv, use_cache=False
         )
         last = out.last_hidden_state
-        logits = draft.lm_head(last if logits_at is None else last[logits_at])
-        logits_per_step.append(logits)
+        if rows_at is None:
+            logits_per_step.append(draft.lm_head(last))
+        else:
+            logits_per_step.append(last[rows_at])
         state = draft.post_projection(out.last_hidden_state)
-        tokens = teacher[:, :, j] if teacher is not None else logits.argmax(-1)
+        tokens = teacher[:, :, j] if teacher is not None else logits_per_step[-1].argmax(-1)
     return logits_per_step
 
 
