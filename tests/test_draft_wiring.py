@@ -1,14 +1,17 @@
-"""The batched draft pass equals transformers' own Gemma4Assistant forward, query by query and step by step."""
+"""The batched draft pass equals transformers' own Gemma4Assistant forward, query by query and step by step; the
+chunked loss draft-tune trains with equals the whole-batch cross-entropy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
 from mtp_abliterate.organism.acceptance_sim import AcceptanceCounts, replay_rounds
 from mtp_abliterate.organism.models import body_config, draft_config
 from mtp_abliterate.organism.spec import OrganismSpec
+from mtp_abliterate.search.draft.distill import chain_loss, chunked_cross_entropy
 from mtp_abliterate.search.draft.wiring import body_states, draft_chain
 
 IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<turn|>": 5}
@@ -63,6 +66,41 @@ def test_body_states_are_the_models_own_logits(random_pair) -> None:
     with torch.no_grad():
         torch.testing.assert_close(logits, body(input_ids=ids).logits)
     assert set(kv) == {"sliding_attention", "full_attention"}
+
+
+def test_the_chunked_loss_is_the_whole_batch_cross_entropy(random_pair) -> None:
+    """A chunk of rows at a time, each chunk's logits recomputed in the backward pass: the same mean and gradients as
+    the cross-entropy over all rows at once (37 rows in chunks of 5, the last one short)."""
+    _, draft, _ = random_pair
+    torch.manual_seed(1)
+    rows = torch.randn(37, draft.lm_head.in_features)
+    target = torch.randint(0, VOCAB, (37,))
+    results = []
+    for loss_of in (
+        lambda x: F.cross_entropy(draft.lm_head(x), target),
+        lambda x: chunked_cross_entropy(draft.lm_head, x, target, 5),
+    ):
+        x = rows.clone().requires_grad_(True)
+        draft.zero_grad(set_to_none=True)
+        loss = loss_of(x)
+        loss.backward()
+        results.append((loss.detach(), x.grad, draft.lm_head.weight.grad.clone()))
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole)
+
+
+def test_the_answer_rows_loss_equals_the_full_logits_loss(random_pair) -> None:
+    """draft-tune's loss (the draft's states at answer positions, chunked) equals the loss over [B, T, V] logits."""
+    body, draft, spec = random_pair
+    torch.manual_seed(2)
+    ids = torch.randint(7, VOCAB, (2, 30))
+    attn, resp = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, 12:] = True
+    window = spec.body.sliding_window
+    losses = [
+        chain_loss(draft, body, ids, attn, resp, 4, 0, window, -1, answer_logits_only=only) for only in (False, True)
+    ]
+    torch.testing.assert_close(losses[1], losses[0])
 
 
 def _replay(tokens: list[int], prompt_len: int, proposals: dict[int, list[int]]) -> AcceptanceCounts:
