@@ -248,7 +248,7 @@ def study_run(
     quiet_libraries()
     try:
         check_method(cfg)
-        open_stores(cfg)
+        storage = open_stores(cfg)
     except StudyError as e:
         fail(str(e))
     # The model stack (heretic, transformers, peft), imported once the checks passed.
@@ -256,7 +256,7 @@ def study_run(
     from mtp_abliterate.search.study.space import SpaceError
 
     try:
-        runner = StudyRunner(cfg, console, file)
+        runner = StudyRunner(cfg, console, file, storage)
         runner.run(limits)
     except KeyboardInterrupt:
         console.print(

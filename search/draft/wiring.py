@@ -108,20 +108,17 @@ def draft_chain(
     position_ids = positions.expand(batch, length)
     state = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
     tokens = input_ids
-    logits_per_step = []
+    per_step = []
     for j in range(steps):
         x = draft.pre_projection(torch.cat([embed(tokens), state], dim=-1))
         out = draft.model(
             inputs_embeds=x, attention_mask=masks, position_ids=position_ids, shared_kv_states=kv, use_cache=False
         )
         last = out.last_hidden_state
-        if rows_at is None:
-            logits_per_step.append(draft.lm_head(last))
-        else:
-            logits_per_step.append(last[rows_at])
+        per_step.append(draft.lm_head(last) if rows_at is None else last[rows_at])
         state = draft.post_projection(out.last_hidden_state)
-        tokens = teacher[:, :, j] if teacher is not None else logits_per_step[-1].argmax(-1)
-    return logits_per_step
+        tokens = teacher[:, :, j] if teacher is not None else per_step[-1].argmax(-1)
+    return per_step
 
 
 def draft_targets(ids: torch.Tensor, valid: torch.Tensor, steps: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

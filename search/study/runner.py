@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
@@ -60,14 +61,18 @@ class StudyRunner:
     """Owns the study loop; the stages are in TrialPipeline, the display and stop rules in StudyMonitor, the mirror
     in Tracker."""
 
-    def __init__(self, cfg: StudyConfig, console: Console, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: StudyConfig, console: Console, config_path: Path | None = None, storage: RDBStorage | None = None
+    ) -> None:
+        """`storage`: the one `open_stores` returned (`study run` opens it before importing the model stack)."""
         quiet_libraries()
         self.cfg = cfg
         self.console = console
         self.config_text = config_path.read_text() if config_path else cfg.model_dump_json(indent=2)
         self.run_dir = run_dir_of(cfg)
         self.objectives = objective_specs(cfg)
-        self.storage = open_stores(cfg)  # before any model loads: a bad URL costs seconds, not a model load
+        # before any model loads: a bad URL costs seconds, not a model load
+        self.storage = storage or open_stores(cfg)
         self.study, self.created = open_study(cfg, self.storage)
         self.host, self.pid = host_id(), os.getpid()
         self.swap_check_pending = False
