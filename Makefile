@@ -17,11 +17,12 @@ demo: venv vllm-env
 	$(VENV)/bin/mtp-abliterate study run configs/organism.toml
 
 # Two pytest-xdist workers, one per core of the 2-core CI machine (tests/conftest.py says how they share it); a file's
-# tests stay on one worker. TEST_WORKERS=0 runs them in this process, one after another.
+# tests stay on one worker, and the files go out in conftest's order (longest first), not xdist's (most tests first).
+# TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= 2
 test: venv vllm-env
 	$(VENV)/bin/ruff check search objectives organism/builder tests
-	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml

