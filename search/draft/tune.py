@@ -43,10 +43,11 @@ class DraftTuneError(RuntimeError):
 
 @dataclass
 class Served:
-    """One server's acceptance over the sets (AcceptanceSets details) and every answer's text, per set."""
+    """One server's acceptance over the sets (AcceptanceSets details) and every answer (text, token ids, spec-decode
+    histogram), per set."""
 
     details: dict[str, Any]
-    texts: dict[str, list[str]]
+    replies: dict[str, list[Reply]]
 
 
 @dataclass
@@ -59,7 +60,8 @@ class Tuned:
     differing: dict[str, int] = field(default_factory=dict)  # set -> answers that differ between the two drafts
 
 
-def _server(cfg: StudyConfig, model: Path, draft: str, log: Path) -> VllmServer:
+def server_for(cfg: StudyConfig, model: Path, draft: str, log: Path) -> VllmServer:
+    """`model` served with `draft` as the study serves its candidates."""
     return VllmServer(cfg.serving, str(model), draft, log, resolve=cfg.resolve, label=cfg.name)
 
 
@@ -79,7 +81,7 @@ def measure(cfg: StudyConfig, server: VllmServer, sets: Sequence[tuple[str, list
         keep_replies=names,
     )
     details = acceptance.compute().details
-    return Served(details, {name: [r.text for r in acceptance.replies[name]] for name in names})
+    return Served(details, acceptance.replies)
 
 
 def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> list[Example]:
@@ -139,7 +141,7 @@ def tune_draft(
     sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
     work.mkdir(parents=True, exist_ok=True)
     say("serving the candidate with the vanilla draft: training answers and acceptance")
-    with _server(cfg, fp8, str(vanilla_draft), work / "server-vanilla-draft.log") as server:
+    with server_for(cfg, fp8, str(vanilla_draft), work / "server-vanilla-draft.log") as server:
         examples = answers(cfg, server, train_prompts)
         before = measure(cfg, server, sets)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,9 +156,10 @@ def tune_draft(
     del body
     draft_dir = save_draft(draft.cpu(), vanilla_draft, dtype, work / "draft")
     say("serving the candidate with the tuned draft")
-    with _server(cfg, fp8, str(draft_dir), work / "server-tuned-draft.log") as server:
+    with server_for(cfg, fp8, str(draft_dir), work / "server-tuned-draft.log") as server:
         after = measure(cfg, server, sets)
     differing = {
-        name: sum(a != b for a, b in zip(before.texts[name], after.texts[name], strict=True)) for name, _, _ in sets
+        name: sum(a.text != b.text for a, b in zip(before.replies[name], after.replies[name], strict=True))
+        for name, _, _ in sets
     }
     return Tuned(before, after, trained, len(examples), draft_dir, differing)
