@@ -21,6 +21,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtp_abliterate.objectives.acceptance import Draws  # noqa: E402
 from mtp_abliterate.objectives.served import Reply  # noqa: E402
 from mtp_abliterate.search.config import StudyConfig  # noqa: E402
 from mtp_abliterate.search.draft.run import work_dir  # noqa: E402
@@ -38,14 +39,12 @@ def served_replies(cfg: StudyConfig, model: Path, draft: Path, log: Path) -> dic
         return measure(cfg, server, sets).replies
 
 
-def mean_accepted(replies: list[Reply], keep: set[int]) -> float:
+def mean_accepted(replies: list[Reply], keep: set[int], n: int) -> float:
     """Accepted tokens per draft over the kept prompts (the ratio of sums, as the study's figure)."""
-    accepted = drafts = 0
+    tally = Draws([0] * (n + 1))
     for i in keep:
-        histogram = replies[i].spec_histogram or []
-        drafts += sum(histogram)
-        accepted += sum(k * count for k, count in enumerate(histogram))
-    return accepted / drafts if drafts else float("nan")
+        tally.add(replies[i])
+    return tally.accepted / tally.drafts if tally.drafts else float("nan")
 
 
 def main() -> None:
@@ -69,6 +68,7 @@ def main() -> None:
         console.print(f"serving the {label}")
         replies[label] = served_replies(cfg, model, draft, work / f"by-prompt-{label.replace(' ', '-')}.log")
     vanilla, candidate = replies["vanilla body"], replies["candidate + vanilla draft"]
+    n = cfg.serving.num_speculative_tokens
     table = Table(title=f"trial {args.trial}: mean accepted tokens per draft, prompt groups")
     for column in ("set", "prompts", "how many", *runs, "loss", "recovered"):
         table.add_column(column)
@@ -78,7 +78,7 @@ def main() -> None:
         for group, keep in (("all", every), ("same answer as vanilla", same), ("answer changed", every - same)):
             if not keep:
                 continue
-            v, c, t = (mean_accepted(replies[label][name], keep) for label in runs)
+            v, c, t = (mean_accepted(replies[label][name], keep, n) for label in runs)
             recovered = f"{(t - c) / (v - c):.0%}" if v != c else "-"
             table.add_row(name, group, str(len(keep)), f"{v:.3f}", f"{c:.3f}", f"{t:.3f}", f"{v - c:.3f}", recovered)
     console.print(table)
