@@ -13,7 +13,7 @@ from rich import box
 from rich.table import Table
 
 from mtp_abliterate.objectives.base import ObjectiveResult
-from mtp_abliterate.search.candidate.ara import COMPONENTS
+from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, KLD, MEAN_ACCEPTED, REFUSAL_RATE, TRIAL_S, per_position
 from mtp_abliterate.search.study import records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,11 @@ def test_cli_config_check_prints_plan_and_fails_cleanly(tmp_path: Path) -> None:
     res = subprocess.run([*CLI, "config", "check", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert re.search(r"error:.*search\.n_trials", res.stdout.replace("\n", " "))
+
+
+def test_the_cli_and_its_study_tables_load_without_torch() -> None:
+    """`config check`, `study status` and `--help` answer in a fraction of a second: the CLI module and the tables it
+    prints import no torch (1.4 s on its own), which only the commands that load a model pull in."""
+    modules = "mtp_abliterate.search.cli, mtp_abliterate.search.study.records"
+    code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -25,7 +25,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-COMPONENTS = ("attn.o_proj", "mlp.down_proj")
+from mtp_abliterate.search.candidate.components import COMPONENTS
 
 # L-BFGS settings of the method: fixed, so an edit depends only on its module's inputs, parameters and seed.
 LBFGS = dict(lr=1.0, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
