@@ -34,7 +34,8 @@ $(VENV)/.installed: pyproject.toml
 
 # vLLM pins its own torch/transformers/compressed-tensors, so it gets its own environment. The registry's
 # torchvision/torchaudio/torchcodec are CUDA builds that break imports on CPU: remove them. The project's vLLM plugin
-# (search/serving/vllm_plugin: FP8 matmuls in float32 on CPUs without oneDNN FP8 kernels) is installed into it.
+# (search/serving/vllm_plugin: FP8 matmuls in float32 on CPUs without oneDNN FP8 kernels; the engine process forked,
+# not spawned, where the server's environment asks for it) is installed into it.
 vllm-env: $(VLLM_VENV)/.installed
 $(VLLM_VENV)/.installed: search/serving/vllm_plugin/pyproject.toml search/serving/vllm_plugin/mtp_abliterate_cpu_fp8.py \
 		search/serving/vllm_plugin/mtp_abliterate_cpu_fork.py
