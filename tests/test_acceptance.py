@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from heretic.utils import Prompt
@@ -12,9 +13,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets, degenerate
+from mtp_abliterate.objectives.served import chat
 from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
+from mtp_abliterate.search.draft.tune import continuation
 from mtp_abliterate.search.draft.wiring import Example
 from tests.conftest import ORGANISM_CONFIG
 from tests.test_serve import LAYOUT, _server
@@ -103,3 +106,34 @@ def test_served_and_hf_refusals_agree_prompt_by_prompt(resident, vanilla_server)
     served = RefusalRate(respond, prompts, samples=len(prompts)).compute()
     assert [s["refusal"] for s in served.details["samples"]] == [s["refusal"] for s in hf.details["samples"]]
     assert served.details["refusals"] == hf.details["refusals"] == N_PROMPTS
+
+
+def test_vllm_scores_proposals_past_the_stop_token_against_the_bodys_continuation(vanilla_server) -> None:
+    """Why draft-tune teaches `Example.tail`: vLLM counts a round's accepted tokens before it applies the stop, so a
+    last round accepts proposals past the answer's stop token that match what the body would write next. The tail
+    draft-tune fetches for that is the served body's greedy continuation, which transformers writes too."""
+    n = 4
+    body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
+    prompts = _prompts("harmless") + _prompts("harmful")
+    past_the_stop = same_tail = 0
+    with httpx.Client(timeout=600) as client:
+        for prompt in prompts:
+            r = chat(client, vanilla_server.base_url, vanilla_server.served_name, prompt, 64, token_ids=True)
+            assert r.token_ids and r.prompt_token_ids and r.spec_histogram
+            drafts, accepted = sum(r.spec_histogram), sum(k * c for k, c in enumerate(r.spec_histogram))
+            # every emitted token after the first comes from a round (its accepted tokens + the body's own one);
+            # tokens accepted past the stop make the rounds' sum exceed the answer, by at most n - 1
+            assert len(r.token_ids) - 1 <= drafts + accepted <= len(r.token_ids) - 1 + n - 1
+            past_the_stop += drafts + accepted > len(r.token_ids) - 1
+            ids = r.prompt_token_ids + r.token_ids
+            tail = continuation(client, vanilla_server, ids, n - 1)
+            assert len(tail) == n - 1
+            with torch.no_grad():
+                written = body.generate(
+                    torch.tensor([ids]), max_new_tokens=n - 1, min_new_tokens=n - 1, do_sample=False, eos_token_id=None
+                )
+            same_tail += list(tail) == written[0, len(ids) :].tolist()
+    print(f"answers with accepted tokens past the stop: {past_the_stop}, tails as transformers': {same_tail}")
+    assert past_the_stop > 0  # measured: 7 of 24 (the 12 refusals all end on a full round)
+    # past the stop the body is unsure: served BF16 and transformers' float32 may split a near tie (measured: 22 of 24)
+    assert same_tail >= 0.75 * len(prompts)

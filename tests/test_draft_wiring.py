@@ -12,7 +12,7 @@ from mtp_abliterate.organism.acceptance_sim import AcceptanceCounts, replay_roun
 from mtp_abliterate.organism.models import body_config, draft_config
 from mtp_abliterate.organism.spec import OrganismSpec
 from mtp_abliterate.search.draft.distill import chain_loss, chunked_cross_entropy
-from mtp_abliterate.search.draft.wiring import body_states, draft_chain
+from mtp_abliterate.search.draft.wiring import Example, body_states, draft_chain, pad_batch
 
 IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<turn|>": 5}
 VOCAB = 97
@@ -101,6 +101,47 @@ def test_the_answer_rows_loss_equals_the_full_logits_loss(random_pair) -> None:
         chain_loss(draft, body, ids, attn, resp, 4, 0, window, -1, answer_logits_only=only) for only in (False, True)
     ]
     torch.testing.assert_close(losses[1], losses[0])
+
+
+def test_the_tail_past_the_answer_is_a_target_and_never_a_query(random_pair) -> None:
+    """An example's tail (the body's tokens after its stop token, which vLLM scores the last round's proposals
+    against) is a target of the answer's queries and not a query itself: draft-tune's loss equals the cross-entropy,
+    written out here, over every (answer position p, step j) whose target p+1+j lies in the answer or the tail."""
+    body, draft, spec = random_pair
+    torch.manual_seed(3)
+    tokens = torch.randint(7, VOCAB, (30,)).tolist()
+    batch = [Example(tokens[:27], 12, tuple(tokens[27:])), Example(tokens[:20], 9)]
+    ids, attn, resp = pad_batch(batch, 0)
+    assert (
+        ids[0].tolist() == tokens and attn[0].sum() == 30 and resp[0].nonzero().flatten().tolist() == [*range(12, 27)]
+    )
+    window, steps = spec.body.sliding_window, 4
+    loss = chain_loss(draft, body, ids, attn, resp, steps, 0, window, -1, answer_logits_only=True)
+
+    teacher = torch.zeros(*ids.shape, steps, dtype=torch.long)
+    rows: list[list[tuple[int, int]]] = [[] for _ in range(steps)]  # (example, query position) per step
+    for b, e in enumerate(batch):
+        scored = [*e.ids, *e.tail]
+        for p in range(len(scored)):
+            for j in range(steps):
+                if p + 1 + j < len(scored):
+                    teacher[b, p, j] = scored[p + 1 + j]
+                    if e.prompt_len <= p < len(e.ids):
+                        rows[j].append((b, p))
+    with torch.no_grad():
+        _, hidden, kv = body_states(body, ids, attn)
+        chain = draft_chain(
+            draft, body.get_input_embeddings(), ids, hidden, kv, steps, window, teacher=teacher, position_offset=-1
+        )
+    written_out = sum(
+        F.cross_entropy(
+            torch.stack([chain[j][b, p] for b, p in rows[j]]), torch.stack([teacher[b, p, j] for b, p in rows[j]])
+        )
+        for j in range(steps)
+    )
+    torch.testing.assert_close(loss.detach(), written_out)
+    no_tail = chain_loss(draft, body, *pad_batch([Example(tokens[:27], 12), batch[1]], 0), steps, 0, window, -1, True)
+    assert not torch.isclose(loss, no_tail)  # the tail's targets count
 
 
 def _replay(tokens: list[int], prompt_len: int, proposals: dict[int, list[int]]) -> AcceptanceCounts:

@@ -3,8 +3,9 @@
 Greedy speculative decoding emits exactly the body's greedy text, so a round structure can be replayed over that
 text: at a round whose last emitted token sits at position p the draft proposes tokens p+1..p+n, the body accepts
 the longest matching prefix (k tokens) and adds one token of its own, and the next round starts at p+k+1. Proposals
-past the end of the answer are rejected, as a server stops there. Not HF assisted generation: its Gemma 4 candidate
-generator uses the wrong hidden state on the first round.
+past the end of the answer count as rejected; vLLM scores them against the body's own continuation past its stop
+token (tests/test_acceptance.py), so the replay can under-count an answer's last round. Not HF assisted generation:
+its Gemma 4 candidate generator uses the wrong hidden state on the first round.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Self-distillation of an MTP draft on a body: the draft learns to propose the body's own greedy continuations.
 
 The loss is the organism builder's: for every query position from the first answer token on, the sum over chained
-steps of the cross-entropy against the next tokens of the body's answer (teacher-forced chain inputs). `draft-tune`
+steps of the cross-entropy against the next tokens of the body's answer and, past its end, of the body's own
+continuation (`Example.tail`: vLLM scores those proposals too), teacher-forced chain inputs. `draft-tune`
 feeds the draft exactly as vLLM's MTP proposer does (query at the hidden state's position, `sliding_window` KV
 entries); the body is frozen and runs in its checkpoint dtype, the draft learns in float32 (saved in its own dtype).
 """
@@ -19,7 +20,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from mtp_abliterate.search.draft.wiring import Example, body_states, draft_chain, draft_targets, pad_batch
+from mtp_abliterate.search.draft.wiring import (
+    Example,
+    body_states,
+    draft_chain,
+    draft_targets,
+    pad_batch,
+    scored_tokens,
+)
 
 VLLM_POSITION_OFFSET = -1  # vLLM's proposer queries at the position of the hidden state it was given
 # Answer positions whose float32 logits exist at once in `chunked_cross_entropy` (1 GiB at a 262k vocabulary).
@@ -87,7 +95,7 @@ def chain_loss(
     _, hidden, kv = body_states(body, ids, attn)
     kv = {k: (a.to(dtype), b.to(dtype)) for k, (a, b) in kv.items()}
     embed = body.get_input_embeddings()
-    teacher, has_target = draft_targets(ids, resp, steps, pad_id)
+    teacher, has_target = draft_targets(ids, scored_tokens(attn, resp), steps, pad_id)
     chain = draft_chain(
         draft,
         lambda tokens: embed(tokens).to(dtype),

@@ -84,18 +84,38 @@ def measure(cfg: StudyConfig, server: VllmServer, sets: Sequence[tuple[str, list
     return Served(details, acceptance.replies)
 
 
-def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> list[Example]:
-    """The served candidate's greedy answers to `prompts` as training examples (chat tokens as the server scored
-    them + answer tokens). Empty answers teach nothing and are left out."""
+def continuation(client: httpx.Client, server: VllmServer, ids: list[int], tokens: int) -> tuple[int, ...]:
+    """The served body's next `tokens` greedy tokens after `ids`, stop tokens ignored (`Example.tail`)."""
+    payload = {
+        "model": server.served_name,
+        "prompt": ids,
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,  # vLLM extensions: go on past the stop token, and say which tokens came
+        "return_token_ids": True,
+    }
+    reply = client.post(f"{server.base_url}/v1/completions", json=payload)
+    reply.raise_for_status()
+    return tuple(reply.json()["choices"][0]["token_ids"])
 
-    def ask(client: httpx.Client, prompt: Prompt) -> Reply:
-        return chat(client, server.base_url, server.served_name, prompt, cfg.acceptance.max_tokens, token_ids=True)
+
+def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> list[Example]:
+    """The served candidate's greedy answers to `prompts` as training examples: chat tokens as the server scored
+    them + answer tokens + the n-1 tokens the body writes after the answer's last one (the last round's proposals
+    past the stop are scored against those). Empty answers teach nothing and are left out."""
+    tail = cfg.serving.num_speculative_tokens - 1
+
+    def ask(client: httpx.Client, prompt: Prompt) -> Example | None:
+        r = chat(client, server.base_url, server.served_name, prompt, cfg.acceptance.max_tokens, token_ids=True)
+        if r.token_ids is None or r.prompt_token_ids is None:
+            raise DraftTuneError("the vLLM server returned no token ids (`return_token_ids`); use vLLM >= 0.11")
+        if not r.token_ids:
+            return None
+        ids = r.prompt_token_ids + r.token_ids
+        return Example(ids, len(r.prompt_token_ids), continuation(client, server, ids, tail) if tail else ())
 
     with httpx.Client(timeout=600) as client, ThreadPoolExecutor(cfg.acceptance.concurrency) as pool:
-        replies = list(pool.map(lambda p: ask(client, p), prompts))
-    if replies and (replies[0].token_ids is None or replies[0].prompt_token_ids is None):
-        raise DraftTuneError("the vLLM server returned no token ids (`return_token_ids`); use vLLM >= 0.11")
-    return [Example(r.prompt_token_ids + r.token_ids, len(r.prompt_token_ids)) for r in replies if r.token_ids]
+        return [e for e in pool.map(lambda p: ask(client, p), prompts) if e is not None]
 
 
 def load_body(path: Path, device: torch.device) -> Gemma4ForCausalLM:

@@ -21,23 +21,35 @@ KVStates = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Example:
-    """A tokenized chat: prompt (with generation prompt) followed by the response and its end-of-turn token."""
+    """A tokenized chat: prompt (with generation prompt) followed by the response and its end-of-turn token.
+
+    `tail`: the body's greedy tokens after the response's last token. A server never emits them, but vLLM scores the
+    last round's proposals past the stop token against them (acceptance is counted before the stop is applied), so a
+    draft that is to be accepted there must learn them.
+    """
 
     ids: list[int]
     prompt_len: int
+    tail: tuple[int, ...] = ()
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, and a mask of response positions (the tokens the model must produce)."""
-    width = max(len(e.ids) for e in examples)
+    """Right-padded ids (each example's tail after its response), attention mask, and a mask of response positions
+    (the tokens the model must produce; the tail is not one of them)."""
+    width = max(len(e.ids) + len(e.tail) for e in examples)
     ids = torch.full((len(examples), width), pad_id)
     attn = torch.zeros_like(ids)
     resp = torch.zeros_like(ids, dtype=torch.bool)
     for i, e in enumerate(examples):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        attn[i, : len(e.ids)] = 1
+        ids[i, : len(e.ids) + len(e.tail)] = torch.tensor([*e.ids, *e.tail])
+        attn[i, : len(e.ids) + len(e.tail)] = 1
         resp[i, e.prompt_len : len(e.ids)] = True
     return ids, attn, resp
+
+
+def scored_tokens(attn: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
+    """The tokens a proposal is compared with: the response and the tail after it (`pad_batch`'s masks)."""
+    return attn.bool() & (resp.cumsum(dim=1) > 0)
 
 
 def text_body(model: PreTrainedModel) -> Gemma4ForCausalLM:
