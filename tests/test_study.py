@@ -456,11 +456,12 @@ def test_a_non_ara_method_and_a_full_disk_stop_the_study_with_the_fix(stale_stud
 
 
 def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned_draft(finished_study: Demo) -> None:
-    """`draft-tune` on the front trial that lost the most acceptance, with a small budget (40 steps on 400 answers:
-    36 % of the harmful set's loss won back, the tuned draft's interval 0.19 above the vanilla draft's figure): the
-    tuned draft, served beside the candidate in the study's harness, accepts more where the candidate lost it; the
-    candidate's greedy answers are the same with either draft; the draft keeps the vanilla format; MLflow holds the
-    run under the trial's; `export --draft tuned` carries it with both tables in the card."""
+    """`draft-tune` on the front trial that lost the most acceptance, with a small budget (40 steps on 400 answers,
+    measured on trial 3 of a copy of this study: 41 % of the harmful set's loss won back, the tuned draft's interval
+    0.19 above the vanilla draft's figure; 61 % of the harmless set's): the tuned draft, served beside the candidate in
+    the study's harness, accepts more where the candidate lost it and on the other set; the candidate's greedy answers
+    are the same with either draft; the draft keeps the vanilla format; MLflow holds the run under the trial's;
+    `export --draft tuned` carries it with both tables in the card."""
     tmp = finished_study.tmp
     study = load(tmp, "demo")
     vanilla = study.user_attrs["vanilla"]
@@ -500,6 +501,9 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     after, before = gain["tuned_draft"], gain["vanilla_draft"]
     assert after["mean_accepted_tokens"] - after["ci95"] > before["mean_accepted_tokens"], gain
     assert gain["recovered"] > 0.25, gain
+    # the other set gains too: before draft-tune taught the tokens past the stop, 40 steps lost it 29 % more
+    other = record["sets"][next(s for s in sets if s != lost)]
+    assert other["tuned_draft"]["mean_accepted_tokens"] > other["vanilla_draft"]["mean_accepted_tokens"], other
 
     vanilla_draft, tuned = Path(cfg.resolve(cfg.model.draft)), Path(record["draft"])
     for f in vanilla_draft.iterdir():  # config, tokenizer and template files unchanged
