@@ -1,7 +1,8 @@
 """The draft-tune stage: the vanilla MTP draft re-aligned to one candidate body, measured before and after.
 
 1. The candidate (FP8, as deployed) is served with the vanilla draft: it answers the training prompt mix (greedy,
-   token ids kept) and its acceptance is measured on the acceptance sets, every prompt.
+   token ids kept, and the n-1 tokens it writes past each answer's stop: vLLM scores proposals there too) and its
+   acceptance is measured on the acceptance sets, every prompt.
 2. The draft is self-distilled on those answers, fed the candidate's own hidden states and KV (BF16 candidate in
    transformers, vLLM's MTP wiring), within the budget.
 3. The tuned draft is saved in the vanilla draft's format and the candidate is served again with it: same sets, same
@@ -35,6 +36,7 @@ from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import VllmServer
 
 WEIGHTS = (".safetensors", ".safetensors.index.json")
+NO_TOKEN_IDS = "the vLLM server returned no token ids (`return_token_ids`); use vLLM >= 0.11"
 
 
 class DraftTuneError(RuntimeError):
@@ -96,7 +98,10 @@ def continuation(client: httpx.Client, server: VllmServer, ids: list[int], token
     }
     reply = client.post(f"{server.base_url}/v1/completions", json=payload)
     reply.raise_for_status()
-    return tuple(reply.json()["choices"][0]["token_ids"])
+    token_ids = reply.json()["choices"][0].get("token_ids")
+    if token_ids is None:
+        raise DraftTuneError(NO_TOKEN_IDS)
+    return tuple(token_ids)
 
 
 def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> list[Example]:
@@ -108,7 +113,7 @@ def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> 
     def ask(client: httpx.Client, prompt: Prompt) -> Example | None:
         r = chat(client, server.base_url, server.served_name, prompt, cfg.acceptance.max_tokens, token_ids=True)
         if r.token_ids is None or r.prompt_token_ids is None:
-            raise DraftTuneError("the vLLM server returned no token ids (`return_token_ids`); use vLLM >= 0.11")
+            raise DraftTuneError(NO_TOKEN_IDS)
         if not r.token_ids:
             return None
         ids = r.prompt_token_ids + r.token_ids
