@@ -112,8 +112,9 @@ def _tuned_section(cfg: StudyConfig, tune: dict[str, Any], repo: str | None) -> 
 
 The vanilla draft was trained on the vanilla body. `draft/` is that draft re-aligned to this model by
 `mtp-abliterate draft-tune`: {tr["steps"]} steps of self-distillation on this model's own greedy answers to
-{tune["examples"]} training prompts (harmful and harmless, none of the measured ones), fed this model's hidden states
-and KV as vLLM's MTP path feeds them. Same format, config and tokenizer as the vanilla draft. Measured on this
+{tune["examples"]} training prompts (harmful and harmless, none of the measured ones) and to the tokens it writes past
+each answer's stop (vLLM scores proposals there too), fed this model's hidden states and KV as vLLM's MTP path feeds
+them. Same format, config and tokenizer as the vanilla draft. Measured on this
 model in one vLLM harness (every prompt of each set; greedy answers identical with either draft):
 
 | set | draft | acceptance per position | mean accepted ± 95 % CI | drafts |
