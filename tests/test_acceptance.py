@@ -12,7 +12,7 @@ from heretic.utils import Prompt
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCausalLM
 
-from mtp_abliterate.objectives.acceptance import AcceptanceSets, degenerate
+from mtp_abliterate.objectives.acceptance import AcceptanceSets, Draws, degenerate
 from mtp_abliterate.objectives.served import chat
 from mtp_abliterate.organism.acceptance_sim import simulate_acceptance
 from mtp_abliterate.organism.check import SYSTEM_PROMPT
@@ -120,7 +120,8 @@ def test_vllm_scores_proposals_past_the_stop_token_against_the_bodys_continuatio
         for prompt in prompts:
             r = chat(client, vanilla_server.base_url, vanilla_server.served_name, prompt, 64, token_ids=True)
             assert r.token_ids and r.prompt_token_ids and r.spec_histogram
-            drafts, accepted = sum(r.spec_histogram), sum(k * c for k, c in enumerate(r.spec_histogram))
+            draws = Draws(list(r.spec_histogram))
+            drafts, accepted = draws.drafts, draws.accepted
             # every emitted token after the first comes from a round (its accepted tokens + the body's own one);
             # tokens accepted past the stop make the rounds' sum exceed the answer, by at most n - 1
             assert len(r.token_ids) - 1 <= drafts + accepted <= len(r.token_ids) - 1 + n - 1
