@@ -173,7 +173,7 @@ def compare(trials: int, seed: int, lengths: list[int]) -> dict:
                 for n in lengths:
                     pipe = TrialPipeline(_fixed(cfg, max_tokens=n), resident, base, serving)
                     r = pipe.run(params, run_dir / f"length-{label}-{n}")
-                    by_length[label][n] = (r.mean_accepted_tokens, r.acceptance["ci95"], r.acceptance["output_tokens"])
+                    by_length[label][n] = (r.accepted_per_step, r.acceptance["ci95"], r.acceptance["output_tokens"])
         finally:
             serving.close()
     return {"full": [p.__dict__ for p in full], "adaptive": [p.__dict__ for p in adaptive], "lengths": by_length}

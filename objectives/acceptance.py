@@ -1,16 +1,27 @@
 """Per-position draft acceptance, measured per prompt from a running vLLM server, with intervals over prompts.
 
 Each prompt is sent through /v1/chat/completions (chat template applied; raw completions inflate acceptance). The
-server runs with `--per-request-spec-decode-metrics summary` (vLLM >= 0.29, PR #48915), so every answer carries its
-own histogram h_j = verify steps that accepted exactly j draft tokens; summed over a set's answers it equals the
-differenced `vllm:spec_decode_*` counters of /metrics (tests/test_adaptive.py checks it). vLLM's definitions:
-a_i = drafts whose first i+1 tokens were all accepted / drafts, and mean accepted tokens per draft = sum_i a_i
-(vLLM's "mean acceptance length" is 1 + that).
+server runs with `--per-request-spec-decode-metrics detailed` (vLLM >= 0.32), so every answer carries its own
+verify steps in order (accepted draft tokens per step) and vLLM's histogram of them; summed over a set's answers
+the histogram equals the differenced `vllm:spec_decode_*` counters of /metrics (tests/test_adaptive.py checks it).
+
+Two figures, side by side:
+- **Speed-true** (the objective): what the client receives. An answer of C completion tokens took S verify steps
+  after the prefill step (which emits one token); the steps emitted T = C - 1 tokens, so the draft bought
+  T / S - 1 tokens per step. vLLM counts a step's accepted drafts before it applies the stop, so the last step can
+  be credited with proposals past the answer's stop, which are never emitted: here a step's accepted count is capped
+  at what it emitted. `accepted_per_step` = (sum T - sum S) / sum S, and per-position rate k = steps whose draft
+  token k was accepted *and emitted* / steps. This is what turns into speed: tokens per target forward pass.
+- **vLLM's** (what a user reads from /metrics): a_i = drafts whose first i+1 tokens were all accepted / drafts,
+  `vllm_mean_accepted_tokens` = sum_i a_i (vLLM's "mean acceptance length" is 1 + that). It is never below the
+  speed-true figure.
 
 Interval: drafts within one answer are correlated (a body that wanders off the draft's path does so for a whole
-answer), so the prompt is the unit. Each figure is a ratio over prompts, sum(accepted_p) / sum(drafts_p), and its
-95 % half-width is the ratio estimator's: 1.96 sqrt(sum_p (accepted_p - R drafts_p)^2 / (n (n-1))) / mean(drafts_p).
-The mix of sets (independent samples) has half-width 1.96 sqrt(sum_s (w_s/W)^2 se_s^2).
+answer), so the prompt is the unit. Each figure is a ratio over prompts, sum(accepted_p) / sum(steps_p), and its
+95 % half-width is the ratio estimator's: 1.96 sqrt(sum_p (accepted_p - R steps_p)^2 / (n (n-1))) / mean(steps_p).
+The mix of sets (independent samples) has half-width 1.96 sqrt(sum_s (w_s/W)^2 se_s^2). Each set keeps its
+per-prompt counts (`per_prompt`), so two measurements on the same prompts are compared by paired differences
+(`objectives/paired.py`).
 
 Adaptive measurement: prompts are served in rounds (`round_size` per set, in a fixed seeded order), and serving
 stops as soon as the mix's half-width is at most `target_halfwidth`, or as soon as the caller's `stop` rule says the
@@ -30,18 +41,21 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 import httpx
 from heretic.utils import Prompt
 
 from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
-from mtp_abliterate.objectives.served import Reply, chat, texts_digest
+from mtp_abliterate.objectives.served import REQUEST_TIMEOUT_S, Reply, chat, texts_digest
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
 Z95 = 1.96
+T = TypeVar("T")
 ORDER_SEED = 0  # the adaptive order of every prompt set: fixed, so every trial serves the same prompts first
 
 
@@ -84,28 +98,68 @@ def read_counters(base_url: str, positions: int) -> SpecCounters:
     )
 
 
+class NoPerStepMetrics(RuntimeError):
+    """The server sent a spec-decode histogram but not its steps in order: speed-true acceptance needs them."""
+
+
+def emitted_per_step(steps: Sequence[int], completion_tokens: int) -> list[int]:
+    """Each verify step's accepted draft tokens as the client received them: a step emits its accepted tokens plus
+    the body's own one, up to the answer's end (the prefill step emitted the first of `completion_tokens`)."""
+    left, out = completion_tokens - 1, []
+    for accepted in steps:
+        emitted = min(accepted + 1, left)
+        left -= emitted
+        out.append(max(emitted - 1, 0))
+    return out
+
+
 @dataclass
 class Draws:
-    """One prompt's drafts (over its answers, one per request seed): verify steps by accepted draft tokens."""
+    """One prompt's verify steps (over its answers, one per request seed), by accepted draft tokens: as vLLM counts
+    them (`histogram`, proposals past the stop included) and as the client received them (`emitted`)."""
 
     histogram: list[int]  # histogram[j]: verify steps that accepted exactly j draft tokens (j = 0..n)
+    emitted: list[int] = field(default_factory=list)  # emitted[j]: steps whose j accepted tokens were all emitted
     draft_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.emitted = self.emitted or [0] * len(self.histogram)
 
     @property
     def drafts(self) -> int:
+        """Verify steps (each proposed one draft)."""
         return sum(self.histogram)
 
     @property
     def accepted(self) -> int:
+        """Accepted draft tokens that were emitted: the answers' tokens minus their steps (and prefill tokens)."""
+        return sum(j * h for j, h in enumerate(self.emitted))
+
+    @property
+    def vllm_accepted(self) -> int:
+        """Accepted draft tokens as vLLM counts them (proposals past the stop included)."""
         return sum(j * h for j, h in enumerate(self.histogram))
 
     def accepted_at(self, position: int) -> int:
-        """Drafts whose first position+1 tokens were all accepted."""
+        """Steps whose first position+1 draft tokens were all accepted and emitted."""
+        return sum(self.emitted[position + 1 :])
+
+    def vllm_accepted_at(self, position: int) -> int:
+        """Drafts whose first position+1 tokens vLLM counted as accepted."""
         return sum(self.histogram[position + 1 :])
 
     def add(self, reply: Reply) -> None:
-        for j, h in enumerate(reply.spec_histogram or ()):
+        if not reply.spec_histogram:
+            return
+        if reply.spec_steps is None:
+            raise NoPerStepMetrics(
+                "the vLLM server reported no per-step spec-decode metrics; speed-true acceptance needs vLLM >= 0.32 "
+                "started with --per-request-spec-decode-metrics detailed (the tool passes it: update the vLLM build)"
+            )
+        for j, h in enumerate(reply.spec_histogram):
             self.histogram[j] += h
+        for j in emitted_per_step(reply.spec_steps, reply.completion_tokens):
+            self.emitted[j] += 1
         self.draft_tokens += reply.spec_draft_tokens
 
 
@@ -121,7 +175,7 @@ def ratio_interval(numerators: Sequence[float], denominators: Sequence[float]) -
     return ratio, Z95 * math.sqrt(residuals / (n * (n - 1))) / (total / n)
 
 
-def seeded_order(prompts: Sequence[Prompt]) -> list[Prompt]:
+def seeded_order(prompts: Sequence[T]) -> list[T]:
     """The order adaptive measurement serves a set in: the same for every trial and every set of that content."""
     return random.Random(ORDER_SEED).sample(list(prompts), len(prompts))
 
@@ -135,48 +189,66 @@ def degenerate(text: str, min_words: int = 8) -> bool:
 @dataclass
 class SetMeasurement:
     name: str
-    per_position: list[float]
+    per_position: list[float]  # speed-true: accepted and emitted
     per_position_ci95: list[float]  # 95 % half-widths, prompts as the unit
-    mean_accepted_tokens: float
-    ci95: float  # 95 % half-width of mean_accepted_tokens, prompts as the unit
+    accepted_per_step: float  # speed-true: emitted tokens per verify step - 1
+    ci95: float  # 95 % half-width of accepted_per_step, prompts as the unit
+    vllm_per_position: list[float]  # vLLM's a_i (proposals past the stop counted), as /metrics gives them
+    vllm_mean_accepted_tokens: float  # vLLM's mean accepted tokens per draft: sum of vllm_per_position
     num_prompts: int  # prompts served (adaptive measurement may stop before the set's end)
-    num_drafts: int
+    num_drafts: int  # verify steps
     num_draft_tokens: int
-    num_accepted_tokens: int
+    num_accepted_tokens: int  # emitted
+    vllm_num_accepted_tokens: int  # vLLM's count: the emitted ones plus the proposals past the stop
     output_tokens: int
     seconds: float  # wall time of the measurement this set was part of (sets are served together)
     tok_s: float
     invalid_reason: str | None
     samples: list[dict[str, str]]
     answers_sha256: str  # every answer's text, in serving order: equal digests mean identical greedy texts
+    per_prompt: dict[str, list]  # serving order: "index" in the set, "steps", "accepted", "at" (per position)
 
 
 @dataclass
 class Estimate:
-    """Where a measurement stands: the configured mix's figures, each (value, 95 % half-width)."""
+    """Where a measurement stands: the configured mix's figures, each (value, 95 % half-width), and each set's
+    measurement so far (for paired comparisons)."""
 
-    mean_accepted_tokens: tuple[float, float]
+    accepted_per_step: tuple[float, float]
     per_position: list[tuple[float, float]]
+    sets: dict[str, SetMeasurement] = field(default_factory=dict)
 
 
 def _set_tally(n: int, positions: int) -> list[Draws]:
     return [Draws([0] * (positions + 1)) for _ in range(n)]
 
 
-def measurement_of(
-    name: str, draws: Sequence[Draws], answers: Sequence[tuple[Prompt, Reply]], positions: int, seconds: float
-) -> SetMeasurement:
-    """One set's figures from its prompts' draws and answers (in serving order)."""
-    drafts = [d.drafts for d in draws]
-    per_pos = [ratio_interval([d.accepted_at(i) for d in draws], drafts) for i in range(positions)]
-    mean, ci = ratio_interval([d.accepted for d in draws], drafts)
-    reasons = []  # every one that applies: a wrecked candidate is often both degenerate and never accepted
-    if sum(drafts) == 0:
+def _reasons(draws: Sequence[Draws], answers: Sequence[tuple[Prompt, Reply]]) -> list[str]:
+    """Every reason that applies: a wrecked candidate is often both degenerate and never accepted."""
+    reasons = []
+    if sum(d.drafts for d in draws) == 0:
         reasons.append("no drafts were proposed: speculative decoding did not run")
-    elif sum(d.accepted_at(0) for d in draws) == 0:
+    elif sum(d.vllm_accepted_at(0) for d in draws) == 0:
         reasons.append("no draft token was ever accepted: the draft does not match this body")
     if bad := [r.text for _, r in answers if degenerate(r.text)]:
         reasons.append(f"{len(bad)} degenerate answer(s), e.g. {bad[0][:60]!r}")
+    return reasons
+
+
+def measurement_of(
+    name: str,
+    draws: Sequence[Draws],
+    answers: Sequence[tuple[Prompt, Reply]],
+    positions: int,
+    seconds: float,
+    indices: Sequence[int],
+) -> SetMeasurement:
+    """One set's figures from its prompts' draws and answers (in serving order; `indices`: each draw's prompt's
+    place in the configured set)."""
+    drafts = [d.drafts for d in draws]
+    per_pos = [ratio_interval([d.accepted_at(i) for d in draws], drafts) for i in range(positions)]
+    mean, ci = ratio_interval([d.accepted for d in draws], drafts)
+    vllm_pos = [sum(d.vllm_accepted_at(i) for d in draws) / max(sum(drafts), 1) for i in range(positions)]
     tokens = sum(r.completion_tokens for _, r in answers)
     return SetMeasurement(
         name,
@@ -184,16 +256,25 @@ def measurement_of(
         [h for _, h in per_pos],
         mean,
         ci,
+        vllm_pos,
+        sum(vllm_pos),
         len(draws),
         sum(drafts),
         sum(d.draft_tokens for d in draws),
         sum(d.accepted for d in draws),
+        sum(d.vllm_accepted for d in draws),
         tokens,
         seconds,
         tokens / seconds if seconds else 0.0,
-        "; ".join(reasons) or None,
+        "; ".join(_reasons(draws, answers)) or None,
         [{"prompt": p.user, "response": r.text} for p, r in answers[:5]],
         texts_digest(r.text for _, r in answers),
+        {
+            "index": list(indices[: len(draws)]),
+            "steps": drafts,
+            "accepted": [d.accepted for d in draws],
+            "at": [[d.accepted_at(i) for i in range(positions)] for d in draws],
+        },
     )
 
 
@@ -204,12 +285,23 @@ def mix_interval(parts: Sequence[tuple[float, float, float]]) -> tuple[float, fl
     return value, math.sqrt(sum((w / total * h) ** 2 for _, h, w in parts))
 
 
+@contextmanager
+def cancel_queued_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
+    """On an exception (a dead or hung server, Ctrl-C) the requests still queued are never sent: a hung server costs
+    one request timeout, not one per queued prompt."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 class AcceptanceSets(Objective):
-    """Weighted mean, over the configured prompt sets, of mean accepted tokens per draft; details per set.
+    """Weighted mean, over the configured prompt sets, of speed-true accepted tokens per step; details per set.
 
     `target_halfwidth` > 0: adaptive rounds of `round_size` prompts per set (see the module doc); 0: every prompt."""
 
-    name = "mean_accepted_tokens"
+    name = "accepted_per_step"
     direction = Direction.MAXIMIZE
 
     def __init__(
@@ -225,8 +317,11 @@ class AcceptanceSets(Objective):
         keep_replies: Sequence[str] = (),
         target_halfwidth: float = 0.0,
         round_size: int = 16,
+        timeout: float = REQUEST_TIMEOUT_S,
     ) -> None:
+        """`timeout`: seconds one request may take (serving.request_timeout_s); past it httpx.TimeoutException."""
         self.base_url, self.served_name = base_url, served_name
+        self.timeout = timeout
         self.sets = [(n, list(p), w) for n, p, w in sets]
         self.n = num_speculative_tokens
         self.max_tokens, self.temperature, self.seeds, self.concurrency = max_tokens, temperature, seeds, concurrency
@@ -243,8 +338,8 @@ class AcceptanceSets(Objective):
 
     def _serve(self, jobs: Sequence[tuple[str, Prompt, int]]) -> list[Reply]:
         """Answers to (set, prompt, seed) jobs, `concurrency` in flight."""
-        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(lambda job: self._ask(client, job), jobs))
+        with httpx.Client(timeout=self.timeout) as client, ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda job: self._ask(client, job), jobs))  # map cancels the rest on a failure
 
     def measure_set(self, name: str, prompts: Sequence[Prompt]) -> SetMeasurement:
         """Every prompt of one set, alone on the server (its tok/s is this set's)."""
@@ -257,15 +352,15 @@ class AcceptanceSets(Objective):
         if name in self.keep_replies:
             self.replies[name] = replies[: len(prompts)]
         answers = list(zip(list(prompts) * len(self.seeds), replies, strict=True))
-        return measurement_of(name, draws, answers, self.n, seconds)
+        return measurement_of(name, draws, answers, self.n, seconds, range(len(prompts)))
 
     def estimate(self, measured: dict[str, SetMeasurement]) -> Estimate:
         parts = [(measured[n], w) for n, _, w in self.sets]
-        mean = mix_interval([(m.mean_accepted_tokens, m.ci95, w) for m, w in parts])
+        mean = mix_interval([(m.accepted_per_step, m.ci95, w) for m, w in parts])
         per_pos = [
             mix_interval([(m.per_position[i], m.per_position_ci95[i], w) for m, w in parts]) for i in range(self.n)
         ]
-        return Estimate(mean, per_pos)
+        return Estimate(mean, per_pos, measured)
 
     def compute(
         self,
@@ -277,10 +372,11 @@ class AcceptanceSets(Objective):
         sets whose every answer (one seed, at `max_tokens`, in the set's order) the caller already has."""
         answered = answered or {}
         adaptive = self.target_halfwidth > 0
-        orders = {
-            name: seeded_order(prompts) if adaptive and name not in answered else prompts
+        indices = {  # each set's serving order, as places in the configured set
+            name: seeded_order(range(len(prompts))) if adaptive and name not in answered else range(len(prompts))
             for name, prompts, _ in self.sets
         }
+        orders = {name: [prompts[i] for i in indices[name]] for name, prompts, _ in self.sets}
         step = self.round_size if adaptive else max(len(p) for p in orders.values())
         draws = {name: _set_tally(len(p), self.n) for name, p in orders.items()}
         answers: dict[str, list[tuple[Prompt, Reply]]] = {name: [] for name in orders}
@@ -300,7 +396,11 @@ class AcceptanceSets(Objective):
         ]
         stopped, rounds, seconds, wasted = "", 0, 0.0, 0
         t0 = time.perf_counter()
-        with httpx.Client(timeout=600) as client, ThreadPoolExecutor(self.concurrency) as pool:
+        with (
+            httpx.Client(timeout=self.timeout) as client,
+            ThreadPoolExecutor(self.concurrency) as pool,
+            cancel_queued_on_error(pool),
+        ):
             futures = [
                 [
                     (name, i, pool.submit(self._ask, client, (name, orders[name][i], seed)))
@@ -319,11 +419,13 @@ class AcceptanceSets(Objective):
                 seconds = time.perf_counter() - t0
                 timed = {name: seconds if name in served else 0.0 for name in orders}
                 measured = {  # an answered set's answers were generated (and timed) by the caller
-                    name: measurement_of(name, draws[name][: done[name]], answers[name], self.n, timed[name])
+                    name: measurement_of(
+                        name, draws[name][: done[name]], answers[name], self.n, timed[name], indices[name]
+                    )
                     for name in orders
                 }
                 estimate = self.estimate(measured)
-                half = estimate.mean_accepted_tokens[1]
+                half = estimate.accepted_per_step[1]
                 if all(done[name] >= len(p) for name, p in orders.items()):
                     stopped = "every prompt served"
                 elif half <= self.target_halfwidth:
@@ -338,20 +440,23 @@ class AcceptanceSets(Objective):
         wasted = sum(f.result().completion_tokens for f in later if not f.cancelled() and f.exception() is None)
         for name in self.keep_replies & set(orders):
             self.replies[name] = [r for _, r in answers[name][: len(orders[name])]]
-        weights = [w for _, _, w in self.sets]
-        value = estimate.mean_accepted_tokens[0]
-        results = [measured[name] for name, _, _ in self.sets]
+        # tokens generated here: the measured answers' and those of requests in flight at a stop
+        tokens = sum(measured[name].output_tokens for name in served) + wasted
+        run = {"stopped": stopped, "rounds": rounds, "seconds": seconds, "output_tokens": tokens}
+        return ObjectiveResult(estimate.accepted_per_step[0], self._details(estimate, run))
+
+    def _details(self, estimate: Estimate, run: dict[str, Any]) -> dict[str, Any]:
+        """The measurement's record: every set's figures, the mix's intervals and vLLM's raw figure, how it ran."""
+        weights = {name: w for name, _, w in self.sets}
+        results = [estimate.sets[name] for name in weights]
         invalid = [f"{r.name}: {r.invalid_reason}" for r in results if r.invalid_reason]
-        details = {
+        total = sum(weights.values())
+        return {
             "sets": {r.name: asdict(r) for r in results},
             "invalid_reason": "; ".join(invalid) or None,
-            "ci95": estimate.mean_accepted_tokens[1],
+            "ci95": estimate.accepted_per_step[1],
             "per_position_ci95": [h for _, h in estimate.per_position],
-            "stopped": stopped,
-            "rounds": rounds,
-            "seconds": seconds,
-            # tokens generated here: the measured answers' and those of requests in flight at a stop
-            "output_tokens": sum(r.output_tokens for r in results if r.name not in answered) + wasted,
-            "weights": dict(zip([n for n, _, _ in self.sets], weights, strict=True)),
+            "vllm_mean_accepted_tokens": sum(weights[r.name] * r.vllm_mean_accepted_tokens for r in results) / total,
+            **run,
+            "weights": weights,
         }
-        return ObjectiveResult(value, details)

@@ -3,11 +3,16 @@
 KL(vanilla || candidate) over the full vocabulary at the first generated token, averaged over the harmless
 evaluation prompts (`F.kl_div(candidate_logprobs, vanilla_logprobs, reduction="batchmean", log_target=True)`), from
 raw logits (processed scores carry Gemma 4's -inf suppress_tokens and make KL NaN).
+
+The candidate is scored as deployed when a `deployed` context is given (the resident's: its merged checkpoint
+weights in place of the adapters), so the value is the one heretic's `--evaluate-model` gives for the saved
+checkpoint (docs/parity.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch.nn.functional as F
 from heretic.model import Model
@@ -20,13 +25,21 @@ class KLDivergence(Objective):
     name = "kld"
     direction = Direction.MINIMIZE
 
-    def __init__(self, model: Model, prompts: Sequence[Prompt]) -> None:
-        """Construct while `model` is vanilla: the vanilla log-probabilities are taken here, once."""
+    def __init__(
+        self,
+        model: Model,
+        prompts: Sequence[Prompt],
+        deployed: Callable[[], AbstractContextManager[object]] = nullcontext,
+    ) -> None:
+        """Construct while `model` is vanilla: the vanilla log-probabilities are taken here, once. `deployed`: the
+        context in which `model` computes the candidate as deployed (default: as it is)."""
         self.model = model
         self.prompts = list(prompts)
+        self.deployed = deployed
         self.vanilla_logprobs = model.get_logprobs_batched(self.prompts)
 
     def compute(self) -> ObjectiveResult:
-        logprobs = self.model.get_logprobs_batched(self.prompts)
+        with self.deployed():
+            logprobs = self.model.get_logprobs_batched(self.prompts)
         kl = F.kl_div(logprobs, self.vanilla_logprobs, reduction="batchmean", log_target=True).item()
         return ObjectiveResult(kl, {"num_prompts": len(self.prompts)})

@@ -1,6 +1,6 @@
 """Shared by the served objectives: one chat completion (chat template applied by the server; with its own
-spec-decode histogram when the server reports per-request metrics), and a digest of answers that lets two
-measurements be compared text for text."""
+spec-decode histogram and verify steps when the server reports per-request metrics), and a digest of answers that
+lets two measurements be compared text for text."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class Reply(NamedTuple):
     spec_histogram: list[int] | None = None  # verify steps by accepted draft tokens (a server with a draft and
     # --per-request-spec-decode-metrics); None when nothing was drafted
     spec_draft_tokens: int = 0
+    spec_steps: list[int] | None = None  # accepted draft tokens of each verify step, in order (`detailed` metrics)
 
 
 def chat(
@@ -52,13 +53,30 @@ def chat(
         body.get("prompt_token_ids"),
         spec.get("acceptance_histogram"),
         spec.get("num_draft_tokens", 0),
+        spec.get("per_step_accepted"),
     )
 
 
-def answer_all(base_url: str, model: str, prompts: Sequence[Prompt], max_tokens: int, concurrency: int) -> list[Reply]:
-    """Greedy answers to `prompts`, in order, `concurrency` in flight."""
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda p: chat(client, base_url, model, p, max_tokens), prompts))
+REQUEST_TIMEOUT_S = 600.0  # serving.request_timeout_s's default: an answer not back by then, the server is hung
+
+
+def answer_all(
+    base_url: str,
+    model: str,
+    prompts: Sequence[Prompt],
+    max_tokens: int,
+    concurrency: int,
+    timeout: float = REQUEST_TIMEOUT_S,
+) -> list[Reply]:
+    """Greedy answers to `prompts`, in order, `concurrency` in flight; httpx.TimeoutException when one is not back
+    within `timeout` seconds (queued requests are cancelled: a hung server costs one timeout, not one per prompt)."""
+    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(chat, client, base_url, model, p, max_tokens) for p in prompts]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
 
 
 def texts_digest(texts: Iterable[str]) -> str:

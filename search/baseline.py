@@ -37,8 +37,9 @@ class BaselineRow:
     aggregate_speedup: float
     concurrency: int  # of the aggregate figures
     per_position: list[float]
-    mean_accepted_tokens: float
+    accepted_per_step: float  # speed-true: emitted tokens per verify step - 1
     ci95: float
+    vllm_mean_accepted_tokens: float  # vLLM's /metrics figure (proposals past an answer's stop counted)
     tokens_per_step: float
     num_drafts: int
     invalid_reason: str | None
@@ -81,6 +82,7 @@ def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Pat
                     a.temperature,
                     a.seeds,
                     concurrency,
+                    timeout=cfg.serving.request_timeout_s,
                 )
                 for concurrency in (1, a.concurrency)
             )
@@ -99,9 +101,10 @@ def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Pat
                         m.tok_s / no_spec.get((name, a.concurrency), float("nan")),
                         a.concurrency,
                         m.per_position if n else [],
-                        m.mean_accepted_tokens if n else 0.0,
+                        m.accepted_per_step if n else 0.0,
                         m.ci95 if n else 0.0,
-                        1 + (m.mean_accepted_tokens if n else 0.0),
+                        m.vllm_mean_accepted_tokens if n else 0.0,
+                        1 + (m.accepted_per_step if n else 0.0),
                         m.num_drafts,
                         m.invalid_reason if n else None,
                     )

@@ -266,7 +266,8 @@ def study_run(
         raise typer.Exit(130) from None
     except (StudyError, DiskFullError, SpaceError, AbliterationError) as e:
         fail(str(e))
-    console.print(views.pareto_table(runner.study, runner.objectives, cfg.serving.num_speculative_tokens))
+    console.print(views.pareto_table(cfg, runner.study, runner.objectives))
+    console.print(views.winner_line(cfg, runner.study))
     uri = runner.mlflow_uri()
     browse = uri if served(uri) else f"mtp-abliterate ui {runner.run_dir} [--dashboard]"
     console.print(f"study folder: {runner.run_dir}\nbrowse it: {browse}")
@@ -289,13 +290,13 @@ def study_reference(
 
     cfg = _config(file)
     raw = _json(params, "--params")
-    runner = StudyRunner(cfg, console, file)
     try:
+        runner = StudyRunner(cfg, console, file)
         metrics, better = score_reference(runner, method, raw, label or method)
     except (AbliterationError, StudyError) as e:
         fail(str(e))
     console.print(views.reference_line(label or method, metrics, cfg.serving.num_speculative_tokens))
-    console.print(f"trials dominating it: {better or 'none'}")
+    console.print(f"trials dominating it (paired by prompt on acceptance): {better or 'none'}")
 
 
 @study_app.command("status")
@@ -307,7 +308,8 @@ def study_status(target: Path) -> None:
     cfg, study = _existing_study(target)
     objectives, n = objective_specs(cfg), cfg.serving.num_speculative_tokens
     console.print(views.trials_table(study, objectives, n))
-    console.print(views.pareto_table(study, objectives, n))
+    console.print(views.pareto_table(cfg, study, objectives))
+    console.print(views.winner_line(cfg, study))
     console.print(views.swap_summary(cfg, records.swap_checks(study)))
 
 
@@ -385,13 +387,21 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _scored_trial(target: Path, number: int):
-    """(config, study, record) of a study's scored trial, from its run folder or config."""
+def _scored_trial(target: Path, number: int | str):
+    """(config, study, record) of a study's scored trial, from its run folder or config; `number` "best" is the
+    study's named winner (`[export]` bounds)."""
     from mtp_abliterate.search.release.materialize import MaterializeError, recorded_trial
+    from mtp_abliterate.search.study.winner import pick_winner
 
     cfg, study = _existing_study(target)
+    if number == "best":
+        if (w := pick_winner(cfg, study)) is None:
+            fail(views.winner_line(cfg, study) + "; widen [export] max_refusal_rate / max_kl or run more trials")
+        number = w.record.number
+    elif not str(number).isdigit():
+        fail(f"--trial {number!r} is neither a trial number nor 'best'")
     try:
-        return cfg, study, recorded_trial(study, number)
+        return cfg, study, recorded_trial(study, int(number))
     except MaterializeError as e:
         fail(str(e))
 
@@ -421,7 +431,7 @@ def materialize_cmd(
 @app.command("export")
 def export_cmd(
     study: Annotated[Path, typer.Argument(help="the study's run folder or config")],
-    trial: Annotated[int, typer.Option(help="trial number")],
+    trial: Annotated[str, typer.Option(help="trial number, or 'best': the study's winner (`study status`)")],
     out: Annotated[Path | None, typer.Option(help="export folder (default: runs/<study>/exports/trial-N)")] = None,
     push: Annotated[str | None, typer.Option(help="upload to this Hugging Face repo, user/name")] = None,
     private: Annotated[bool, typer.Option(help="create the repo private")] = False,
@@ -442,13 +452,13 @@ def export_cmd(
     if draft not in ("vanilla", "tuned"):
         fail(f"--draft {draft!r} is not one of vanilla, tuned")
     cfg, optuna_study, t = _scored_trial(study, trial)
-    out = out or default_export_dir(cfg, trial, precision, draft)
+    out = out or default_export_dir(cfg, t.number, precision, draft)
     quiet_libraries()
     try:
         export_trial(cfg, optuna_study, t, out, push, precision, draft)
     except (MaterializeError, ExportError) as e:
         fail(str(e))
-    console.print(f"exported trial {trial} ({precision}, {draft} draft) to {out}")
+    console.print(f"exported trial {t.number} ({precision}, {draft} draft) to {out}")
     if dry_run:
         console.print(f"would upload to {push or '<--push user/name>'}:")
         for f in files_to_upload(out):

@@ -7,6 +7,7 @@ a model class and one field on `StudyConfig`; unknown keys are rejected so typos
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -106,10 +107,11 @@ class Search(Section):
         description="informed first trials: parameter sets run before the sampler's own (`method` = directional for "
         "heretic's parametrisation; ARA's otherwise)",
     )
-    acceptance_objective: Annotated[str, Field(pattern=r"^(mean_accepted_tokens|acc_pos_[0-9]+)$")] = Field(
-        "mean_accepted_tokens",
-        description="acceptance scalar maximised, over the acceptance sets' mix: mean accepted tokens per draft, "
-        "or one position's rate (acc_pos_0 .. acc_pos_{n-1})",
+    acceptance_objective: Annotated[str, Field(pattern=r"^(accepted_per_step|acc_pos_[0-9]+)$")] = Field(
+        "accepted_per_step",
+        description="acceptance scalar maximised, over the acceptance sets' mix: accepted draft tokens per verify "
+        "step as the client receives them (emitted tokens per step - 1; what speculative decoding buys), or one "
+        "position's speed-true rate (acc_pos_0 .. acc_pos_{n-1})",
     )
     max_consecutive_failures: int = Field(
         5,
@@ -117,6 +119,12 @@ class Search(Section):
         description="stop the study after this many failed trials in a row (a broken setup; a bad candidate is a "
         "complete, infeasible trial and never counts)",
     )
+
+    @property
+    def acceptance_position(self) -> int | None:
+        """The draft position the acceptance objective is, or None for accepted tokens per step."""
+        scalar = self.acceptance_objective
+        return int(scalar.removeprefix("acc_pos_")) if scalar.startswith("acc_pos_") else None
 
     @model_validator(mode="after")
     def _methods_fit(self) -> Search:
@@ -185,6 +193,13 @@ class Serving(Section):
     vllm_args: list[str] = Field(default_factory=list, description="passed through to vLLM unchanged")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of the server (docker: -e)")
     startup_timeout_s: float = Field(600, gt=0, description="give up waiting for /health after this long")
+    request_timeout_s: float = Field(
+        600,
+        gt=0,
+        description="give up on one measurement request (a chat completion) after this long without its answer: "
+        "vLLM is taken as hung, stopped (SIGKILL) and replaced, and the candidate measured again once; keep it "
+        "well above one answer's time at acceptance.concurrency requests in flight",
+    )
     num_speculative_tokens: int = Field(4, ge=1, le=8, description="draft tokens per step (the MTP n)")
     resident_gpu_memory_utilization: float | None = Field(
         None,
@@ -299,7 +314,17 @@ class Retention(Section):
 
 
 class Export(Section):
-    """The model card of `mtp-abliterate export`."""
+    """The study's named winner (`study status`, MLflow, `export --trial best`) and the model card of `export`."""
+
+    max_refusal_rate: float = Field(
+        0.05, ge=0, le=1, description="the winner is the trial with the highest acceptance objective within this"
+    )
+    max_kl: float | None = Field(
+        None,
+        gt=0,
+        description="...and within this KL divergence; default: 2 x the KL of the informed directional trial (the "
+        "first `search.enqueue` entry with method = directional: heretic's default), no bound when there is none",
+    )
 
     license: str | None = Field(
         None, description="license tag; default: the base model card's (a local README.md), else 'other'"
@@ -327,8 +352,11 @@ class DraftTune(Section):
 class Tracking(Section):
     mlflow_uri: str | None = Field(
         None,
-        description="MLflow tracking URI: http://HOST:PORT of an `mlflow server` for several machines; default: a "
-        "SQLite store under runs/",
+        description="MLflow tracking URI: http://HOST:PORT of an `mlflow server` for several machines (with its "
+        "basic-auth app, the credentials come from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the "
+        "environment, never from here); default: a SQLite store under runs/. `${VAR}` is expanded from the "
+        "environment when the config is loaded; a password in the URL is never written or printed (`config check` "
+        "warns when one is written here)",
     )
 
 
@@ -337,8 +365,13 @@ class Storage(Section):
 
     optuna_url: str | None = Field(
         None,
-        description="Optuna storage URL, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB for several machines (the "
-        "psycopg driver: `pip install 'mtp-abliterate[distributed]'`); default: SQLite under the study's folder",
+        description="Optuna storage URL, postgresql://USER@HOST[:PORT]/DB for several machines (the psycopg driver: "
+        "`pip install 'mtp-abliterate[distributed]'`); default: SQLite under the study's folder. Keep the password "
+        "out of the file: `${VAR}` is expanded from the environment when the config is loaded "
+        "(postgresql://USER:${PGPASSWORD}@HOST/DB), and psycopg (libpq) reads PGPASSWORD, PGPASSFILE and "
+        "~/.pgpass itself for a URL without one. A password in the URL is never written or printed (the study "
+        "folder's config.toml, study.json, MLflow and every printed line carry the URL without it) and `config "
+        "check` warns that the file holds it",
     )
     heartbeat_s: Annotated[int, Field(ge=1, description="a running trial's heartbeat to the storage, seconds")] = 60
     grace_s: Annotated[
@@ -377,6 +410,8 @@ class StudyConfig(Section):
 
     # Filled by load_config: the TOML's folder, against which relative paths resolve.
     base_dir: Path = Field(Path("."), exclude=True)
+    # Filled by load_config: the URL fields whose TOML value holds a password itself (`config check` warns).
+    password_fields: tuple[str, ...] = Field((), exclude=True)
 
     @model_validator(mode="after")
     def _acceptance_position_exists(self) -> StudyConfig:
@@ -389,7 +424,7 @@ class StudyConfig(Section):
     def resolve(self, value: str) -> str:
         """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""
         local = self.base_dir / value
-        if Path(value).is_absolute() or local.exists() or not HF_ID.match(value):
+        if Path(value).is_absolute() or _exists(local) or not HF_ID.match(value):
             # normpath, not resolve(): a virtualenv's python is a symlink that must stay one
             return os.path.normpath(local.absolute())
         return value
@@ -425,11 +460,20 @@ def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; pass the path of a study TOML such as configs/organism.toml")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax there") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}); fix its permissions") from None
+    raw, password_fields = _expand_urls(path, raw)
+    if internal := [k for k in ("base_dir", "password_fields") if k in raw]:  # filled here, never from the file
+        raise ConfigError("\n".join(f"{path}: {k}: unknown field; remove it or fix its spelling" for k in internal))
     try:
-        cfg = StudyConfig.model_validate({**raw, "base_dir": path.resolve().parent})
+        cfg = StudyConfig.model_validate(
+            {**raw, "base_dir": path.resolve().parent, "password_fields": password_fields}
+        )
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -446,8 +490,182 @@ def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
             f"{path}: {field}: {cfg.resolve(value)} does not exist; fix the path"
             + FIX_HINTS.get(field.rsplit(".", 1)[-1], "")
             for field, value in cfg.local_inputs().items()
-            if not Path(cfg.resolve(value)).exists()
+            if not _exists(Path(cfg.resolve(value)))
         ]
         if missing:
             raise ConfigError("\n".join(missing))
+        if unusable := _model_problems(path, cfg) + _prompt_file_problems(path, cfg):
+            raise ConfigError("\n".join(unusable))
     return cfg
+
+
+URL_FIELDS = (("storage", "optuna_url"), ("tracking", "mlflow_uri"))
+
+
+def _expand_urls(path: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`raw` with `${VAR}` expanded in the store URLs, and the URL fields that hold a literal password."""
+    from mtp_abliterate.search import credentials
+
+    lines, literal = [], []
+    for section, key in URL_FIELDS:
+        table = raw.get(section)
+        if not isinstance(table, dict) or not isinstance(value := table.get(key), str):
+            continue  # absent, or the wrong type: validation says so
+        if credentials.literal_password(value):
+            literal.append(f"{section}.{key}")
+        try:
+            raw = {**raw, section: {**table, key: credentials.expand(value)}}
+        except credentials.UnsetVariable as e:
+            lines.append(
+                f"{path}: {section}.{key}: ${{{e.args[0]}}} is not set in the environment; export {e.args[0]} "
+                "before running (or leave the password out of the URL: libpq reads PGPASSWORD and ~/.pgpass)"
+            )
+    if lines:
+        raise ConfigError("\n".join(lines))
+    return raw, tuple(literal)
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+# What the study loads: a Gemma 4 body (text-only or the release layout) and its MTP assistant.
+ARCHITECTURES = {
+    "model.target": ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration"),
+    "model.draft": ("Gemma4AssistantForCausalLM",),
+}
+
+
+def _model_problems(path: Path, cfg: StudyConfig) -> list[str]:
+    """Local model folders that are not the Gemma 4 body / MTP draft the study needs (hub ids are checked when the
+    study reads them from the HF cache)."""
+    lines = []
+    for field, wanted in ARCHITECTURES.items():
+        value = getattr(cfg.model, field.split(".")[1])
+        if HF_ID.match(value) and cfg.resolve(value) == value:
+            continue
+        folder = Path(cfg.resolve(value))
+        if not folder.is_dir():
+            lines.append(f"{path}: {field}: {folder} is not a folder; name a model folder or a hub id")
+            continue
+        try:
+            found = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not a JSON object"
+            lines.append(f"{path}: {field}: {folder}/config.json cannot be read ({reason}); name a model folder")
+            continue
+        if not isinstance(found, list) or not set(map(str, found)) & set(wanted):
+            lines.append(
+                f"{path}: {field}: {folder} is a {found} model, not {' or '.join(wanted)}; "
+                f"name a Gemma 4 {'body' if field == 'model.target' else 'MTP draft (the -assistant model)'}"
+            )
+    return lines
+
+
+def _prompt_file_problems(path: Path, cfg: StudyConfig) -> list[str]:
+    """Prompt text files that cannot give a prompt (`search/prompts.py`: one prompt per line, blank lines skipped):
+    not UTF-8, or no prompt at all; a folder named without `column` (a dataset needs it)."""
+    lines = []
+    for field, ps in cfg.prompt_sets().items():
+        if ps.column is not None:
+            continue
+        source = Path(cfg.resolve(ps.source))
+        if source.is_dir():
+            lines.append(f"{path}: {field}.source: {source} is a folder; a dataset also needs `column` and `split`")
+            continue
+        try:
+            text = source.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = source.read_bytes()[: e.start].count(b"\n") + 1
+            lines.append(f"{path}: {field}.source: {source} line {line} is not UTF-8 ({e.reason}); save it as UTF-8")
+            continue
+        except OSError as e:
+            lines.append(f"{path}: {field}.source: {source} cannot be read ({e.strerror}); fix its permissions")
+            continue
+        if not any(line.strip() for line in text.splitlines()):
+            lines.append(f"{path}: {field}.source: {source} has no prompt (blank lines are skipped); add one per line")
+    return lines
+
+
+# What a trial means, for a study resumed with an edited config (`trial_meaning`): a field here changes the candidates
+# or how they are scored, so a study's trials stop being comparable when it changes; the rest is budget and operation
+# (how long, where, how fast, what is kept, how results are read). A field takes the class of its longest prefix.
+TRIAL_MEANING = (
+    "model",
+    "prompts",
+    "abliteration",
+    "quantization.scheme",
+    "quantization.ignore",
+    "serving.num_speculative_tokens",
+    "acceptance.sets",
+    "acceptance.max_tokens",
+    "acceptance.temperature",
+    "acceptance.seeds",
+    "search.seed",  # it seeds ARA's optimiser too
+    "search.methods",
+    "search.space",
+    "search.constraints",
+    "search.acceptance_objective",
+)
+OPERATIONAL = (
+    "name",
+    "runs_dir",
+    "abliteration.method",  # the `abliterate` command's; a study searches search.methods
+    "abliteration.batch_size",
+    "abliteration.workers",
+    "quantization.incremental",  # byte-identical either way
+    "search",  # n_trials, sampler, n_startup_trials, enqueue, max_consecutive_failures
+    "serving",  # launcher, image, vllm_args, env, timeouts, mode (a swap is checked against a cold start)
+    "acceptance",  # concurrency (greedy answers do not depend on it), adaptive target_halfwidth, round_size
+    "retention",
+    "export",
+    "draft_tune",
+    "tracking",
+    "storage",
+)
+
+
+def _leaves(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _leaves(f"{prefix}.{key}", sub).items()}
+    if isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _leaves(f"{prefix}[{i}]", sub).items()}
+    return {prefix: value}
+
+
+def _class_of(field: str) -> bool:
+    """Whether `field` (a dotted path, list indices allowed) changes what a trial means."""
+    bare = re.sub(r"\[\d+\]", "", field)
+    best = max(
+        (p for p in (*TRIAL_MEANING, *OPERATIONAL) if bare == p or bare.startswith(p + ".")), key=len, default=None
+    )
+    if best is None:
+        raise KeyError(f"{field} is in neither TRIAL_MEANING nor OPERATIONAL (search/config.py); classify it")
+    return best in TRIAL_MEANING
+
+
+def trial_meaning(cfg: StudyConfig) -> dict[str, Any]:
+    """The fields that change what a trial means, flattened (`acceptance.sets[0].weight`), as JSON values: stored
+    in the study when it is created, compared when it is resumed (`meaning_changes`)."""
+    dumped = cfg.model_dump(mode="json")
+    leaves = {k: v for key, value in dumped.items() for k, v in _leaves(key, value).items()}
+    return {k: v for k, v in leaves.items() if _class_of(k)}
+
+
+def meaning_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field: old -> new` for each meaning field that differs (absent on one side: `(none)`)."""
+
+    def shown(v: Any) -> str:
+        return "(none)" if v is _ABSENT else json.dumps(v)
+
+    return [
+        f"{k}: {shown(stored.get(k, _ABSENT))} -> {shown(current.get(k, _ABSENT))}"
+        for k in sorted(set(stored) | set(current))
+        if stored.get(k, _ABSENT) != current.get(k, _ABSENT)
+    ]
+
+
+_ABSENT = object()

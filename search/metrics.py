@@ -5,7 +5,8 @@ from __future__ import annotations
 
 REFUSAL_RATE = "refusal_rate"
 KLD = "kld"
-MEAN_ACCEPTED = "mean_accepted_tokens"
+ACCEPTED_PER_STEP = "accepted_per_step"  # the objective: emitted tokens per verify step - 1 (speed-true)
+VLLM_MEAN_ACCEPTED = "vllm_mean_accepted_tokens"  # vLLM's figure (/metrics): proposals past the stop counted
 CI95 = "ci95"
 NUM_DRAFTS = "num_drafts"
 NUM_PROMPTS = "num_prompts"  # prompts served (adaptive measurement stops early)

@@ -15,10 +15,18 @@ from rich.table import Table
 from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, KLD, MEAN_ACCEPTED, REFUSAL_RATE, TRIAL_S, per_position
+from mtp_abliterate.search.metrics import (
+    ACCEPTED_PER_STEP,
+    KLD,
+    REFUSAL_RATE,
+    TRIAL_S,
+    VLLM_MEAN_ACCEPTED,
+    per_position,
+)
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord
+from mtp_abliterate.search.study.winner import bounds, compare, pick_winner
 
 SHORT = {
     "start_layer_index": "start",
@@ -116,7 +124,7 @@ def measured_table(measured: dict) -> Table:
                 f"{m[f'{kind}_refusal_rate']:.3f}",
                 f"{m['kl_divergence']:.4f}" if name == "abliterated" and kind == "harmless" else "",
                 "/".join(f"{r:.3f}" for r in acc["per_position"]),
-                f"{acc['mean_accepted_tokens']:.3f}",
+                f"{acc['accepted_per_step']:.3f}",
                 str(acc["num_drafts"]),
             )
     return table
@@ -153,8 +161,9 @@ def baseline_table(model: str, rows: list) -> Table:
         f"tok/s {concurrency} streams",
         "vs n=0",
         "acceptance a0..a3",
-        "mean acc ± 95% CI",
+        "accepted/step ± 95% CI",
         "tokens/step",
+        "vLLM's mean accepted",
         "drafts",
         *(["note"] if notes else []),
     ):
@@ -168,8 +177,9 @@ def baseline_table(model: str, rows: list) -> Table:
             f"{r.aggregate_tok_s:.1f}",
             f"{r.aggregate_speedup:.2f}x",
             "/".join(f"{x:.3f}" for x in r.per_position) or "-",
-            f"{r.mean_accepted_tokens:.3f} ± {r.ci95:.3f}" if r.n else "-",
+            f"{r.accepted_per_step:.3f} ± {r.ci95:.3f}" if r.n else "-",
             f"{r.tokens_per_step:.2f}",
+            f"{r.vllm_mean_accepted_tokens:.3f}" if r.n else "-",
             str(r.num_drafts),
             *([r.invalid_reason or ""] if notes else []),
         )
@@ -188,7 +198,7 @@ def reference_line(label: str, metrics: dict[str, float], n: int) -> str:
     """A `study reference` point in one line."""
     return (
         f"{label}: refusal rate {metrics[REFUSAL_RATE]:.3f}, KL {metrics[KLD]:.4f}, acceptance {_acc(metrics, n)}, "
-        f"mean accepted {metrics[MEAN_ACCEPTED]:.3f}"
+        f"accepted per step {metrics[ACCEPTED_PER_STEP]:.3f} (vLLM's mean accepted {metrics[VLLM_MEAN_ACCEPTED]:.3f})"
     )
 
 
@@ -228,37 +238,69 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
             str(t.number),
             t.state.name.lower(),
             *values,
-            _acc(r.metrics, n) if MEAN_ACCEPTED in r.metrics else "-",
+            _acc(r.metrics, n) if ACCEPTED_PER_STEP in r.metrics else "-",
             duration,
             note,
         )
     return table
 
 
-def pareto_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Table:
-    """The Pareto set, after vanilla and the `study reference` points."""
+def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
+    """The Pareto set, after vanilla and the `study reference` points: per-position acceptance (speed-true), the
+    tokens per verify step it implies (the ideal speed-up over no speculation) and the paired difference of the
+    acceptance objective to vanilla on the same prompts."""
+    n = cfg.serving.num_speculative_tokens
     front = sorted(pareto_front(study.get_trials(deepcopy=False), objectives), key=lambda t: t.values[0])
     table = Table(title=f"Pareto set: {len(front)} trial(s), after vanilla and references", header_style="bold")
-    for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/s (aggregate)"):
+    for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/step", "vs vanilla (paired)"):
         table.add_column(col, no_wrap=True)
     table.add_column("parameters", overflow="fold")
-    refs = records.references(study)
+    refs, vanilla = records.references(study), records.vanilla_per_prompt(study)
+
+    def vs_vanilla(per_prompt: dict[str, Any]) -> str:
+        if not (per_prompt and vanilla):
+            return "-"
+        d = compare(cfg, per_prompt, vanilla)
+        return f"{d.difference:+.3f} ± {d.halfwidth:.3f}"
+
+    def speed(m: dict[str, float]) -> str:
+        return f"{1 + m[ACCEPTED_PER_STEP]:.2f}" if ACCEPTED_PER_STEP in m else "-"
+
     for label, point in reference_points(study).items():
         ref = refs.get(label)
         table.add_row(
             label,
             *[f"{point.get(o.name, float('nan')):.4g}" for o in objectives],
             _acc(point, n),
-            f"{point.get(AGGREGATE_TOK_S, 0):.1f}",
+            speed(point),
+            vs_vanilla(ref.get("per_prompt", {})) if ref else "0",
             f"{ref['method']} {ref['params']}"[:200] if ref else "-",
             style="dim",
         )
     for t in front:
-        m = TrialRecord.of(t).metrics
-        table.add_row(
-            str(t.number), *[f"{v:.4g}" for v in t.values], _acc(m, n), f"{m.get(AGGREGATE_TOK_S, 0):.1f}", _params(t)
-        )
+        r = TrialRecord.of(t)
+        row = [*[f"{v:.4g}" for v in t.values], _acc(r.metrics, n), speed(r.metrics), vs_vanilla(r.per_prompt)]
+        table.add_row(str(t.number), *row, _params(t))
     return table
+
+
+def winner_line(cfg: StudyConfig, study: optuna.Study) -> str:
+    """The trial to export, within `[export]`'s bounds, with its paired differences to the runner-up and vanilla."""
+    w = pick_winner(cfg, study)
+    scalar = cfg.search.acceptance_objective
+    b = bounds(cfg, study) if w is None else w.bounds
+    within = f"refusal <= {b.max_refusal_rate:g}, " + (
+        f"KL <= {b.max_kl:.4g} ({b.why_kl})" if b.max_kl is not None else b.why_kl
+    )
+    if w is None:
+        return f"winner: none yet (no complete feasible trial within {within})"
+    m = w.record.metrics
+    up = f"; vs runner-up trial {w.runner_up.number}: {w.vs_runner_up}" if w.runner_up and w.vs_runner_up else ""
+    van = f"; vs vanilla: {w.vs_vanilla}" if w.vs_vanilla else ""
+    return (
+        f"winner: trial {w.record.number}, {scalar} {m[scalar]:.3f}, refusal {m[REFUSAL_RATE]:.3f}, KL "
+        f"{m[KLD]:.4g} (within {within}){up}{van}; export it with `export --trial best`"
+    )
 
 
 def swap_summary(cfg: StudyConfig, checks: dict[str, dict[str, Any]]) -> str:

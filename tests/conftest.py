@@ -160,7 +160,7 @@ def assert_serves_as_recorded(
     full = [name for name, m in details.items() if recorded[f"{name}.num_prompts"] == m["num_prompts"]]
     assert full  # the harmful set is measured in full from the refusal answers
     for name in full:
-        assert details[name]["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
+        assert details[name]["accepted_per_step"] == recorded[f"{name}.accepted_per_step"]
     for name in set(details) - set(full):
         m = details[name]
-        assert abs(m["mean_accepted_tokens"] - recorded[f"{name}.mean_accepted_tokens"]) <= recorded[f"{name}.ci95"]
+        assert abs(m["accepted_per_step"] - recorded[f"{name}.accepted_per_step"]) <= recorded[f"{name}.ci95"]

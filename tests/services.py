@@ -69,10 +69,19 @@ class Postgres:
             shutil.chown(self.root, "nobody", "nogroup")
             shutil.chown(pwfile, "nobody", "nogroup")
         self._run(pg_bin() / "initdb", "-D", self.data, "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}")
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
-        self._run(pg_bin() / "pg_ctl", "-D", self.data, "-o", options, "-l", self.root / "server.log", "-w", "start")
+        self.options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        self.start_server()
         for name in databases:
             self._run(pg_bin() / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+
+    def start_server(self) -> None:
+        """Start (or start again) the server on its data folder and port."""
+        log = self.root / "server.log"
+        self._run(pg_bin() / "pg_ctl", "-D", self.data, "-o", self.options, "-l", log, "-w", "start")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data (`fast`: clients are disconnected, as a restart or an upgrade does)."""
+        self._run(pg_bin() / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop")
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{database}"

@@ -56,7 +56,8 @@ def test_objectives_match_heretic_evaluator(resident: Resident, evaluator: Evalu
     for params in (DOCUMENTED, OTHER):
         resident.apply(params)
         ours = resident.evaluate()
-        _, kl, refusals = evaluator.get_score()
+        with resident.abliterator.deployed():  # the objectives score the candidate as deployed (docs/parity.md)
+            _, kl, refusals = evaluator.get_score()
         assert abs(ours["kld"].value - kl) <= 1e-6
         assert ours["refusal_rate"].details["refusals"] == refusals
 
@@ -187,9 +188,11 @@ def test_kl_is_heretics_definition_against_an_independently_loaded_vanilla_model
     batch = CONFIG.abliteration.batch_size  # the same batches (and so the same padding) as the objective
     total = 0.0
     for i in range(0, len(prompts), batch):
-        inputs, out = resident.model.generate(
-            prompts[i : i + batch], max_new_tokens=1, output_logits=True, return_dict_in_generate=True, use_cache=False
-        )
+        chunk = prompts[i : i + batch]
+        with resident.abliterator.deployed():  # the candidate as deployed, as the objective scores it
+            inputs, out = resident.model.generate(
+                chunk, max_new_tokens=1, output_logits=True, return_dict_in_generate=True, use_cache=False
+            )
         candidate = torch.log_softmax(out.logits[0].float(), -1)
         vanilla = torch.log_softmax(_first_token_logits(vanilla_hf, inputs, resident.model.tokenizer.pad_token_id), -1)
         total += (vanilla.exp() * (vanilla - candidate)).sum().item()

@@ -31,8 +31,9 @@ def _prompts(kind: str) -> list[Prompt]:
 
 
 def _objective(server) -> AcceptanceSets:
-    sets = [(kind, _prompts(kind), 0.5) for kind in ("harmless", "harmful")]
-    return AcceptanceSets(server.base_url, server.served_name, sets, 4, max_tokens=64, concurrency=4)
+    kinds = ("harmless", "harmful")
+    sets = [(kind, _prompts(kind), 0.5) for kind in kinds]
+    return AcceptanceSets(server.base_url, server.served_name, sets, 4, 64, concurrency=4, keep_replies=kinds)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def test_a_broken_draft_measures_zero_and_says_why(tmp_path: Path) -> None:
 
 
 def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(vanilla_server) -> None:
-    result = _objective(vanilla_server).compute()
+    objective = _objective(vanilla_server)
+    result = objective.compute()
     assert result.details["invalid_reason"] is None
     tokenizer = AutoTokenizer.from_pretrained(LAYOUT.body)
     body = Gemma4ForCausalLM.from_pretrained(LAYOUT.body).eval()
@@ -75,6 +77,13 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(van
         assert rates == sorted(rates, reverse=True)  # cumulative: non-increasing in i
         assert sum(rates) * m["num_drafts"] == pytest.approx(m["num_accepted_tokens"])
         assert m["num_draft_tokens"] == 4 * m["num_drafts"]
+        # speed-true, independently: tokens the client received (token ids, minus the prefill's) per verify step
+        replies = objective.replies[kind]
+        emitted = sum(len(r.token_ids) - 1 for r in replies)
+        steps = sum(len(r.spec_steps) for r in replies)
+        assert steps == m["num_drafts"] and m["accepted_per_step"] == pytest.approx((emitted - steps) / steps)
+        assert all(s <= v for s, v in zip(rates, m["vllm_per_position"], strict=True))
+        assert m["vllm_mean_accepted_tokens"] >= m["accepted_per_step"]
         encoded = [encode_prompt(tokenizer, p.user, SYSTEM_PROMPT) for p in _prompts(kind)]
         with torch.no_grad():
             responses = greedy_generate(body, encoded, 64, tokenizer.pad_token_id)
@@ -85,10 +94,10 @@ def test_served_acceptance_is_consistent_and_matches_the_transformers_replay(van
                 4,
                 tokenizer.pad_token_id,
             )
-        print(kind, "vLLM", rates, m["mean_accepted_tokens"], "+-", m["ci95"], "| transformers", replay.rates)
-        assert abs(m["mean_accepted_tokens"] - replay.mean_accepted_tokens) <= max(m["ci95"], 0.15)
+        print(kind, "vLLM", rates, m["accepted_per_step"], "+-", m["ci95"], "| transformers", replay.rates)
+        assert abs(m["accepted_per_step"] - replay.mean_accepted_tokens) <= max(m["ci95"], 0.15)
     assert result.value == pytest.approx(
-        0.5 * sum(result.details["sets"][k]["mean_accepted_tokens"] for k in ("harmless", "harmful"))
+        0.5 * sum(result.details["sets"][k]["accepted_per_step"] for k in ("harmless", "harmful"))
     )
 
 
@@ -119,13 +128,19 @@ def test_vllm_scores_proposals_past_the_stop_token_against_the_bodys_continuatio
     with httpx.Client(timeout=600) as client:
         for prompt in prompts:
             r = chat(client, vanilla_server.base_url, vanilla_server.served_name, prompt, 64, token_ids=True)
-            assert r.token_ids and r.prompt_token_ids and r.spec_histogram
-            draws = Draws(list(r.spec_histogram))
-            drafts, accepted = draws.drafts, draws.accepted
+            assert r.token_ids and r.prompt_token_ids and r.spec_histogram and r.spec_steps
+            draws = Draws([0] * (n + 1))
+            draws.add(r)
+            drafts, accepted = draws.drafts, draws.vllm_accepted
             # every emitted token after the first comes from a round (its accepted tokens + the body's own one);
             # tokens accepted past the stop make the rounds' sum exceed the answer, by at most n - 1
             assert len(r.token_ids) - 1 <= drafts + accepted <= len(r.token_ids) - 1 + n - 1
-            past_the_stop += drafts + accepted > len(r.token_ids) - 1
+            # speed-true: what was emitted, the answer's tokens after the prefill's minus one per step
+            assert draws.accepted == len(r.token_ids) - 1 - len(r.spec_steps) and drafts == len(r.spec_steps)
+            beyond = drafts + accepted > len(r.token_ids) - 1
+            assert (draws.vllm_accepted > draws.accepted) == beyond  # vLLM's figure is higher exactly there
+            assert all(draws.accepted_at(k) <= draws.vllm_accepted_at(k) for k in range(n))
+            past_the_stop += beyond
             ids = r.prompt_token_ids + r.token_ids
             tail = continuation(client, vanilla_server, ids, n - 1)
             assert len(tail) == n - 1

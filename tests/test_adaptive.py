@@ -19,7 +19,7 @@ from mtp_abliterate.objectives.acceptance import (
 )
 from mtp_abliterate.search.candidate.ara import AraParameters
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.metrics import KLD, MEAN_ACCEPTED, REFUSAL_RATE
+from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, KLD, REFUSAL_RATE
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.modes import SwapServing
 from mtp_abliterate.search.trial.pipeline import Decisions, TrialPipeline, fp8_base
@@ -68,10 +68,13 @@ def test_per_prompt_histograms_add_up_to_the_servers_counters(server) -> None:
     delta = read_counters(server.base_url, 4) - before
     sets = result.details["sets"].values()
     assert sum(s["num_drafts"] for s in sets) == delta.num_drafts > 0
-    assert sum(s["num_accepted_tokens"] for s in sets) == delta.num_accepted_tokens
+    assert sum(s["vllm_num_accepted_tokens"] for s in sets) == delta.num_accepted_tokens
     assert sum(s["num_draft_tokens"] for s in sets) == delta.num_draft_tokens
     for i in range(4):
-        assert sum(s["per_position"][i] * s["num_drafts"] for s in sets) == pytest.approx(delta.accepted_per_pos[i])
+        vllm = sum(s["vllm_per_position"][i] * s["num_drafts"] for s in sets)
+        assert vllm == pytest.approx(delta.accepted_per_pos[i])
+    # the speed-true counts leave out the proposals accepted past an answer's stop: never above vLLM's
+    assert 0 < sum(s["num_accepted_tokens"] for s in sets) <= delta.num_accepted_tokens
     for (_, prompts, _), s in zip(SETS, sets, strict=True):
         assert s["num_prompts"] == len(prompts) and 0 <= s["ci95"] < math.inf
     assert result.details["ci95"] > 0  # the vanilla organism's refusals are all accepted; its answers are not
@@ -97,13 +100,29 @@ def test_serving_stops_at_the_target_half_width(server) -> None:
     assert narrow.value == pytest.approx(full.value) and narrow.details["ci95"] == pytest.approx(full.details["ci95"])
 
 
+def _front_point(accepted_per_step: int) -> dict[str, dict[str, list]]:
+    """Per-prompt counts of a front point that accepted this many draft tokens at every step of every prompt."""
+    return {
+        name: {
+            "index": list(range(len(prompts))),
+            "steps": [10] * len(prompts),
+            "accepted": [10 * accepted_per_step] * len(prompts),
+            "at": [[10 if k < accepted_per_step else 0 for k in range(4)]] * len(prompts),
+        }
+        for name, prompts, _ in SETS
+    }
+
+
 def test_serving_stops_when_the_front_cannot_be_reached(server) -> None:
-    # A front point with refusal 0, KL 0 and every draft token accepted dominates whatever this server measures.
-    out_of_reach = Decisions(ORGANISM_CONFIG, [(0.0, 0.0, 4.0)], kld=0.1).stop_rule(refusal=0.0)
+    # A front point with refusal 0, KL 0 and every draft token accepted on every prompt dominates, paired by prompt,
+    # whatever this server measures.
+    front = [((0.0, 0.0, 4.0), _front_point(4))]
+    out_of_reach = Decisions(ORGANISM_CONFIG, front, kld=0.1).stop_rule(refusal=0.0)
     result = _objective(server, target_halfwidth=1e-6, round_size=8).compute(out_of_reach)
     assert result.details["stopped"].startswith("cannot reach the front") and result.details["rounds"] == 1
+    assert "paired, 16 prompts" in result.details["stopped"]  # the two sets' first round
     # A front point below the candidate, or one with a worse refusal rate, cannot stop it.
-    for front in ([(0.0, 0.0, 1.0)], [(0.5, 0.0, 4.0)]):
+    for front in ([((0.0, 0.0, 0.0), _front_point(0))], [((0.5, 0.0, 4.0), _front_point(4))]):
         rule = Decisions(ORGANISM_CONFIG, front, kld=0.1).stop_rule(refusal=0.0)
         assert _objective(server, target_halfwidth=1e-6, round_size=16).compute(rule).details["rounds"] > 1
 
@@ -113,8 +132,8 @@ def test_candidates_a_constraint_rules_out_are_recorded_without_the_rest(residen
     # KL over max_kl: known before serving, so nothing is served.
     over_kl = TrialPipeline(_config(max_kl=1e-6), resident).run(INFORMED, tmp_path / "kl", front=[])
     assert over_kl.not_measured and "not served" in over_kl.not_measured
-    assert "serve" not in over_kl.durations and over_kl.refusal_rate is None and over_kl.mean_accepted_tokens is None
-    assert set(over_kl.metrics()) >= {KLD} and not {REFUSAL_RATE, MEAN_ACCEPTED} & set(over_kl.metrics())
+    assert "serve" not in over_kl.durations and over_kl.refusal_rate is None and over_kl.accepted_per_step is None
+    assert set(over_kl.metrics()) >= {KLD} and not {REFUSAL_RATE, ACCEPTED_PER_STEP} & set(over_kl.metrics())
     # The two served runs share one server (a study's: the FP8 base, each candidate swapped in).
     cfg = _config(max_refusal_rate=0.0)
     base = fp8_base(cfg, resident, tmp_path)
@@ -129,8 +148,8 @@ def test_candidates_a_constraint_rules_out_are_recorded_without_the_rest(residen
         pipeline.serving.close()
     assert refusing.refusal_rate > 0 and "acceptance not measured" in refusing.not_measured
     assert "refusals" in refusing.durations and "acceptance" not in refusing.durations
-    assert MEAN_ACCEPTED not in refusing.metrics()
-    assert measured.not_measured is None and measured.mean_accepted_tokens > 0
+    assert ACCEPTED_PER_STEP not in refusing.metrics()
+    assert measured.not_measured is None and measured.accepted_per_step > 0
     # The refusal answers (greedy, max_response_length = acceptance.max_tokens) are the harmful set's answers: that
     # set is measured from them in full, only the other set is served in rounds.
     harmful = measured.acceptance["sets"]["harmful"]

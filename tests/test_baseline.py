@@ -75,6 +75,6 @@ def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
     }
     print("n=4 tokens per target step (1 without speculation):", gain)
     assert 1.0 < gain["abliterated"] < gain["vanilla"]
-    assert ablit[(4, "harmless")]["mean_accepted_tokens"] == pytest.approx(
-        vanilla[(4, "harmless")]["mean_accepted_tokens"], abs=0.6
+    assert ablit[(4, "harmless")]["accepted_per_step"] == pytest.approx(
+        vanilla[(4, "harmless")]["accepted_per_step"], abs=0.6
     )

@@ -87,11 +87,11 @@ def test_the_experts_remove_refusals_that_the_same_dense_edit_leaves(study) -> N
     # experts at the same weight it removes them.
     assert refusal["directional"] >= 0.9 and refusal["directional+experts"] <= 0.1
     # What it costs in acceptance: measured, under the vanilla draft, on every trial that passed the constraint.
-    vanilla = s.user_attrs["vanilla"]["mean_accepted_tokens"]
+    vanilla = s.user_attrs["vanilla"]["accepted_per_step"]
     for name in ("ara+experts", "directional+experts"):
         m = t[name].user_attrs["metrics"]
-        assert t[name].user_attrs["feasible"] and 0.0 < m["mean_accepted_tokens"] <= 4.0
-        print(f"{name}: mean accepted {m['mean_accepted_tokens']:.3f} vs vanilla {vanilla:.3f}")
+        assert t[name].user_attrs["feasible"] and 0.0 < m["accepted_per_step"] <= 4.0
+        print(f"{name}: mean accepted {m['accepted_per_step']:.3f} vs vanilla {vanilla:.3f}")
 
 
 def test_expert_candidates_are_swapped_in_after_the_self_check_proves_swaps_equal_cold_starts(study) -> None:

@@ -62,7 +62,7 @@ def test_dry_run_is_the_command_a_dgx_spark_user_runs() -> None:
     spec = json.loads(_arg(cmd, "--speculative-config"))
     n = cfg.serving.num_speculative_tokens
     assert spec == {"method": "mtp", "model": "/models/gemma-4-26B-A4B-it-assistant", "num_speculative_tokens": n}
-    assert _arg(cmd, "--per-request-spec-decode-metrics") == "summary"  # each answer's own acceptance
+    assert _arg(cmd, "--per-request-spec-decode-metrics") == "detailed"  # each answer's own verify steps
     assert "--worker-extension-cls" not in cmd and "VLLM_SERVER_DEV_MODE=1" not in cmd
 
 

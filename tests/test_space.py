@@ -19,7 +19,7 @@ from mtp_abliterate.search.study.space import SearchSpace, SpaceError
 OBJECTIVES = [
     ObjectiveSpec("refusal_rate", Direction.MINIMIZE, "refusal rate", worst=1.01),
     ObjectiveSpec("kld", Direction.MINIMIZE, "KL"),
-    ObjectiveSpec("mean_accepted_tokens", Direction.MAXIMIZE, "acceptance", worst=0.0),
+    ObjectiveSpec("accepted_per_step", Direction.MAXIMIZE, "acceptance", worst=0.0),
 ]
 
 
@@ -98,11 +98,11 @@ def test_pareto_front_and_hypervolume() -> None:
     assert [n for n, _ in history] == [0, 1, 2]
     volumes = [h for _, h in history]
     assert volumes == sorted(volumes) and volumes[0] > 0 and volumes[2] > volumes[1] > volumes[0]
-    vanilla = {"refusal_rate": 1.0, "kld": 0.0, "mean_accepted_tokens": 3.8}
+    vanilla = {"refusal_rate": 1.0, "kld": 0.0, "accepted_per_step": 3.8}
     assert not any(
         dominates(t.values, point_values(vanilla, OBJECTIVES), OBJECTIVES) for t in trials
     )  # KL 0 cannot be beaten
-    reference = {"refusal_rate": 0.0, "kld": 0.2, "mean_accepted_tokens": 2.5}
+    reference = {"refusal_rate": 0.0, "kld": 0.2, "accepted_per_step": 2.5}
     assert [t.number for t in trials if dominates(t.values, point_values(reference, OBJECTIVES), OBJECTIVES)] == [1, 3]
 
 

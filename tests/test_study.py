@@ -144,11 +144,11 @@ def test_study_completes_with_three_objectives(finished_study: Demo) -> None:
         assert 0.0 <= refusal <= 1.0 and kld > 0.0 and m["refusal_rate"] == refusal  # every candidate is an edit
         if "not_measured" in t.user_attrs:  # refusals over max_refusal_rate: acceptance was not needed
             assert "acceptance not measured" in t.user_attrs["not_measured"] and not t.user_attrs["feasible"]
-            assert acceptance == 0.0 and "mean_accepted_tokens" not in m
+            assert acceptance == 0.0 and "accepted_per_step" not in m
             continue
         assert 0.0 < acceptance <= 4.0
         assert [m[f"acc_pos_{i}"] for i in range(4)] == sorted((m[f"acc_pos_{i}"] for i in range(4)), reverse=True)
-        assert m["mean_accepted_tokens"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
+        assert m["accepted_per_step"] == pytest.approx(sum(m[f"acc_pos_{i}"] for i in range(4)))
     vanilla = study.user_attrs["vanilla"]
     assert vanilla["refusal_rate"] >= 0.95  # the FP8 base refuses, and keeps the BF16 draft:
     assert vanilla["acc_pos_0"] >= 0.5
@@ -215,7 +215,7 @@ def test_a_swap_that_differs_from_a_cold_start_falls_back_to_cold_starts(stale_s
     study = load(tmp, "stale")
     # The demo study's vanilla, on a vLLM whose swaps passed the self-check: the same FP8 base, greedy on a CPU.
     demo_vanilla = load(finished_study.tmp, "demo").user_attrs["vanilla"]
-    for key in ("refusal_rate", "mean_accepted_tokens", *(f"acc_pos_{i}" for i in range(4))):
+    for key in ("refusal_rate", "accepted_per_step", *(f"acc_pos_{i}" for i in range(4))):
         assert study.user_attrs["vanilla"][key] == demo_vanilla[key], key
     check = records.swap_check(study, host_id())
     assert not check["identical"] and any(k.endswith("num_accepted_tokens") for k in check["differences"])
@@ -255,9 +255,9 @@ def test_mlflow_mirrors_optuna(finished_study: Demo) -> None:
             assert run.data.metrics["kld"] == kld
             if "not_measured" in t.user_attrs:  # the reason, and no acceptance figure made up
                 assert run.data.tags["not_measured"] == t.user_attrs["not_measured"]
-                assert "mean_accepted_tokens" not in run.data.metrics
+                assert "accepted_per_step" not in run.data.metrics
             else:
-                assert run.data.metrics["mean_accepted_tokens"] == acceptance
+                assert run.data.metrics["accepted_per_step"] == acceptance
                 assert {f"acc_pos_{i}" for i in range(4)} <= set(run.data.metrics)
             assert run.data.tags["on_pareto_front"] in ("true", "false")
             assert run.info.status == "FINISHED"
@@ -401,6 +401,41 @@ def test_materialize_rebuilds_the_trial_bit_for_bit(finished_study: Demo) -> Non
     assert _tensors(out) == _tensors(kept)
 
 
+def test_the_winner_is_named_in_status_and_mlflow_and_exported_as_best(finished_study: Demo) -> None:
+    tmp = finished_study.tmp
+    study, cfg = load(tmp, "demo"), load_config(tmp / "demo.toml")
+    # independently of search/study/winner.py: heretic's default (the enqueued directional trial) sets the KL bound
+    directional = next(
+        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.params.get("method") == "directional"
+    )
+    max_kl = 2 * directional.user_attrs["metrics"]["kld"]
+    within = [
+        t
+        for t in study.get_trials(states=(TrialState.COMPLETE,))
+        if t.user_attrs["feasible"]
+        and "accepted_per_step" in t.user_attrs["metrics"]
+        and t.user_attrs["metrics"]["refusal_rate"] <= cfg.export.max_refusal_rate
+        and t.user_attrs["metrics"]["kld"] <= max_kl
+    ]
+    status = run_cli("study", "status", str(tmp / "runs" / "demo"), timeout=120)
+    assert status.returncode == 0, status.stderr
+    out = tmp / "export-best"
+    best = run_cli("export", str(tmp / "runs" / "demo"), "--trial", "best", "--out", str(out), "--dry-run")
+    if not within:
+        assert "winner: none yet" in status.stdout and best.returncode == 2 and "winner: none yet" in best.stdout
+        return
+    winner = max(within, key=lambda t: (t.user_attrs["metrics"]["accepted_per_step"], -t.number))
+    print(f"winner: trial {winner.number} of {[t.number for t in within]}")
+    line = next(x for x in status.stdout.replace("\n", " ").split("winner: ")[1:])
+    assert line.startswith(f"trial {winner.number},") and "vs vanilla:" in line and "paired" in line
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["winner_trial"] == str(winner.number)
+    assert parent.data.metrics["winner.accepted_per_step"] == winner.user_attrs["metrics"]["accepted_per_step"]
+    assert best.returncode == 0, best.stdout + best.stderr
+    assert f"exported trial {winner.number} " in best.stdout and (out / "README.md").is_file()
+
+
 def test_export_card_serves_and_remeasures(finished_study: Demo, vllm_python: Path) -> None:
     tmp = finished_study.tmp
     number = min(_front_numbers(tmp, "demo"))
@@ -470,14 +505,14 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
 
     def loss(number: int) -> float:
         m = study.trials[number].user_attrs["metrics"]
-        return max(vanilla[f"{s}.mean_accepted_tokens"] - m.get(f"{s}.mean_accepted_tokens", 0.0) for s in sets)
+        return max(vanilla[f"{s}.accepted_per_step"] - m.get(f"{s}.accepted_per_step", 0.0) for s in sets)
 
     number = max(_front_numbers(tmp, "demo"), key=loss)
     lost = max(
         sets,
         key=lambda s: (
-            vanilla[f"{s}.mean_accepted_tokens"]
-            - study.trials[number].user_attrs["metrics"][f"{s}.mean_accepted_tokens"]
+            vanilla[f"{s}.accepted_per_step"]
+            - study.trials[number].user_attrs["metrics"][f"{s}.accepted_per_step"]
         ),
     )
     proc = run_cli("draft-tune", str(tmp / "runs" / "demo"), "--trial", str(number), "--steps", "40")
@@ -495,15 +530,15 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
             == len(load_prompt_set(cfg, cfg.acceptance.sets[sets.index(name)].prompts))
         )
         if recorded[f"{name}.num_prompts"] == before["num_prompts"]:  # the same harness as the study's: same counts
-            assert before["mean_accepted_tokens"] == recorded[f"{name}.mean_accepted_tokens"]
+            assert before["accepted_per_step"] == recorded[f"{name}.accepted_per_step"]
     gain = record["sets"][lost]
     # a real gain: the tuned draft's interval lies above the vanilla draft's figure
     after, before = gain["tuned_draft"], gain["vanilla_draft"]
-    assert after["mean_accepted_tokens"] - after["ci95"] > before["mean_accepted_tokens"], gain
+    assert after["accepted_per_step"] - after["ci95"] > before["accepted_per_step"], gain
     assert gain["recovered"] > 0.25, gain
     # the other set gains too: before draft-tune taught the tokens past the stop, 40 steps lost it 29 % more
     other = record["sets"][next(s for s in sets if s != lost)]
-    assert other["tuned_draft"]["mean_accepted_tokens"] > other["vanilla_draft"]["mean_accepted_tokens"], other
+    assert other["tuned_draft"]["accepted_per_step"] > other["vanilla_draft"]["accepted_per_step"], other
 
     vanilla_draft, tuned = Path(cfg.resolve(cfg.model.draft)), Path(record["draft"])
     for f in vanilla_draft.iterdir():  # config, tokenizer and template files unchanged
@@ -519,7 +554,7 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     assert len(trial_run) == 1 and len(tune_runs) == 1
     run = tune_runs[0]
     assert run.data.tags["mlflow.parentRunId"] == trial_run[0].info.run_id and TRIAL_TAG not in run.data.tags
-    assert run.data.metrics[f"{lost}.tuned_draft.mean_accepted_tokens"] == after["mean_accepted_tokens"]
+    assert run.data.metrics[f"{lost}.tuned_draft.accepted_per_step"] == after["accepted_per_step"]
     assert {"draft/config.json", "draft/model.safetensors"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "draft")
     }
@@ -535,5 +570,5 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     assert "## Its own MTP draft (`draft/`)" in card and '"model": "<this folder>/draft"' in card
     assert (
         f"| {lost} | tuned draft (`draft/`) | " in card
-        and f"{after['mean_accepted_tokens']:.3f} ± {after['ci95']:.3f}" in card
+        and f"{after['accepted_per_step']:.3f} ± {after['ci95']:.3f}" in card
     )

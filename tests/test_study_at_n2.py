@@ -83,7 +83,7 @@ def test_degenerate_candidates_are_complete_infeasible_trials(study_at_n2: Study
         assert not r.feasible and r.constraints[-1] > 0
         refusal, kld, accepted = t.values
         assert 0.0 <= refusal <= 1.0 and kld > 0 and math.isfinite(accepted)  # measured values, not placeholders
-        assert accepted == r.metrics["mean_accepted_tokens"]
+        assert accepted == r.metrics["accepted_per_step"]
     assert TrialRecord.of(trials[study_at_n2.good]).feasible
     assert proc.stdout.count("infeasible, a bad candidate") == len(study_at_n2.bad)
     front = pareto_front(trials, objective_specs(load_config(study_at_n2.config)))
@@ -133,7 +133,7 @@ def test_the_record_holds_n_positions_per_set_and_for_the_mix(study_at_n2: Study
     assert _positions(_vanilla(study_at_n2)) == {0, 1}
     # vLLM proposed two tokens per draft: accepted counts cannot exceed two per draft.
     for s in sets:
-        assert r.metrics[f"{s}.mean_accepted_tokens"] <= N
+        assert r.metrics[f"{s}.accepted_per_step"] <= N
 
 
 def test_the_trial_line_status_table_csv_and_card_show_n_positions(study_at_n2: StudyAtN2) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +318,28 @@ class Abliterator:
             )
             out[f"{self.module_names[key]}.weight"] = w.to(w0.dtype)
         return out | self.experts.merged_weights()
+
+    @contextmanager
+    def deployed(self) -> Iterator[None]:
+        """The candidate as its checkpoint holds it, for the duration: each edited module's merged weight
+        (`merged_weights()`, the base dtype) in its base layer and its adapter off; the adapters are back after.
+        These are the weights `save_merged` writes, FP8 is quantized from, and heretic's `--evaluate-model` loads.
+        The adapters' own forward is not: DoRA in BF16 rounds each row's scale (magnitude / norm) to BF16, which
+        moved the organism's first-token KL by 5 % (docs/parity.md)."""
+        weights = self.merged_weights()
+        swapped = []
+        try:
+            with torch.no_grad():
+                for key in sorted(self.edited):
+                    module = self.adapters[key]
+                    swapped.append((module, module.base_layer.weight.data))
+                    module.base_layer.weight.data = weights[f"{self.module_names[key]}.weight"]
+                    module.enable_adapters(False)
+            yield
+        finally:
+            for module, vanilla in swapped:
+                module.base_layer.weight.data = vanilla
+                module.enable_adapters(True)
 
     def save_merged(self, out: Path, source: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """A standalone checkpoint of the current candidate; the resident model keeps its adapters. `weights`:

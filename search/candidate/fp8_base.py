@@ -4,6 +4,12 @@ llm-compressor's FP8_DYNAMIC weights are a pure function of each matrix (search/
 for bit). So a candidate's checkpoint equals llm-compressor's output for the merged weights when the edited matrices
 are re-quantized with that formula and every other tensor is taken from the vanilla run.
 
+Integrity. The base is built in `<base>.staging` and renamed into place once complete, its key file (`base-key.json`:
+the key and every file's sha256) written last inside the staging folder: a build killed half-way leaves no key
+file, so the next start rebuilds it and never reuses half of it. A reused base is checked against the recorded
+sha256 of every file before anything serves it; a corrupted or missing file is named in one line and the base
+rebuilt.
+
 Layout. `prepare_base` quantizes the vanilla model once, streamed shard by shard (search/candidate/quantize.py), into
 this layout: each editable matrix (with its scale) gets its own file `edit-<module>.safetensors`, everything else goes
 to `base-<source shard>.safetensors`.
@@ -18,7 +24,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -47,12 +53,53 @@ def base_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def prepare_base(source: Path, base: Path, ignore: list[str], editable: Iterable[str], key: str) -> Path:
-    """The vanilla FP8 base under `base`, reused when its key matches (a resumed study), else rebuilt, streamed one
-    source shard at a time (the study process already holds the resident model: no second copy)."""
-    key_file = base / KEY_FILE
-    if key_file.is_file() and json.loads(key_file.read_text()).get("key") == key:
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a base but its key file."""
+    return {f.name: _sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != KEY_FILE}
+
+
+def damage(base: Path, key: str) -> str | None:
+    """Why the base for `key` cannot be reused as it is on disk: None when it can, "" when there is none (absent, half
+    built, another key: rebuilt without a word), else the corrupted or missing file, in a few words."""
+    try:
+        record = json.loads((base / KEY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if record.get("key") != key:
+        return ""
+    recorded = record.get("files")
+    if not recorded:
+        return "it has no recorded file hashes (built by an older mtp-abliterate)"
+    for name, digest in recorded.items():
+        path = base / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its recorded sha256 (corrupted)"
+    return None
+
+
+def prepare_base(
+    source: Path,
+    base: Path,
+    ignore: list[str],
+    editable: Iterable[str],
+    key: str,
+    say: Callable[[str], None] = lambda line: None,
+) -> Path:
+    """The vanilla FP8 base under `base`, reused when its key matches and every file its recorded sha256 (a resumed
+    study), else rebuilt, streamed one source shard at a time (the study process already holds the resident model:
+    no second copy). `say` gets the one line naming a corrupted base before it is rebuilt."""
+    problem = damage(base, key)
+    if problem is None:
         return base
+    if problem:
+        say(f"FP8 base {base}: {problem}; rebuilding it")
     shutil.rmtree(base, ignore_errors=True)
     staging = base.with_name(base.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -65,8 +112,8 @@ def prepare_base(source: Path, base: Path, ignore: list[str], editable: Iterable
     if missing:
         shutil.rmtree(staging)
         raise Fp8BaseError(f"editable weights not in the quantized checkpoint: {sorted(missing)[:3]}")
-    key_file_tmp = staging / KEY_FILE
-    key_file_tmp.write_text(json.dumps({"key": key, "source": str(source)}))
+    record = {"key": key, "source": str(source), "files": file_digests(staging)}
+    (staging / KEY_FILE).write_text(json.dumps(record, indent=1))  # last: a folder without it is never reused
     staging.rename(base)
     return base
 

@@ -81,7 +81,8 @@ class Resident:
         self._io: ModuleIO | None = None
         self.io_key: str | None = None  # identity of the captured module I/O (model, prompts, batch)
         self._directions: torch.Tensor | None = None
-        self.kld = KLDivergence(self.model, self.prompts("good_evaluation_prompts"))
+        # scored as deployed: the merged checkpoint weights, not the adapters' BF16 forward (docs/parity.md)
+        self.kld = KLDivergence(self.model, self.prompts("good_evaluation_prompts"), self.abliterator.deployed)
         self.refusal = RefusalRate(self.respond, self.prompts("bad_evaluation_prompts"))
 
     def _spec(self, ps: PromptSet) -> DatasetSpecification:
@@ -91,7 +92,8 @@ class Resident:
         return load_prompts(self.settings, getattr(self.settings, field))
 
     def respond(self, prompts: list[Prompt]) -> list[str]:
-        return self.model.get_responses_batched(prompts, skip_special_tokens=True)
+        with self.abliterator.deployed():
+            return self.model.get_responses_batched(prompts, skip_special_tokens=True)
 
     def module_io(self) -> tuple[ModuleIO, bool]:
         """Captured once (vanilla), then from memory or the on-disk cache. Returns (io, from disk cache)."""

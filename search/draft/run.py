@@ -71,7 +71,7 @@ def draft_tune(
     fp8, bf16 = candidate(cfg, t, work)
     prompts = [p for ps in cfg.draft_tune_prompts() for p in load_prompt_set(cfg, ps)]
     tuned = tune_draft(cfg, fp8, bf16, prompts, budget, work, progress, say)
-    record = tune_record(tuned, records.vanilla(study), budget)
+    record = tune_record(tuned, records.vanilla(study), records.vanilla_per_prompt(study), budget)
     records.save_draft_tune(study, t.number, record)
     (work / "draft-tune.json").write_text(json.dumps(record, indent=2) + "\n")
     table = work / "draft-tune.txt"

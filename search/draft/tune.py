@@ -81,6 +81,7 @@ def measure(cfg: StudyConfig, server: VllmServer, sets: Sequence[tuple[str, list
         a.seeds,
         a.concurrency,
         keep_replies=names,
+        timeout=cfg.serving.request_timeout_s,
     )
     details = acceptance.compute().details
     return Served(details, acceptance.replies)
@@ -119,7 +120,10 @@ def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> 
         ids = r.prompt_token_ids + r.token_ids
         return Example(ids, len(r.prompt_token_ids), continuation(client, server, ids, tail) if tail else ())
 
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(cfg.acceptance.concurrency) as pool:
+    with (
+        httpx.Client(timeout=cfg.serving.request_timeout_s) as client,
+        ThreadPoolExecutor(cfg.acceptance.concurrency) as pool,
+    ):
         return [e for e in pool.map(lambda p: ask(client, p), prompts) if e is not None]
 
 

@@ -1,7 +1,7 @@
 """Export of a study's winner: the checkpoint (re-materialised and verified), a model card, and the upload.
 
-The card carries the numbers measured in the study — refusal rate, KL, per-position acceptance and mean accepted
-tokens next to the vanilla model measured in the same harness — and the exact `vllm serve` command with the vanilla
+The card carries the numbers measured in the study — refusal rate, KL, per-position acceptance and accepted tokens
+per step next to the vanilla model measured in the same harness — and the exact `vllm serve` command with the vanilla
 MTP draft. Uploads go through huggingface_hub with the user's token, which is never printed or logged.
 """
 
@@ -25,7 +25,8 @@ from mtp_abliterate.search.study.space import method_of
 from mtp_abliterate.search.study.storage import run_dir_of
 
 CARD_HEADER = (
-    "| model | refusal rate | KL divergence | acceptance per position | mean accepted / draft | tokens / step |"
+    "| model | refusal rate | KL divergence | acceptance per position | accepted / step | tokens / step "
+    "| vLLM's mean accepted (/metrics) |"
 )
 TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
 
@@ -59,20 +60,21 @@ def default_export_dir(cfg: StudyConfig, trial: int, precision: str, draft: str 
 
 def _row(label: str, m: dict[str, float], n: int) -> str:
     acc = " / ".join(f"{a:.3f}" for a in names.per_position(m, n))
-    mean = m[names.MEAN_ACCEPTED]
-    return f"| {label} | {m[names.REFUSAL_RATE]:.3f} | {m[names.KLD]:.4f} | {acc} | {mean:.3f} | {1 + mean:.2f} |"
+    mean, raw = m[names.ACCEPTED_PER_STEP], m.get(names.VLLM_MEAN_ACCEPTED, float("nan"))
+    head = f"| {label} | {m[names.REFUSAL_RATE]:.3f} | {m[names.KLD]:.4f} | {acc}"
+    return f"{head} | {mean:.3f} | {1 + mean:.2f} | {raw:.3f} |"
 
 
 def _set_rows(cfg: StudyConfig, m: dict[str, float]) -> str:
-    """Per acceptance set: per-position rates, mean accepted with its 95 % CI, drafts."""
+    """Per acceptance set: per-position rates, accepted per step with its 95 % CI, drafts."""
     n = cfg.serving.num_speculative_tokens
-    return "\n".join(
-        f"| {s.name} | "
-        + " / ".join(f"{a:.3f}" for a in names.per_position(m, n, s.name))
-        + f" | {m[names.set_metric(s.name, names.MEAN_ACCEPTED)]:.3f} ± {m[names.set_metric(s.name, names.CI95)]:.3f}"
-        + f" | {int(m[names.set_metric(s.name, names.NUM_DRAFTS)])} |"
-        for s in cfg.acceptance.sets
-    )
+
+    def row(name: str) -> str:
+        mean, ci = m[names.set_metric(name, names.ACCEPTED_PER_STEP)], m[names.set_metric(name, names.CI95)]
+        rates = " / ".join(f"{a:.3f}" for a in names.per_position(m, n, name))
+        return f"| {name} | {rates} | {mean:.3f} ± {ci:.3f} | {int(m[names.set_metric(name, names.NUM_DRAFTS)])} |"
+
+    return "\n".join(row(s.name) for s in cfg.acceptance.sets)
 
 
 def _param_rows(t: TrialRecord) -> str:
@@ -103,7 +105,7 @@ def _tuned_section(cfg: StudyConfig, tune: dict[str, Any], repo: str | None) -> 
             f = s[key]
             acc = " / ".join(f"{a:.3f}" for a in f["per_position"])
             rows.append(
-                f"| {name} | {label} | {acc} | {f['mean_accepted_tokens']:.3f} ± {f['ci95']:.3f} | {f['num_drafts']} |"
+                f"| {name} | {label} | {acc} | {f['accepted_per_step']:.3f} ± {f['ci95']:.3f} | {f['num_drafts']} |"
             )
     tr = tune["training"]
     table = "\n".join(rows)
@@ -117,7 +119,7 @@ each answer's stop (vLLM scores proposals there too), fed this model's hidden st
 them. Same format, config and tokenizer as the vanilla draft. Measured on this
 model in one vLLM harness (every prompt of each set; greedy answers identical with either draft):
 
-| set | draft | acceptance per position | mean accepted ± 95 % CI | drafts |
+| set | draft | acceptance per position | accepted / step ± 95 % CI | verify steps |
 |---|---|---|---|---|
 {table}
 
@@ -161,14 +163,17 @@ n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weigh
 
 Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}` (greedy, at most
 {cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token
-KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: vLLM's own counters over
-/v1/chat/completions, a_i = share of drafts whose first i+1 tokens were accepted, mixed over {sets}.
-Tokens / step = 1 + mean accepted tokens per draft: the speed-up over no speculation a memory-bound GPU approaches.
+KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: each answer's verify steps over
+/v1/chat/completions, counted as the client receives them (a step's accepted draft tokens capped at the answer's
+stop), a_i = share of verify steps whose first i+1 draft tokens were accepted and emitted, mixed over {sets}.
+Accepted / step = emitted tokens per verify step - 1; tokens / step = 1 + that: the speed-up over no speculation a
+memory-bound GPU approaches. vLLM's mean accepted (its /metrics figure) also counts proposals accepted past an
+answer's stop, which are never emitted, so it reads higher.
 No tok/s is quoted here: the study measured throughput with {cfg.acceptance.concurrency} requests in flight, not the
 single-stream figure public numbers quote; `mtp-abliterate baseline` prints both on your hardware.
 Per set, with a 95 % interval on the mean:
 
-| set | acceptance per position | mean accepted ± 95 % CI | drafts |
+| set | acceptance per position | accepted / step ± 95 % CI | verify steps |
 |---|---|---|---|
 {_set_rows(cfg, m)}
 
@@ -218,7 +223,8 @@ def export_trial(
         tune = records.draft_tune(study, t.number)
         if tune is None or not (Path(tune["draft"]) / "config.json").is_file():
             raise ExportError(
-                f"trial {t.number} has no tuned draft; run `mtp-abliterate draft-tune {cfg.name} --trial {t.number}`"
+                f"trial {t.number} has no tuned draft; run "
+                f"`mtp-abliterate draft-tune {run_dir_of(cfg)} --trial {t.number}`"
             )
         if not tune["identical"]:
             raise ExportError(f"trial {t.number}'s tuned draft changed the model's greedy answers; it is not exported")

@@ -153,8 +153,9 @@ class VllmServer:
         args = ["--model", self.served_path(self.model, prepare), "--served-model-name", self.served_name]
         if self.draft:
             spec = {"method": "mtp", "model": self.draft, "num_speculative_tokens": self.serving.num_speculative_tokens}
-            # each answer's own acceptance histogram: intervals over prompts, adaptive measurement (vLLM >= 0.29)
-            args += ["--speculative-config", json.dumps(spec), PER_REQUEST_FLAG, "summary"]
+            # each answer's own verify steps in order: speed-true acceptance (capped at the answer's stop), intervals
+            # over prompts, adaptive measurement (vLLM >= 0.32)
+            args += ["--speculative-config", json.dumps(spec), PER_REQUEST_FLAG, "detailed"]
         if self.swappable:
             args += ["--worker-extension-cls", EXTENSION]
         return args + list(self.serving.vllm_args)
@@ -263,9 +264,10 @@ class VllmServer:
             code = self.process.poll()
             if code is not None:
                 tail = log_tail(self.log_path)
-                if PER_REQUEST_FLAG in tail and "unrecognized arguments" in tail:
+                if PER_REQUEST_FLAG in tail and ("unrecognized arguments" in tail or "invalid choice" in tail):
                     raise ServerError(
-                        f"this vLLM has no {PER_REQUEST_FLAG} (per-prompt acceptance needs vLLM >= 0.29, PR #48915); "
+                        f"this vLLM has no `{PER_REQUEST_FLAG} detailed` (speed-true per-prompt acceptance needs each "
+                        "answer's verify steps: vLLM >= 0.32); "
                         f"serve with a newer vLLM image or build (serving.image / serving.python); see {self.log_path}"
                     )
                 raise ServerError(
@@ -299,6 +301,7 @@ class VllmServer:
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.process.pid, sig)
+                os.killpg(self.process.pid, signal.SIGCONT)  # a stopped (hung) server handles its SIGTERM now
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait

@@ -13,9 +13,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 
+from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, CI95  # noqa: E402
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible  # noqa: E402
+from mtp_abliterate.search.study.records import TrialRecord  # noqa: E402
 
 MARKERS = ("*", "X", "P", "s")  # vanilla first, then `study reference` points
+
+
+def _halfwidth(metrics: dict[str, float], objective: ObjectiveSpec) -> float:
+    """The 95 % half-width drawn on an objective's axis: the acceptance objective's, prompts as the unit."""
+    return metrics.get(CI95, 0.0) if objective.name == ACCEPTED_PER_STEP else 0.0
+
+
+def _errors(points: list[dict[str, float]], objective: ObjectiveSpec) -> list[float] | None:
+    widths = [_halfwidth(m, objective) for m in points]
+    return widths if any(widths) else None
 
 
 def _hover(t: FrozenTrial, objectives: list[ObjectiveSpec]) -> str:
@@ -43,6 +55,12 @@ def pareto_png(
             pts = [t for t in complete if pick(t)]
             if pts:
                 ax.scatter([t.values[i] for t in pts], [t.values[j] for t in pts], label=label, s=28, **style)
+        drawn = [t for t in complete if feasible(t)]
+        metrics = [TrialRecord.of(t).metrics for t in drawn]
+        xerr, yerr = _errors(metrics, objectives[i]), _errors(metrics, objectives[j])
+        if drawn and (xerr or yerr):  # each point's 95 % interval on the acceptance axis
+            xs, ys = [t.values[i] for t in drawn], [t.values[j] for t in drawn]
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.75", elinewidth=0.8, zorder=0)
         for t in front:
             ax.annotate(
                 str(t.number), (t.values[i], t.values[j]), fontsize=7, xytext=(3, 3), textcoords="offset points"
@@ -51,6 +69,11 @@ def pareto_png(
             ax.scatter(
                 point[objectives[i].name], point[objectives[j].name], marker=marker, s=140, color="k", label=label
             )
+            xerr, yerr = _errors([point], objectives[i]), _errors([point], objectives[j])
+            if xerr or yerr:
+                ax.errorbar(
+                    point[objectives[i].name], point[objectives[j].name], xerr=xerr, yerr=yerr, fmt="none", ecolor="k"
+                )
         ax.set_xlabel(objectives[i].label)
         ax.set_ylabel(objectives[j].label)
         # KL spans decades (1e-4 near vanilla to >1 for broken candidates): linear near 0, log beyond.
@@ -66,7 +89,9 @@ def pareto_png(
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume of the feasible front")
     ax.grid(alpha=0.3)
-    fig.suptitle(f"{len(complete)} trials measured in full, {len(front)} on the Pareto front")
+    fig.suptitle(
+        f"{len(complete)} trials measured in full, {len(front)} on the Pareto front; bars: 95 % intervals over prompts"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -93,6 +118,7 @@ def pareto_html(
                 mode="markers",
                 name=name,
                 marker=dict(size=5, color=color),
+                error_z=dict(type="data", array=[_halfwidth(TrialRecord.of(t).metrics, objectives[2]) for t in pts]),
                 hovertext=[_hover(t, objectives) for t in pts],
                 hoverinfo="text",
             )
@@ -106,6 +132,7 @@ def pareto_html(
                 mode="markers",
                 name=label,
                 marker=dict(size=7, color="black", symbol=symbol),
+                error_z=dict(type="data", array=[_halfwidth(point, objectives[2])]),
             )
         )
     fig.update_layout(

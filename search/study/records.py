@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 # Study-level records.
 VANILLA = "vanilla"
+VANILLA_PER_PROMPT = "vanilla.per_prompt"
 SWAP_CHECK = "swap_check"
 REFERENCE_PREFIX = "reference."
 MLFLOW_PARENT = "mlflow_parent_run_id"
@@ -29,8 +30,14 @@ def vanilla(study: optuna.Study) -> dict[str, float] | None:
     return study.user_attrs.get(VANILLA)
 
 
-def save_vanilla(study: optuna.Study, metrics: dict[str, float]) -> None:
+def save_vanilla(study: optuna.Study, metrics: dict[str, float], per_prompt: dict[str, Any]) -> None:
     study.set_user_attr(VANILLA, metrics)
+    study.set_user_attr(VANILLA_PER_PROMPT, per_prompt)
+
+
+def vanilla_per_prompt(study: optuna.Study) -> dict[str, Any]:
+    """The vanilla model's per-prompt acceptance counts, by set (for paired comparisons; empty if not recorded)."""
+    return study.user_attrs.get(VANILLA_PER_PROMPT, {})
 
 
 def swap_check(study: optuna.Study, host: str) -> dict[str, Any] | None:
@@ -51,7 +58,7 @@ def save_swap_check(study: optuna.Study, host: str, verdict: dict[str, Any]) -> 
 
 
 def references(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """`study reference` points by label: {"method", "params", "metrics"}."""
+    """`study reference` points by label: {"method", "params", "metrics", "per_prompt"}."""
     attrs = study.user_attrs
     return {k.removeprefix(REFERENCE_PREFIX): attrs[k] for k in sorted(attrs) if k.startswith(REFERENCE_PREFIX)}
 
@@ -65,8 +72,11 @@ def save_draft_tune(study: optuna.Study, number: int, record: dict[str, Any]) ->
     study.set_user_attr(f"{DRAFT_TUNE_PREFIX}{number}", record)
 
 
-def save_reference(study: optuna.Study, label: str, method: str, params: dict[str, Any], metrics: dict) -> None:
-    study.set_user_attr(REFERENCE_PREFIX + label, {"method": method, "params": params, "metrics": metrics})
+def save_reference(
+    study: optuna.Study, label: str, method: str, params: dict[str, Any], metrics: dict, per_prompt: dict[str, Any]
+) -> None:
+    record = {"method": method, "params": params, "metrics": metrics, "per_prompt": per_prompt}
+    study.set_user_attr(REFERENCE_PREFIX + label, record)
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class TrialRecord:
     stage: str | None = None  # the stage running (or last run)
     server_pid: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    per_prompt: dict[str, Any] = field(default_factory=dict)  # acceptance counts by set and prompt (paired tests)
     adapter_digest: str | None = None
     merged_digest: str | None = None  # sha256 of the edited matrices as deployed: what materialize reproduces
     module_io_key: str | None = None
@@ -116,6 +127,7 @@ class TrialRecord:
             stage=a.get("stage"),
             server_pid=a.get("server_pid"),
             metrics=a.get("metrics", {}),
+            per_prompt=a.get("per_prompt", {}),
             adapter_digest=a.get("adapter_digest"),
             merged_digest=a.get("merged_digest"),
             module_io_key=a.get("module_io_key"),

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from optuna.trial import TrialState
-
 from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.resident import Resident, parse_parameters, shape_of
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.errors import StudyError
-from mtp_abliterate.search.study.pareto import dominates, feasible, point_values
 from mtp_abliterate.search.study.runner import StudyRunner
+from mtp_abliterate.search.study.winner import dominating
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline
 
 
@@ -21,7 +19,7 @@ def score_reference(
     runner: StudyRunner, method: str, raw: dict[str, Any], label: str
 ) -> tuple[dict[str, float], list[int]]:
     """Score the candidate, keep it as `label`, and return its metrics and the feasible complete trials that
-    dominate it. Raises StudyError or AbliterationError."""
+    dominate it (paired by prompt on acceptance: `winner.dominating`). Raises StudyError or AbliterationError."""
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
     with runner.console.status(f"scoring the {method} reference {label!r}"):
         try:
@@ -34,12 +32,6 @@ def score_reference(
         except StageError as e:
             raise StudyError(f"the reference failed at stage {e.stage}: {e.reason} (log: {e.log_path})") from None
     metrics = result.metrics()
-    records.save_reference(runner.study, label, method, raw, metrics)
+    records.save_reference(runner.study, label, method, raw, metrics, result.per_prompt)
     runner.sync(runner.tracker())
-    point = point_values(metrics, runner.objectives)
-    better = [
-        t.number
-        for t in runner.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if feasible(t) and dominates(t.values, point, runner.objectives)
-    ]
-    return metrics, better
+    return metrics, dominating(cfg, runner.study, metrics, result.per_prompt)

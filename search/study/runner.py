@@ -31,6 +31,7 @@ from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.disk import DiskFullError, require_free_space
 from mtp_abliterate.search.hosts import host_id
+from mtp_abliterate.search.metrics import VLLM_MEAN_ACCEPTED
 from mtp_abliterate.search.quiet import quiet_libraries
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.errors import StudyError
@@ -50,6 +51,7 @@ from mtp_abliterate.search.study.storage import (
     write_pointer,
 )
 from mtp_abliterate.search.study.tracking import Tracker, served
+from mtp_abliterate.search.study.winner import pick_winner
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to
 from mtp_abliterate.search.trial.result import TrialResult
 from mtp_abliterate.search.versions import software_versions
@@ -126,7 +128,7 @@ class StudyRunner:
             stderr_to(self.run_dir / "fp8-base.log"),
         ):
             try:
-                return fp8_base(self.cfg, self.resident, self.run_dir)
+                return fp8_base(self.cfg, self.resident, self.run_dir, say=self.console.print)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
@@ -171,7 +173,7 @@ class StudyRunner:
 
     def sync(self, tracker: Tracker) -> None:
         try:
-            tracker.sync(self.study)
+            tracker.sync(self.study, pick_winner(self.cfg, self.study))
         except Exception as e:  # MLflow is a mirror; the next sync repairs it
             self.console.print(f"[yellow]warning: MLflow sync failed ({type(e).__name__}: {e}); will retry[/]")
 
@@ -189,12 +191,13 @@ class StudyRunner:
                     "fix the serving settings before a study can run"
                 ) from None
         metrics = result.metrics()
-        records.save_vanilla(self.study, metrics)
+        records.save_vanilla(self.study, metrics, result.per_prompt)
         name = "vanilla (again, on a cold start)" if again else "vanilla"
         self.console.print(
             f"{name}: refusal rate {result.refusal_rate:.3f}, acceptance "
             + "/".join(f"{a:.3f}" for a in result.per_position)
-            + f", mean accepted {result.mean_accepted_tokens:.3f}"
+            + f", accepted per step {result.accepted_per_step:.3f} (vLLM's mean accepted "
+            + f"{metrics[VLLM_MEAN_ACCEPTED]:.3f})"
         )
         return metrics
 
@@ -209,7 +212,12 @@ class StudyRunner:
             raise
         finally:
             self.sync(tracker)
-            tracker.finish(self.study, status)
+            try:
+                tracker.finish(self.study, status)
+            except Exception as e:  # MLflow down at the end: the study's results are in its storage
+                self.console.print(
+                    f"[yellow]warning: MLflow parent run not ended ({type(e).__name__}: {e}); the next run ends it[/]"
+                )
 
     def _optimize(self, limits: RunLimits, space: SearchSpace, pipeline: TrialPipeline, sync) -> None:
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -254,7 +262,10 @@ class StudyRunner:
                 on_server=log.server,
                 keep_candidate=self.cfg.retention.keep != "none",
                 swap_check=self.swap_check_pending,
-                front=[t.values for t in pareto_front(self.study.get_trials(deepcopy=False), self.objectives)],
+                front=[
+                    (t.values, records.TrialRecord.of(t).per_prompt)
+                    for t in pareto_front(self.study.get_trials(deepcopy=False), self.objectives)
+                ],
             )
             if result.swap_check is not None:
                 self._swap_verdict(trial.number, result.swap_check, pipeline, monitor.console)
@@ -299,6 +310,7 @@ class StudyRunner:
         log.scored(
             {
                 "metrics": metrics,
+                "per_prompt": result.per_prompt or None,
                 "adapter_digest": result.adapter_digest,
                 "merged_digest": result.merged_digest,
                 "module_io_key": self.resident.io_key,

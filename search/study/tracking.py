@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -29,8 +30,11 @@ from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
 from mtp_abliterate.search.study.storage import redact
+from mtp_abliterate.search.study.winner import Winner
 
 TRIAL_TAG = "mtp_abliterate.trial_number"
+# MLflow's HTTP retries while a tracking server is down (its defaults: 7 retries, ~4 minutes per call)
+SERVER_DOWN_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackingError(RuntimeError):
@@ -81,12 +85,18 @@ class Tracker:
     ) -> None:
         """`artifact_dir`: where a new experiment keeps artifacts (None: the tracking server decides);
         `positions`: the draft positions measured (num_speculative_tokens)."""
+        if served(uri):  # MLflow is a mirror: a call to a server that is down gives up after seconds (MLflow's own
+            # default retries for ~4 minutes per call), and the next sync catches up; the user's settings win
+            for name, value in SERVER_DOWN_RETRIES.items():
+                os.environ.setdefault(name, value)
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.objectives = objectives
         self.positions = positions
         self.experiment_id = self._experiment(experiment, artifact_dir)
         self.parent_id: str | None = None
         self._created: str | None = None  # the parent run this process created, until another's is adopted
+        self._unfinished: set[str] = set()  # child runs whose logging an MLflow outage cut short: re-logged
 
     def _experiment(self, name: str, artifact_dir: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -106,7 +116,9 @@ class Tracker:
     def _active(self, run_id: str) -> bool:
         try:
             return self.client.get_run(run_id).info.lifecycle_stage == "active"
-        except mlflow.exceptions.MlflowException:
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise  # MLflow unreachable: never taken for "no parent run" (that would start a second one)
             return False  # a different MLflow store than last time
 
     def start_parent(
@@ -190,9 +202,23 @@ class Tracker:
             logged[number] = keep
         return logged
 
-    def sync(self, study: optuna.Study) -> list[FrozenTrial]:
+    def sync(self, study: optuna.Study, winner: Winner | None = None) -> list[FrozenTrial]:
         """Follow the study's parent run, log every finished trial not yet in MLflow (whichever process ran it),
-        retag the Pareto front, refresh the parent's artifacts. Returns the Pareto front."""
+        retag the Pareto front, refresh the parent's artifacts, mark the named winner. Returns the Pareto front.
+        Raises TrackingError at once when the tracking server does not answer (the next sync catches up)."""
+        if served(self.uri):
+            try:
+                httpx.get(self.uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+            except httpx.HTTPError as e:
+                what = f"the MLflow server {redact(self.uri)} does not answer ({type(e).__name__})"
+                raise TrackingError(what) from None
+        for run_id in list(self._unfinished):  # a child run an outage cut short: logged again below
+            try:
+                self.client.delete_run(run_id)
+            except mlflow.exceptions.MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            self._unfinished.discard(run_id)
         self._follow_parent(study)
         trials = study.get_trials(deepcopy=False)
         logged = self._logged_trials()
@@ -207,7 +233,22 @@ class Tracker:
         marks = reference_points(study)
         self._log_reference_points(marks)
         self._refresh_artifacts(trials, front, marks)
+        if winner is not None:
+            self._log_winner(winner)
         return front
+
+    def _log_winner(self, w: Winner) -> None:
+        """The parent run's `winner_trial` tag and `winner.*` metrics: the trial `export --trial best` exports."""
+        self.client.set_tag(self.parent_id, "winner_trial", str(w.record.number))
+        metrics = {f"winner.{k}": v for k, v in w.record.metrics.items() if "." not in k and _finite(v)}
+        if w.vs_vanilla is not None:
+            metrics |= {"winner.vs_vanilla": w.vs_vanilla.difference, "winner.vs_vanilla_ci95": w.vs_vanilla.halfwidth}
+        if w.vs_runner_up is not None:
+            metrics |= {
+                "winner.vs_runner_up": w.vs_runner_up.difference,
+                "winner.vs_runner_up_ci95": w.vs_runner_up.halfwidth,
+            }
+        self.client.log_batch(self.parent_id, metrics=[_metric(k, v) for k, v in metrics.items()])
 
     def _log_trial(self, t: FrozenTrial) -> str:
         run = self.client.create_run(
@@ -217,6 +258,7 @@ class Tracker:
             start_time=int(t.datetime_start.timestamp() * 1000) if t.datetime_start else None,
         )
         run_id = run.info.run_id
+        self._unfinished.add(run_id)
         r = TrialRecord.of(t)
         tags = {
             "fail_reason": r.fail_reason,
@@ -249,6 +291,7 @@ class Tracker:
         self.client.set_terminated(
             run_id, status="FINISHED" if t.state == TrialState.COMPLETE else "FAILED", end_time=end
         )
+        self._unfinished.discard(run_id)
         return run_id
 
     def _refresh_artifacts(

@@ -17,18 +17,22 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 from heretic.utils import Prompt
 
 from mtp_abliterate.objectives.acceptance import AcceptanceSets, Estimate, degenerate
 from mtp_abliterate.objectives.base import ObjectiveResult
+from mtp_abliterate.objectives.paired import PerPrompt, paired
 from mtp_abliterate.objectives.refusal import RefusalRate, Responder, prefix_responder
 from mtp_abliterate.objectives.served import Reply, answer_all
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
@@ -39,7 +43,6 @@ from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.disk import DiskFullError
 from mtp_abliterate.search.hosts import host_id
-from mtp_abliterate.search.metrics import MEAN_ACCEPTED
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.modes import ColdServing, ServingMode
 from mtp_abliterate.search.serving.server import VllmServer
@@ -58,6 +61,22 @@ class StageError(RuntimeError):
         self.stage, self.reason, self.log_path = stage, reason, log_path
 
 
+class ServerLost(StageError):
+    """vLLM died or hung while it served a candidate (not the candidate's fault as far as anyone can tell): the
+    pipeline replaces the server and measures once more; a second loss fails the trial with this reason."""
+
+
+def _timed_out(e: BaseException) -> bool:
+    """Whether a request timeout (serving.request_timeout_s) is anywhere in `e`'s chain of causes."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, httpx.TimeoutException):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextmanager
 def stderr_to(path: Path) -> Iterator[None]:
     """Send file descriptor 2 (tqdm bars, loguru, warnings, C libraries) to `path` for the duration."""
@@ -73,9 +92,12 @@ def stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None:
-    """The study's vanilla FP8 base for incremental candidates (built once, reused on resume), or None when the
-    config quantizes whole models."""
+def fp8_base(
+    cfg: StudyConfig, resident: Resident, run_dir: Path, say: Callable[[str], None] = lambda line: None
+) -> Path | None:
+    """The study's vanilla FP8 base for incremental candidates (built once, reused on resume when every file matches
+    its recorded sha256; `say` gets the line naming a corrupted one), or None when the config quantizes whole
+    models."""
     q = cfg.quantization
     if q.scheme != "FP8_DYNAMIC" or not q.incremental:
         return None
@@ -84,7 +106,7 @@ def fp8_base(cfg: StudyConfig, resident: Resident, run_dir: Path) -> Path | None
         editable += resident.abliterator.experts.editable()
     versions = {k: v for k, v in software_versions().items() if k in ("torch", "llmcompressor", "compressed-tensors")}
     key = base_key(resident.model_id + resident.weights_digest(), q.ignore, editable, versions, host_id())
-    return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key)
+    return prepare_base(resident.local_dir(), run_dir / "fp8-base", q.ignore, editable, key, say)
 
 
 class Stages:
@@ -142,19 +164,23 @@ def _screened(acc: ObjectiveResult, refusal_answers: Sequence[Reply]) -> Objecti
     return ObjectiveResult(acc.value, {**acc.details, "invalid_reason": f"{prior}; {reason}" if prior else reason})
 
 
+FrontPoint = tuple[Sequence[float], Mapping[str, PerPrompt]]  # (refusal, KL, acceptance) and per-prompt counts
+
+
 class Decisions:
-    """What a trial's decision needs, from the study's constraints and its feasible Pareto front (plain values):
-    a candidate over `max_kl` is not served; with adaptive measurement (refusals first) one over `max_refusal_rate`
-    is not measured for acceptance; and acceptance stops once the candidate's upper bound cannot reach the front.
+    """What a trial's decision needs, from the study's constraints and its feasible Pareto front (values and
+    per-prompt counts): a candidate over `max_kl` is not served; with adaptive measurement (refusals first) one over
+    `max_refusal_rate` is not measured for acceptance; and acceptance stops once the paired difference to a front
+    point at least as good on refusal and KL is below zero beyond its 95 % interval (`objectives/paired.py`).
     Such a candidate is infeasible or dominated whatever the values it was not measured for; the skipped values are
     recorded as not measured (the study gives Optuna the worst values for them). Validity (degenerate answers) is
     judged on the answers served: every harmful prompt's, and the acceptance prompts served before a stop."""
 
-    def __init__(self, cfg: StudyConfig, front: Sequence[Sequence[float]], kld: float) -> None:
+    def __init__(self, cfg: StudyConfig, front: Sequence[FrontPoint], kld: float) -> None:
         self.constraints, self.kld = cfg.search.constraints, kld
-        self.front = [tuple(v) for v in front]
-        scalar = cfg.search.acceptance_objective
-        self.position = None if scalar == MEAN_ACCEPTED else int(scalar.removeprefix("acc_pos_"))
+        self.front = [(tuple(v), counts) for v, counts in front]
+        self.weights = {s.name: s.weight for s in cfg.acceptance.sets}
+        self.position = cfg.search.acceptance_position
 
     def out_before_serving(self) -> str | None:
         limit = self.constraints.max_kl
@@ -169,18 +195,19 @@ class Decisions:
         return None
 
     def stop_rule(self, refusal: float) -> Callable[[Estimate], str | None]:
-        """Stop when a front point is at least as good on refusal and KL and beats the acceptance upper bound."""
+        """Stop when a front point is at least as good on refusal and KL and better on acceptance beyond the paired
+        interval, on the prompts served so far."""
 
         def cannot_reach(estimate: Estimate) -> str | None:
-            at = self.position
-            value, half = estimate.mean_accepted_tokens if at is None else estimate.per_position[at]
-            upper = value + half
-            for r, k, a in self.front:
-                if r <= refusal and k <= self.kld and a >= upper and (r < refusal or k < self.kld or a > upper):
-                    return (
-                        f"cannot reach the front: upper bound {upper:.3f} <= {a:.3f} of a front point with refusal "
-                        f"{r:.3f} and KL {k:.4g}"
-                    )
+            mine = {name: m.per_prompt for name, m in estimate.sets.items()}
+            for (r, k, _), theirs in self.front:
+                if r <= refusal and k <= self.kld and set(theirs) >= set(self.weights):
+                    difference = paired(mine, theirs, self.weights, self.position)
+                    if difference.upper < 0:
+                        return (
+                            f"cannot reach the front: {difference} against a front point with refusal {r:.3f} and "
+                            f"KL {k:.4g}"
+                        )
             return None
 
         return cannot_reach
@@ -230,12 +257,13 @@ class TrialPipeline:
         on_server: Callable[[int], None] = lambda pid: None,
         keep_candidate: bool = False,
         swap_check: bool = False,
-        front: Sequence[Sequence[float]] | None = None,
+        front: Sequence[FrontPoint] | None = None,
     ) -> TrialResult:
         """Score `params` (None = the vanilla model, always measured in full). The served checkpoint stays in
         `trial_dir/candidate` if `keep_candidate` and the trial succeeds. `swap_check`: also measure on a cold server
         and compare (see the module doc). `front`: the study's feasible Pareto front as (refusal, KL, acceptance
-        scalar) values; given, the trial measures only what its decision needs (`Decisions`). Raises StageError,
+        scalar) values with their per-prompt counts; given, the trial measures only what its decision needs
+        (`Decisions`). Raises StageError,
         DiskFullError or KeyboardInterrupt."""
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.serving.log_path_for(trial_dir / "server.log")
@@ -248,9 +276,24 @@ class TrialPipeline:
             if decisions is None or not (out := decisions.out_before_serving()):
                 # The vanilla model validates the harness: its measurement must be valid. A candidate's invalid
                 # measurement (degenerate answers, nothing accepted) is a result, recorded with its reason.
-                measured = self._serve_and_measure(
-                    candidate.path, log_path, stage, on_server, require_valid=params is None, decisions=decisions
+                measure = partial(
+                    self._serve_and_measure,
+                    candidate.path,
+                    log_path,
+                    stage,
+                    on_server,
+                    require_valid=params is None,
+                    decisions=decisions,
                 )
+                try:
+                    measured = measure()
+                except ServerLost as lost:  # vLLM died or hung: a fresh server measures the candidate again, once
+                    note = f"{lost}; the server was replaced and the candidate is measured again"
+                    for log in {trial_dir / "stages.log", log_path}:
+                        with log.open("a") as f:
+                            f.write(f"# mtp-abliterate: {note}\n")
+                    on_stage("serve")
+                    measured = measure()
                 if swap_check:
                     with stage("swap_check"):
                         verdict, measured = self._swap_check(candidate.path, trial_dir, measured)
@@ -306,7 +349,7 @@ class TrialPipeline:
             refusal_rate=refusal.value if refusal else None,
             kld=candidate.kld,
             acceptance=acc.details if acc else {"sets": {}},
-            mean_accepted_tokens=acc.value if acc else None,
+            accepted_per_step=acc.value if acc else None,
             per_position=acceptance_mix(sets, [(n, w) for n, _, w in self.sets]) if acc else [],
             tok_s=aggregate_tok_s(acc.details) if acc else 0.0,
             durations=durations,
@@ -378,15 +421,35 @@ class TrialPipeline:
                         responder = _texts(harmful)
                     refusal = RefusalRate(responder, self.harmful).compute()
             failed = False
+        except StageError as e:
+            if server is not None and (lost := self._lost(server, e)):
+                raise ServerLost(e.stage, lost, e.log_path) from e
+            raise
         finally:
             if server is not None:
                 serving.release(server, failed)
         return Measured(refusal, acc, not_measured, tokens)
 
+    def _lost(self, server: VllmServer, e: StageError) -> str | None:
+        """Why the server is gone (it is stopped here when it hung), or None when the failure was not the server's."""
+        if _timed_out(e):
+            server.stop(grace_s=5.0)
+            timeout = self.cfg.serving.request_timeout_s
+            return (
+                f"vLLM hung: no answer within {timeout:g} s (serving.request_timeout_s) during {e.stage}; "
+                "the server was stopped"
+            )
+        if not server.alive() and server.process is not None:
+            code = server.process.returncode
+            how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+            return f"vLLM died during {e.stage} ({how})"
+        return None
+
     def _answer_harmful(self, server: VllmServer) -> list[Reply]:
         """Every harmful eval prompt answered greedily at `max_response_length` tokens (the refusal responses)."""
         limit, concurrency = self.cfg.abliteration.max_response_length, self.cfg.acceptance.concurrency
-        return answer_all(server.base_url, server.served_name, self.harmful, limit, concurrency)
+        timeout = self.cfg.serving.request_timeout_s
+        return answer_all(server.base_url, server.served_name, self.harmful, limit, concurrency, timeout)
 
     def _swap_check(self, candidate: Path, trial_dir: Path, swapped: Measured) -> tuple[dict[str, Any], Measured]:
         """The swap self-check: the same candidate on a cold server (the swap server is stopped first, as both
@@ -429,4 +492,5 @@ class TrialPipeline:
             keep_replies=[self.shared_set] if self.shared_set and not adaptive else [],
             target_halfwidth=a.target_halfwidth if adaptive else 0.0,
             round_size=a.round_size,
+            timeout=self.cfg.serving.request_timeout_s,
         )

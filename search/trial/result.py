@@ -15,7 +15,7 @@ class TrialResult:
     refusal_rate: float | None  # None: not served (the KL decided)
     kld: float
     acceptance: dict[str, Any]  # AcceptanceSets details: per set per-position rates, CIs, prompts, samples
-    mean_accepted_tokens: float | None  # the configured mix over the acceptance sets; None: not measured
+    accepted_per_step: float | None  # the configured mix over the acceptance sets; None: not measured
     per_position: list[float]  # the same mix, per position
     tok_s: float  # aggregate output tok/s over every set, at acceptance.concurrency requests in flight
     durations: dict[str, float] = field(default_factory=dict)
@@ -31,22 +31,29 @@ class TrialResult:
     not_measured: str | None = None  # why objectives were not measured: the decision did not need them
     generated_tokens: int = 0  # tokens served for the measurement (refusals and acceptance, each answer once)
 
+    @property
+    def per_prompt(self) -> dict[str, Any]:
+        """Each set's per-prompt acceptance counts (`objectives/paired.py`); empty when not measured."""
+        return {name: s["per_prompt"] for name, s in self.acceptance["sets"].items()}
+
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the measured objectives, per-position mix, per set, the measurement's size,
         tok/s and stage durations (an objective that was not measured has no metric)."""
         out = {names.KLD: self.kld}
         if self.refusal_rate is not None:
             out[names.REFUSAL_RATE] = self.refusal_rate
-        if self.mean_accepted_tokens is not None:
-            out[names.MEAN_ACCEPTED] = self.mean_accepted_tokens
+        if self.accepted_per_step is not None:
+            out[names.ACCEPTED_PER_STEP] = self.accepted_per_step
             out[names.CI95] = self.acceptance["ci95"]
+            out[names.VLLM_MEAN_ACCEPTED] = self.acceptance["vllm_mean_accepted_tokens"]
             out |= {names.acc_pos(i): a for i, a in enumerate(self.per_position)}
             out[names.AGGREGATE_TOK_S] = self.tok_s
             out[names.OUTPUT_TOKENS] = self.acceptance["output_tokens"]
         for name, s in self.acceptance["sets"].items():
             out |= {names.acc_pos(i, name): a for i, a in enumerate(s["per_position"])}
-            out[names.set_metric(name, names.MEAN_ACCEPTED)] = s["mean_accepted_tokens"]
+            out[names.set_metric(name, names.ACCEPTED_PER_STEP)] = s["accepted_per_step"]
             out[names.set_metric(name, names.CI95)] = s["ci95"]
+            out[names.set_metric(name, names.VLLM_MEAN_ACCEPTED)] = s["vllm_mean_accepted_tokens"]
             out[names.set_metric(name, names.NUM_DRAFTS)] = s["num_drafts"]
             out[names.set_metric(name, names.NUM_PROMPTS)] = s["num_prompts"]
         out |= {names.stage_metric(k): v for k, v in self.durations.items()}

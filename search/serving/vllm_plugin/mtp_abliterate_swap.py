@@ -15,13 +15,31 @@ from __future__ import annotations
 class SwapRepairs:
     """Mixed into vLLM's worker class; its methods are called through POST /collective_rpc."""
 
+    def prepare_reload(self) -> str:
+        """GPU, before reload_weights: keep each MoE layer's kernel object (and its quant config). A reload rebuilds
+        them around temporary tensors and drops the old ones, whose buffers CUDA graphs captured (FP8 experts +
+        graphs: illegal memory access, benchmarks/bench_gpu.py); `repair_after_reload` puts the kept ones back,
+        their weight tensors being the layer's own, refilled in place by the reload."""
+        model = self.model_runner.get_model()
+        self._kept_moe_kernels = [
+            (method, method.moe_kernel, getattr(method, "moe_quant_config", None))
+            for module in model.modules()
+            if getattr(method := getattr(module, "quant_method", None), "moe_kernel", None) is not None
+        ]
+        return f"kept {len(self._kept_moe_kernels)} MoE kernels"
+
     def repair_after_reload(self) -> str:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
-            return "no repair needed on this platform"
+            kept = getattr(self, "_kept_moe_kernels", None)
+            if not kept:
+                return "no repair needed on this platform"
+            for method, kernel, config in kept:
+                method.moe_kernel, method.moe_quant_config = kernel, config
+            return f"restored {len(kept)} MoE kernels kept by prepare_reload"
         model = self.model_runner.get_model()
         experts = embeddings = 0
         for module in model.modules():
