@@ -339,6 +339,9 @@ def organism(args: argparse.Namespace) -> None:
             str(args.util),
             "--max-num-seqs",
             "64",
+            # a fixed KV cache: no memory profiling, which other servers starting beside it would disturb
+            "--kv-cache-memory-bytes",
+            str(512 * 2**20),
             *GPU_ARGS,
         ] + (["--enforce-eager"] if mode == "eager" else [])
         if tag == "rel":  # the GPU config's: no image/audio/video inputs (no multimodal profiling run)
@@ -471,7 +474,7 @@ def organism(args: argparse.Namespace) -> None:
         for i, j in enumerate(jobs):
             futures.append(pool.submit(job, *j))
             if i < args.parallel:
-                time.sleep(3)  # stagger the first wave's start-ups
+                time.sleep(1)  # stagger the first wave's start-ups
         if not cpu_test:  # the release organism, served as it is (a GPU vLLM has torchvision)
             futures.append(
                 pool.submit(
@@ -624,7 +627,8 @@ def write_shapes(ckpts: Path, root: Path, layers: int, device: str = "cuda") -> 
     config = json.loads((src / "config.json").read_text())
     tc = config["text_config"]
     tc["num_hidden_layers"] = layers
-    tc["layer_types"] = tc["layer_types"][: layers - 1] + ["full_attention"]
+    tc["layer_types"] = tc["layer_types"][: layers - 1] + ["full_attention"]  # layers = 6k: the real pattern
+    tc["per_layer_config"] = {k: v for k, v in tc.get("per_layer_config", {}).items() if int(k) < layers}
     config["text_config"] = tc
     (base / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
@@ -818,7 +822,10 @@ def shapes(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
-    parts = [json.loads(Path(p).read_text()) for p in args.files]
+    parts = []
+    for p in args.files:  # one benchmark's JSON, or a results file holding both ({"meta", "organism", "shapes"})
+        r = json.loads(Path(p).read_text())
+        parts += [r[k] for k in ("organism", "shapes") if k in r] if "meta" in r else [r]
     lines = []
     for r in parts:
         v = r.get("versions", {})
@@ -851,7 +858,7 @@ def report(args: argparse.Namespace) -> None:
                     f"| {n} | {c.get('swap_vs_cold_text_differ')} / {c.get('swap_vs_cold_hist_differ')} of "
                     f"{c.get('n_answers')} | {c.get('cold_vs_cold_text_differ')} / "
                     f"{c.get('cold_vs_cold_hist_differ')} | "
-                    f"{'PASS' if v.get('passed') else 'FAIL'}: {v.get('rule', c.get('verdict_error'))} |"
+                    f"{'PASS' if v.get('passed') else 'FAIL'}: {str(v.get('rule', c.get('verdict_error')))[:160]} |"
                 )
             lines.append("")
         if "servers" in r:
@@ -875,7 +882,7 @@ def report(args: argparse.Namespace) -> None:
                     f"{s.get('log', {}).get('kv_cache_tokens', '')} |"
                 )
             lines.append("")
-    text = "\n".join(lines)
+    text = "\n".join(line.replace("\n", " ") if line.startswith("|") else line for line in lines)
     print(text)
     if args.md:
         Path(args.md).write_text(text + "\n")
@@ -890,7 +897,7 @@ def main() -> None:
     p.add_argument("--ckpts", default=".gpu")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     p.add_argument("--util", type=float, default=0.05)
-    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--parallel", type=int, default=15)
     p.add_argument("--budget-s", type=float, default=480)
     p = sub.add_parser("shapes")
     p.add_argument("--ckpts", default=".gpu")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -14,6 +16,7 @@ from rich.markup import escape
 
 from mtp_abliterate.search import views
 from mtp_abliterate.search.config import ConfigError, StudyConfig, load_config
+from mtp_abliterate.search.credentials import ScrubbedStdout
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Study configuration files.")
@@ -22,9 +25,11 @@ study_app = typer.Typer(no_args_is_help=True, help="Optuna studies: run (and res
 app.add_typer(config_app, name="config")
 app.add_typer(organism_app, name="organism")
 app.add_typer(study_app, name="study")
-console = Console()
+# Every line goes through `credentials.scrub`: a password the tool has seen (a store URL's, MLFLOW_TRACKING_PASSWORD,
+# PGPASSWORD) is never printed, whatever message carries it.
+console = Console(file=ScrubbedStdout())
 if not console.is_terminal:  # logs and CI: wide enough for the tables, never truncated
-    console = Console(width=120)
+    console = Console(file=ScrubbedStdout(), width=120)
 
 OrganismDir = Annotated[Path | None, typer.Option(help="organism folder (default: the committed one)")]
 Precision = Annotated[str, typer.Option(help="fp8 (as served in the study) or bf16")]
@@ -62,7 +67,21 @@ def config_check(
     paths: Annotated[bool, typer.Option(help="check that local inputs exist")] = True,
 ) -> None:
     """Validate a study TOML and print the resolved plan."""
-    console.print(views.plan_table(_config(file, check_paths=paths)))
+    cfg = _config(file, check_paths=paths)
+    console.print(views.plan_table(cfg))
+    for field in cfg.password_fields:
+        served = field == "tracking.mlflow_uri" and str(cfg.tracking.mlflow_uri).startswith(("http:", "https:"))
+        fix = (
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"
+            if served
+            else "write ${PGPASSWORD} in its place and export it, or keep it in ~/.pgpass"
+        )
+        console.print(
+            f"[yellow]warning:[/yellow] {escape(str(file))}: {field} holds a password, which anyone who reads the file "
+            f"has (the tool never writes or prints it); {fix}",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"[green]ok[/green]: {file} is valid")
 
 
@@ -224,14 +243,8 @@ def study_run(
     dry_run: Annotated[bool, typer.Option(help="print the commands of the study's vLLM servers and exit")] = False,
 ) -> None:
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
-    from mtp_abliterate.search.candidate.ara import AbliterationError
-    from mtp_abliterate.search.disk import DiskFullError
-    from mtp_abliterate.search.quiet import quiet_libraries
-    from mtp_abliterate.search.study.errors import StudyError
     from mtp_abliterate.search.study.limits import RunLimits
-    from mtp_abliterate.search.study.preflight import check_method, open_stores
     from mtp_abliterate.search.study.serving_plan import study_servers
-    from mtp_abliterate.search.study.tracking import served
 
     cfg = _config(file)
     if runs_dir:
@@ -245,10 +258,38 @@ def study_run(
         for title, server in study_servers(cfg):
             console.print(f"# {title}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
+    with _locked(cfg):
+        _study_run(cfg, file, limits)
+
+
+@contextmanager
+def _locked(cfg: StudyConfig) -> Iterator[None]:
+    """The study folder's lock, held while the body runs (one `study run` per folder), or the one-line refusal
+    before anything loads."""
+    from mtp_abliterate.search.study.storage import StudyLocked, study_lock
+
+    try:
+        with study_lock(cfg):
+            yield
+    except StudyLocked as e:  # the body fails its own StudyErrors; only the lock's own refusal gets here
+        fail(str(e))
+
+
+def _study_run(cfg: StudyConfig, file: Path, limits) -> None:
+    from mtp_abliterate.search.candidate.ara import AbliterationError
+    from mtp_abliterate.search.credentials import redact
+    from mtp_abliterate.search.disk import DiskFullError
+    from mtp_abliterate.search.quiet import quiet_libraries
+    from mtp_abliterate.search.study.errors import StudyError
+    from mtp_abliterate.search.study.preflight import check_method, open_stores
+    from mtp_abliterate.search.study.storage import check_config_unchanged
+    from mtp_abliterate.search.study.tracking import served
+
     quiet_libraries()
     try:
         check_method(cfg)
         storage = open_stores(cfg)
+        check_config_unchanged(cfg, storage)
     except StudyError as e:
         fail(str(e))
     # The model stack (heretic, transformers, peft), imported once the checks passed.
@@ -269,7 +310,7 @@ def study_run(
     console.print(views.pareto_table(cfg, runner.study, runner.objectives))
     console.print(views.winner_line(cfg, runner.study))
     uri = runner.mlflow_uri()
-    browse = uri if served(uri) else f"mtp-abliterate ui {runner.run_dir} [--dashboard]"
+    browse = redact(uri) if served(uri) else f"mtp-abliterate ui {runner.run_dir} [--dashboard]"
     console.print(f"study folder: {runner.run_dir}\nbrowse it: {browse}")
 
 
@@ -290,11 +331,12 @@ def study_reference(
 
     cfg = _config(file)
     raw = _json(params, "--params")
-    try:
-        runner = StudyRunner(cfg, console, file)
-        metrics, better = score_reference(runner, method, raw, label or method)
-    except (AbliterationError, StudyError) as e:
-        fail(str(e))
+    with _locked(cfg):  # it builds the same FP8 base and module I/O cache as `study run`
+        try:
+            runner = StudyRunner(cfg, console, file)
+            metrics, better = score_reference(runner, method, raw, label or method)
+        except (AbliterationError, StudyError) as e:
+            fail(str(e))
     console.print(views.reference_line(label or method, metrics, cfg.serving.num_speculative_tokens))
     console.print(f"trials dominating it (paired by prompt on acceptance): {better or 'none'}")
 
@@ -334,6 +376,7 @@ def ui(
     import subprocess
     import sys
 
+    from mtp_abliterate.search.credentials import password
     from mtp_abliterate.search.serving.server import port_in_use
     from mtp_abliterate.search.study.storage import redact, storage_url, tracking_uri
     from mtp_abliterate.search.study.tracking import served
@@ -342,18 +385,22 @@ def ui(
     uri = tracking_uri(cfg)
     bin_dir = Path(sys.executable).parent
     commands = []
+    # A store's password reaches the servers as PGPASSWORD (libpq reads it), never on a command line `ps` shows.
+    secret = {password(u) for u in (uri, storage_url(cfg)) if password(u)}
+    if len(secret) > 1:
+        fail("the study's Optuna and MLflow databases have different passwords; keep them in ~/.pgpass instead")
     if served(uri):  # the study logs to a tracking server: that server is the UI
-        console.print(f"MLflow UI for study {cfg.name}: {uri}  (the study's tracking server)")
+        console.print(f"MLflow UI for study {cfg.name}: {redact(uri)}  (the study's tracking server)")
     else:
         commands.append(
-            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-             "--workers", str(workers)]
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", redact(uri), "--host", host, "--port",
+             str(port), "--workers", str(workers)]
         )  # fmt: skip
         shown = f"store {redact(uri)}; {workers} worker(s)"
         console.print(f"MLflow UI for study {cfg.name}: http://{host}:{port}  ({shown})")
     if dashboard:
         commands.append(
-            [str(bin_dir / "optuna-dashboard"), storage_url(cfg), "--host", host, "--port", str(dashboard_port),
+            [str(bin_dir / "optuna-dashboard"), redact(storage_url(cfg)), "--host", host, "--port", str(dashboard_port),
              "--server", "wsgiref"]  # wsgiref: optuna-dashboard would pick gunicorn, which MLflow installs
         )  # fmt: skip
         url = f"http://{host}:{dashboard_port}"
@@ -368,6 +415,8 @@ def ui(
     console.print("Ctrl-C to stop")
     # MLflow's job consumers serve its GenAI features, which a study never uses: they would cost ~8 processes.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if secret:
+        env["PGPASSWORD"] = secret.pop()
     procs = [subprocess.Popen(c, env=env) for c in commands]
     signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` or a service manager stops both, as Ctrl-C does
     try:

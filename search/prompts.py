@@ -1,4 +1,11 @@
-"""The study's prompt sets, loaded by heretic's loader (text file or dataset, split, column) with its system prompt."""
+"""The study's prompt sets, loaded by heretic's loader (text file or dataset, split, column) with its system prompt.
+
+A text file is read as UTF-8, one prompt per line: blank lines (spaces only) are skipped, CRLF line ends and the
+spaces around each line are stripped, a line of any length is one prompt (a prompt longer than the server's context,
+`--max-model-len`, fails the stage that serves it), duplicates are kept (each is served and counted), and a `split`
+such as "[:100]" counts prompts, not lines. `config check` (search/config.py) refuses a file that is not UTF-8,
+naming the first bad line, and one with no prompt.
+"""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")  # read when llmcompressor is first imported
     # MLflow prints a "View run ... at" link for every run ended on a tracking server: two lines per trial.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # bitsandbytes (imported by heretic) warns at import that a CPU kernel could not be fetched from the hub, a
-    # machine without internet's normal state; its CPU ops work without it
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # ...and INFO lines when it creates or migrates a store ("Creating initial MLflow database tables...")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # in case MLflow was imported already
     import optuna
     import transformers
 

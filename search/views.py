@@ -10,11 +10,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.credentials import redact
 from mtp_abliterate.search.metrics import (
     ACCEPTED_PER_STEP,
     KLD,
@@ -102,8 +105,8 @@ def plan_table(cfg: StudyConfig) -> Table:
             f"max_tokens={cfg.acceptance.max_tokens}, T={cfg.acceptance.temperature}, "
             f"seeds={cfg.acceptance.seeds}, concurrency={cfg.acceptance.concurrency}",
         ),
-        ("MLflow", cfg.tracking.mlflow_uri or "sqlite under the runs directory"),
-        ("Optuna storage", cfg.storage.optuna_url or "sqlite under the study folder"),
+        ("MLflow", redact(cfg.tracking.mlflow_uri or "sqlite under the runs directory")),
+        ("Optuna storage", redact(cfg.storage.optuna_url or "sqlite under the study folder")),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -210,20 +213,36 @@ def _params(t: FrozenTrial) -> str:
     return " ".join(parts)
 
 
-def _acc(metrics: dict[str, float], n: int) -> str:
-    return "/".join(f"{a:.3f}" for a in per_position(metrics, n))
+def _acc(metrics: dict[str, float], n: int, digits: int = 3) -> str:
+    rates = (f"{a:.{digits}f}" for a in per_position(metrics, n))
+    return "/".join(r.removeprefix("0") if digits == 2 else r for r in rates)  # 2 digits: ".86/.78", compact
 
 
-def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Table:
-    """Every trial with its state, objective values, per-position acceptance (n positions) and duration."""
-    table = Table(title=f"study {study.study_name}: trials", header_style="bold")
-    for col in ("#", "state", *[o.name for o in objectives], "acceptance a0..", "s"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("parameters / reason", overflow="fold")
+def _value(objective: ObjectiveSpec, value: float) -> str:
+    """An objective's value, compact: a rate in 2 decimals, KL in 3 significant digits, acceptance in 3 decimals."""
+    if objective.name == REFUSAL_RATE:
+        return f"{value:.2f}"
+    return f"{value:.3g}" if objective.name == KLD else f"{value:.3f}"
+
+
+def _table(title: str, columns: list[str]) -> Table:
+    """A compact table: one line per row, no side borders (fits 80 columns; details go on lines below it)."""
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in columns:
+        table.add_column(col, no_wrap=True, overflow="ellipsis")
+    return table
+
+
+def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Group:
+    """Every trial with its state, objective values, per-position acceptance (n positions) and duration; each
+    trial's parameters (or why it failed) on a line of its own below."""
+    heads = [HEADERS.get(o.name, o.name) for o in objectives]
+    table = _table(f"study {study.study_name}: trials", ["#", "state", *heads, f"a0..a{n - 1}", "s"])
+    lines = []
     for t in study.get_trials(deepcopy=False):
         r = TrialRecord.of(t)
         if r.complete:
-            values = [f"{v:.4g}" if o.name in r.metrics else "-" for o, v in zip(objectives, t.values, strict=True)]
+            values = [_value(o, v) if o.name in r.metrics else "-" for o, v in zip(objectives, t.values, strict=True)]
             note = _params(t) + ("" if feasible(t) else "  (infeasible)")
             if r.invalid_reason:
                 note += f"  invalid: {r.invalid_reason}"[:200]
@@ -234,54 +253,51 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
             reason = r.fail_reason or r.stage or ""
             note = f"{r.failed_stage or ''}: {reason}"[:200] if r.state.name == "FAIL" else reason
         duration = f"{r.metrics[TRIAL_S]:.0f}" if TRIAL_S in r.metrics else "-"
-        table.add_row(
-            str(t.number),
-            t.state.name.lower(),
-            *values,
-            _acc(r.metrics, n) if ACCEPTED_PER_STEP in r.metrics else "-",
-            duration,
-            note,
-        )
-    return table
+        acc = _acc(r.metrics, n, 2) if ACCEPTED_PER_STEP in r.metrics else "-"
+        table.add_row(str(t.number), t.state.name.lower(), *values, acc, duration)
+        lines.append(f"  {t.number}: {note}")
+    return Group(table, Text("\n".join(lines), overflow="fold"))
 
 
-def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[ObjectiveSpec]) -> Table:
+HEADERS = {REFUSAL_RATE: "refusal", KLD: "KL", ACCEPTED_PER_STEP: "acc/step"}
+
+
+def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[ObjectiveSpec]) -> Group:
     """The Pareto set, after vanilla and the `study reference` points: per-position acceptance (speed-true), the
     tokens per verify step it implies (the ideal speed-up over no speculation) and the paired difference of the
-    acceptance objective to vanilla on the same prompts."""
+    acceptance objective to vanilla on the same prompts; each trial's parameters on a line of its own below."""
     n = cfg.serving.num_speculative_tokens
     front = sorted(pareto_front(study.get_trials(deepcopy=False), objectives), key=lambda t: t.values[0])
-    table = Table(title=f"Pareto set: {len(front)} trial(s), after vanilla and references", header_style="bold")
-    for col in ("trial", *[o.name for o in objectives], "acceptance a0..", "tok/step", "vs vanilla (paired)"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("parameters", overflow="fold")
+    heads = [HEADERS.get(o.name, o.name) for o in objectives]
+    title = f"Pareto set: {len(front)} trial(s), after vanilla and references"
+    table = _table(title, ["trial", *heads, f"a0..a{n - 1}", "tok/step", "vs vanilla"])
     refs, vanilla = records.references(study), records.vanilla_per_prompt(study)
 
     def vs_vanilla(per_prompt: dict[str, Any]) -> str:
         if not (per_prompt and vanilla):
             return "-"
         d = compare(cfg, per_prompt, vanilla)
-        return f"{d.difference:+.3f} ± {d.halfwidth:.3f}"
+        return f"{d.difference:+.2f}±{d.halfwidth:.2f}"
 
     def speed(m: dict[str, float]) -> str:
         return f"{1 + m[ACCEPTED_PER_STEP]:.2f}" if ACCEPTED_PER_STEP in m else "-"
 
+    lines = []
     for label, point in reference_points(study).items():
         ref = refs.get(label)
-        table.add_row(
-            label,
-            *[f"{point.get(o.name, float('nan')):.4g}" for o in objectives],
-            _acc(point, n),
-            speed(point),
-            vs_vanilla(ref.get("per_prompt", {})) if ref else "0",
-            f"{ref['method']} {ref['params']}"[:200] if ref else "-",
-            style="dim",
-        )
+        values = [_value(o, point.get(o.name, float("nan"))) for o in objectives]
+        per_prompt = ref.get("per_prompt", {}) if ref else vanilla
+        table.add_row(label, *values, _acc(point, n, 2), speed(point), vs_vanilla(per_prompt), style="dim")
+        if ref:
+            lines.append(f"  {label}: {ref['method']} {ref['params']}")
     for t in front:
         r = TrialRecord.of(t)
-        row = [*[f"{v:.4g}" for v in t.values], _acc(r.metrics, n), speed(r.metrics), vs_vanilla(r.per_prompt)]
-        table.add_row(str(t.number), *row, _params(t))
-    return table
+        values = [_value(o, v) for o, v in zip(objectives, t.values, strict=True)]
+        row = [*values, _acc(r.metrics, n, 2), speed(r.metrics), vs_vanilla(r.per_prompt)]
+        table.add_row(str(t.number), *row)
+        lines.append(f"  trial {t.number}: {_params(t)}")
+    note = "  vs vanilla: paired difference on the same prompts, 95 % interval"
+    return Group(table, Text("\n".join([note, *lines]), overflow="fold"))
 
 
 def winner_line(cfg: StudyConfig, study: optuna.Study) -> str:

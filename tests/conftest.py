@@ -52,9 +52,12 @@ LONGEST_FIRST = [
     "test_baseline",
     "test_abliterate",
     "test_organism",
+    "test_faults_vllm",
     "test_adaptive",
     "test_docker_launcher",
+    "test_faults_stores",
     "test_acceptance",
+    "test_heretic_parity",
 ]
 
 

@@ -100,8 +100,19 @@ class Postgres:
 class MlflowServer:
     """`mlflow server` on a database URI with an artifact folder: what every study process logs to."""
 
-    def __init__(self, backend_uri: str, artifacts: Path, log: Path, workers: int = 1) -> None:
-        self.port = free_port()
+    def __init__(
+        self,
+        backend_uri: str,
+        artifacts: Path,
+        log: Path,
+        workers: int = 1,
+        port: int | None = None,
+        auth: dict[str, str] | None = None,
+    ) -> None:
+        """`port`: the port of a server stopped before (the same URI, started again); default a free one. `auth`:
+        MLflow's basic-auth app (`--app-name basic-auth`) with this environment (MLFLOW_AUTH_CONFIG_PATH,
+        MLFLOW_AUTH_ADMIN_PASSWORD), as README "Several machines" starts it."""
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         cmd = [
             str(Path(sys.executable).parent / "mlflow"),
@@ -116,11 +127,12 @@ class MlflowServer:
             str(self.port),
             "--workers",
             str(workers),
+            *(["--app-name", "basic-auth"] if auth else []),
         ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(auth or {})}
         self.log = log
         self.proc = subprocess.Popen(
-            cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import optuna
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -356,3 +357,64 @@ def test_a_bad_or_unreachable_store_fails_before_any_model_loads(tmp_path: Path,
         assert "mtp-test-password" not in proc.stdout  # never a password in a message
         run_dir = tmp_path / "runs" / f"bad-{name.replace(' ', '-')}"
         assert not (run_dir / "cache").exists()  # no model was loaded (its module I/O is the first thing cached)
+
+
+def _artifact_bytes(client: MlflowClient, run_id: str, out: Path, path: str | None = None) -> Iterator[bytes]:
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            yield from _artifact_bytes(client, run_id, out, item.path)
+        else:
+            yield Path(client.download_artifacts(run_id, item.path, str(out))).read_bytes()
+
+
+def test_the_database_password_in_the_toml_is_in_no_file_mlflow_record_or_line_of_output(
+    backends, two_hosts, tmp_path: Path
+) -> None:
+    """Both hosts' TOMLs hold the PostgreSQL password in storage.optuna_url: it is in no file of their study
+    folders (config copy, study.json, logs, caches, trial folders), no MLflow param, tag or artifact of any run, no
+    line either process printed, nor what `study status` and `config check` print; `config check` warns of it."""
+    from mtp_abliterate.search.study.storage import load_study_config
+    from tests.services import PASSWORD
+
+    secret = PASSWORD.encode()
+    tmp = two_hosts["tmp"]
+    assert secret in (tmp / "host-b.toml").read_bytes()  # the test's premise
+    scanned = 0
+    for host in HOSTS:
+        for path in (tmp / f"runs-{host}").rglob("*"):
+            if path.is_file():
+                assert secret not in path.read_bytes(), path
+                scanned += 1
+        assert secret not in two_hosts["logs"][host].read_bytes()
+    assert scanned > 20
+    folder = tmp / "runs-host-b" / STUDY
+    assert "postgres@127.0.0.1" in json.loads((folder / "study.json").read_text())["storage"]
+
+    _, mlflow = backends
+    client = MlflowClient(tracking_uri=mlflow.uri)
+    experiment = client.get_experiment_by_name(STUDY)
+    runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)  # deleted runs too
+    parent = next(r for r in runs if r.data.tags.get("kind") == "study")
+    assert "storage" in parent.data.params and "postgres@127.0.0.1" in parent.data.params["storage"]
+    artifacts = 0
+    for run in runs:
+        for value in [*run.data.params.values(), *run.data.tags.values()]:
+            assert PASSWORD not in value, (run.info.run_id, value)
+        for content in _artifact_bytes(client, run.info.run_id, tmp_path / run.info.run_id):
+            assert secret not in content
+            artifacts += 1
+    copy = Path(client.download_artifacts(parent.info.run_id, "config.toml", str(tmp_path / "config")))
+    assert "optuna_url" in copy.read_text() and "postgres@127.0.0.1" in copy.read_text()  # what was scanned
+    assert artifacts > len(runs)
+
+    # The folder's commands still reach the study (the original TOML holds the password the pointer leaves out).
+    assert load_study_config(folder).storage.optuna_url.endswith(f":{PASSWORD}@127.0.0.1:{backends[0].port}/optuna")
+    status = subprocess.run([*CLI, "study", "status", str(folder)], cwd=REPO, capture_output=True, text=True)
+    assert status.returncode == 0 and "winner" in status.stdout, status.stdout + status.stderr
+    config = tmp / "host-b.toml"
+    check = subprocess.run([*CLI, "config", "check", str(config)], cwd=REPO, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    for out in (status.stdout + status.stderr, check.stdout + check.stderr):
+        assert PASSWORD not in out
+    warning = [line for line in check.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "storage.optuna_url holds a password" in warning[0] and "~/.pgpass" in warning[0]

@@ -195,7 +195,8 @@ def stale_study(
     stale = tmp / "stale-plugin"
     stale.mkdir()
     (stale / "mtp_abliterate_swap.py").write_text(
-        "class SwapRepairs:\n    def repair_after_reload(self):\n        return 'no repairs'\n"
+        "class SwapRepairs:\n    def prepare_reload(self):\n        return 'kept nothing'\n"
+        "    def repair_after_reload(self):\n        return 'no repairs'\n"
     )
     python = tmp / "vllm-python"
     python.write_text(f'#!/bin/sh\nexport PYTHONPATH="{stale}:$PYTHONPATH"\nexec "{vllm_python}" "$@"\n')

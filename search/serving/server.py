@@ -328,6 +328,8 @@ class VllmServer:
             try:
                 served = self.served_path(str(path), prepare=True)
                 reload = {"method": "reload_weights", "kwargs": {"weights_path": served}}
+                # GPU: keep the MoE kernels CUDA graphs captured; a reload would free them (vllm_plugin's doc)
+                self._post(client, "/collective_rpc", {"method": "prepare_reload"})
                 self._post(client, "/collective_rpc", reload)
                 self._post(client, "/collective_rpc", {"method": "repair_after_reload"})
                 self._post(client, "/reset_prefix_cache")  # cached prefixes hold the old weights' KV

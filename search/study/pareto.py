@@ -17,8 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.objectives.base import Direction
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.metrics import KLD, REFUSAL_RATE
+from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, KLD, REFUSAL_RATE
 from mtp_abliterate.search.study.records import feasible_of, references, vanilla
+
+LABELS = {ACCEPTED_PER_STEP: "accepted tokens / verify step"}  # axis labels that read better than metric names
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,11 @@ class ObjectiveSpec:
 
 def objective_specs(cfg: StudyConfig) -> list[ObjectiveSpec]:
     """Refusal rate (min), KL divergence (min), the acceptance scalar (max), in Optuna's value order."""
-    scalar = cfg.search.acceptance_objective
+    scalar, n = cfg.search.acceptance_objective, cfg.serving.num_speculative_tokens
     return [
         ObjectiveSpec(REFUSAL_RATE, Direction.MINIMIZE, "refusal rate", worst=1.01),
         ObjectiveSpec(KLD, Direction.MINIMIZE, "KL divergence"),
-        ObjectiveSpec(scalar, Direction.MAXIMIZE, f"{scalar} (n={cfg.serving.num_speculative_tokens})", worst=0.0),
+        ObjectiveSpec(scalar, Direction.MAXIMIZE, f"{LABELS.get(scalar, scalar)} (n={n})", worst=0.0),
     ]
 
 

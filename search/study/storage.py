@@ -151,8 +151,9 @@ def _storage_failure(url: str, e: Exception) -> str:
         )
     if isinstance(e, sqlalchemy.exc.ArgumentError):
         return (
-            f"storage.optuna_url {shown} is not a database URL SQLAlchemy knows ({str(e).splitlines()[0]}); "
-            "use postgresql://USER[:PASSWORD]@HOST[:PORT]/DB or sqlite:///PATH"
+            f"storage.optuna_url {'...@' + url.split('@')[-1] if '@' in url else shown} is not a database URL "
+            "SQLAlchemy knows (its own message would quote the password); "
+            "use postgresql://USER@HOST[:PORT]/DB (the password in ~/.pgpass or as :${PGPASSWORD}) or sqlite:///PATH"
         )
     if isinstance(e, sqlalchemy.exc.OperationalError):
         cause = " ".join((str(e.orig) if e.orig else str(e)).split())
@@ -199,6 +200,16 @@ def open_study(cfg: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, boo
 
 
 MEANING_ATTR = "config_meaning"
+
+
+def check_config_unchanged(cfg: StudyConfig, storage: RDBStorage) -> None:
+    """`open_study`'s check of an existing study's config (`_check_meaning`), done by `study run` right after the
+    stores open: a refused config costs no model-stack import. Raises StudyError."""
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=storage, sampler=RandomSampler())
+    except KeyError:
+        return  # a new study: open_study records its config
+    _check_meaning(cfg, study)
 
 
 def _check_meaning(cfg: StudyConfig, study: optuna.Study) -> None:
@@ -316,7 +327,13 @@ def load_study_config(target: Path) -> StudyConfig:
 
 
 def _same_store(recorded: str, configured: str) -> str:
-    return configured if redact(configured) == redact(recorded) else recorded
+    """The configured URL when it names the store recorded (it may hold the password the record leaves out), or a
+    SQLite file that exists where the folder is now (a study folder moved with its database); else the record."""
+    if redact(configured) == redact(recorded):
+        return configured
+    if configured.startswith("sqlite:///") and Path(configured.removeprefix("sqlite:///")).is_file():
+        return configured
+    return recorded
 
 
 def load_existing_study(cfg: StudyConfig) -> optuna.Study:

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from mtp_abliterate.search.credentials import redact_text
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
@@ -54,9 +55,11 @@ def check_tracking(uri: str) -> None:
             httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
         except httpx.HTTPError as e:
             raise TrackingError(
-                f"cannot reach the MLflow tracking server {uri} ({type(e).__name__}: {e}); start it (`mlflow server`, "
-                'README "Several machines") or fix tracking.mlflow_uri'
+                f"cannot reach the MLflow tracking server {redact(uri)} ({type(e).__name__}: "
+                f"{redact_text(str(e))}); start it (`mlflow server`, README \"Several machines\") or fix "
+                "tracking.mlflow_uri"
             ) from None
+        _check_credentials(uri)
     elif not uri.startswith(("sqlite:", "file:")) and "://" in uri:  # a database MLflow writes directly
         try:
             engine = sqlalchemy.create_engine(uri)
@@ -75,6 +78,29 @@ def check_tracking(uri: str) -> None:
                 f"cannot reach the MLflow store {redact(uri)} ({str(e).strip().splitlines()[0]}); start the database "
                 "or fix tracking.mlflow_uri"
             ) from None
+
+
+def _check_credentials(uri: str) -> None:
+    """A server with MLflow's basic-auth app answers /health to anyone and the API only with credentials: ask the
+    API now, as the study's client will (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from the environment,
+    which MlflowClient reads itself), so that missing or wrong ones fail before the model loads."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    try:
+        answer = httpx.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=(user, password or "") if user else None,
+            timeout=30,
+        )
+    except httpx.HTTPError:
+        return  # reached a moment ago: the study's own client reports what follows
+    if answer.status_code in (401, 403):
+        given = "were refused" if user else "are not set"
+        raise TrackingError(
+            f"the MLflow tracking server {redact(uri)} requires authentication (HTTP {answer.status_code}) and the "
+            f"credentials {given}; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (README \"Several "
+            'machines")'
+        )
 
 
 class Tracker:
@@ -117,7 +143,7 @@ class Tracker:
         try:
             return self.client.get_run(run_id).info.lifecycle_stage == "active"
         except mlflow.exceptions.MlflowException as e:
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 raise  # MLflow unreachable: never taken for "no parent run" (that would start a second one)
             return False  # a different MLflow store than last time
 
@@ -136,12 +162,12 @@ class Tracker:
         set_mlflow_parent(study, self.parent_id)
         self.client.log_batch(
             self.parent_id,
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+            params=[Param(k, redact_text(str(v))[:6000]) for k, v in params.items()],
             tags=[RunTag(f"version.{k}", v) for k, v in versions.items()],
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.toml"
-            path.write_text(config_text)
+            path.write_text(redact_text(config_text))
             self.client.log_artifact(self.parent_id, str(path))
         self._follow_parent(study)
         return self.parent_id
@@ -275,7 +301,7 @@ class Tracker:
             run_id,
             metrics=[_metric(k, v) for k, v in r.metrics.items() if _finite(v)],
             params=[Param(k, str(v)) for k, v in t.params.items()],
-            tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items() if v is not None],
+            tags=[RunTag(k, redact_text(str(v))[:5000]) for k, v in tags.items() if v is not None],
         )
         for name in ("result.json", "server.log"):
             path = (r.trial_dir or Path()) / name

@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -288,13 +289,16 @@ class TrialPipeline:
                 try:
                     measured = measure()
                 except ServerLost as lost:  # vLLM died or hung: a fresh server measures the candidate again, once
-                    note = f"{lost}; the server was replaced and the candidate is measured again"
+                    note = f"{lost.reason}; a fresh server measures the candidate again"
                     for log in {trial_dir / "stages.log", log_path}:
                         with log.open("a") as f:
                             f.write(f"# mtp-abliterate: {note}\n")
-                    on_stage("serve")
-                    measured = measure()
-                if swap_check:
+                    if not swap_check:
+                        measured = measure()
+                    else:  # the study's first swap took its server down: that is the self-check's verdict
+                        with stage("swap_check"):
+                            verdict, measured = self._swap_lost(candidate.path, trial_dir, lost)
+                if swap_check and verdict is None:
                     with stage("swap_check"):
                         verdict, measured = self._swap_check(candidate.path, trial_dir, measured)
                 kept = keep_candidate
@@ -439,8 +443,13 @@ class TrialPipeline:
                 f"vLLM hung: no answer within {timeout:g} s (serving.request_timeout_s) during {e.stage}; "
                 "the server was stopped"
             )
-        if not server.alive() and server.process is not None:
-            code = server.process.returncode
+        if server.process is None:
+            return None
+        try:
+            code = server.process.wait(timeout=2.0)  # a killed server's requests fail as it dies
+        except subprocess.TimeoutExpired:
+            return None  # alive: the failure was not the server's
+        if code is not None:
             how = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
             return f"vLLM died during {e.stage} ({how})"
         return None
@@ -463,6 +472,14 @@ class TrialPipeline:
         if swapped.fingerprint() != cold.fingerprint():
             again = self._cold_measurement(candidate, trial_dir / "swap-check-server-2.log")
         return swap_verdict(swapped, cold, again), cold
+
+    def _swap_lost(self, candidate: Path, trial_dir: Path, lost: ServerLost) -> tuple[dict[str, Any], Measured]:
+        """The verdict when the swapped server died or hung (e.g. FP8 experts under CUDA graphs on a vLLM without
+        the plugin's `prepare_reload`): failed, and the candidate measured on a cold start instead."""
+        self.serving.close()
+        cold = self._cold_measurement(candidate, trial_dir / "swap-check-server.log")
+        rule = f"the swapped server was lost ({lost.reason}); a cold start served the candidate"
+        return {"passed": False, "identical": False, "differences": ["server lost after the swap"], "rule": rule}, cold
 
     def _cold_measurement(self, candidate: Path, log_path: Path) -> Measured:
         try:

@@ -6,7 +6,10 @@ It imports nothing from the project: it runs in vLLM's own environment (or docke
 `reload_weights` (vLLM's own) re-loads the target's weights in place, but the CPU build leaves two kernel-side
 copies stale after it: the MoE experts' CPU-packed weights (the unquantized MoE method re-runs its packing only on
 the first load) and a tied lm_head's packed copy of the embedding (its weights are never "loaded", so it keeps the
-old pack). `repair_after_reload` re-runs those two steps; on other platforms it does nothing and says so.
+old pack). `repair_after_reload` re-runs those two steps. On GPUs, `reload_weights` refills the weights in place
+but rebuilds each FP8 MoE layer's kernel object and drops the old one, whose buffers CUDA graphs captured: the next
+batch dies with an illegal memory access (H100, vLLM 0.32, benchmarks/results/gpu-2026-12-07.md). `prepare_reload`
+keeps those objects before the reload and `repair_after_reload` puts them back (bit-identical to cold starts there).
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ class SwapRepairs:
         them around temporary tensors and drops the old ones, whose buffers CUDA graphs captured (FP8 experts +
         graphs: illegal memory access, benchmarks/bench_gpu.py); `repair_after_reload` puts the kept ones back,
         their weight tensors being the layer's own, refilled in place by the reload."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():  # no graphs: the CPU repairs re-pack after the reload instead
+            return "nothing to keep on this platform"
         model = self.model_runner.get_model()
         self._kept_moe_kernels = [
             (method, method.moe_kernel, getattr(method, "moe_quant_config", None))
@@ -39,6 +46,7 @@ class SwapRepairs:
                 return "no repair needed on this platform"
             for method, kernel, config in kept:
                 method.moe_kernel, method.moe_quant_config = kernel, config
+            self._kept_moe_kernels = []
             return f"restored {len(kept)} MoE kernels kept by prepare_reload"
         model = self.model_runner.get_model()
         experts = embeddings = 0
