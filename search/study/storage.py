@@ -160,7 +160,7 @@ def _storage_failure(url: str, e: Exception) -> str:
         if "FATAL" in cause:  # the server answered and refused: the URL's user, password or database
             return (
                 f"the study's database {shown} refused the connection ({cause}); fix the user, password or database "
-                'name in storage.optuna_url (README "Several machines" creates them)'
+                'name in storage.optuna_url (docs/several-machines.md creates them)'
             )
         return (
             f"cannot reach the study's database {shown} ({cause}); start PostgreSQL there (README \"Several "
