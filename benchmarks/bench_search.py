@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -423,7 +424,8 @@ def report(args: argparse.Namespace, at: str) -> dict[str, Any]:
         summary["organisms"][organism] = {"vanilla": asdict(v) | {"per_prompt": None},
                                           "directional": asdict(d) | {"per_prompt": None}, "arms": rows}  # fmt: skip
     if curves:
-        plot(curves, args.results / f"curve-{at[:12]}.png")
+        d_accepted = {name: o["directional"]["accepted"] for name, o in summary["organisms"].items()}
+        plot(curves, d_accepted, args.results / f"curve-{at[:12]}.png")
         (args.results / f"summary-{at[:12]}.json").write_text(json.dumps(summary, indent=1, default=str))
         console.print(
             f"summary: {args.results / f'summary-{at[:12]}.json'}, curve: {args.results / f'curve-{at[:12]}.png'}"
@@ -431,7 +433,7 @@ def report(args: argparse.Namespace, at: str) -> dict[str, Any]:
     return summary
 
 
-def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
+def plot(curves: dict[str, dict[str, list[list[float]]]], d_accepted: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,8 +445,12 @@ def plot(curves: dict[str, dict[str, list[list[float]]]], path: Path) -> None:
             length = min(len(r) for r in runs)
             values = np.array([r[:length] for r in runs], dtype=float)
             x = np.arange(1, length + 1)
-            line = ax.plot(x, np.nanmedian(values, axis=0), label=f"{arm} ({len(runs)} seeds)")[0]
-            ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.12)
+            with warnings.catch_warnings():  # before a seed's first exportable candidate its curve has no value
+                warnings.simplefilter("ignore", RuntimeWarning)
+                low, mid, high = (f(values, axis=0) for f in (np.nanmin, np.nanmedian, np.nanmax))
+            line = ax.plot(x, mid, label=f"{arm} ({len(runs)} seeds)")[0]
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.12)
+        ax.axhline(d_accepted[organism], color="black", ls="--", lw=1, label="D (heretic's default)")
         ax.set(title=f"{organism}: best exportable candidate", xlabel="trials", ylabel="speed-true accepted / step")
         ax.legend(fontsize=8)
     fig.tight_layout()
