@@ -157,7 +157,7 @@ def test_replay_counts_rounds_like_vllm() -> None:
     c = _replay(tokens, 2, perfect)
     # rounds at p=2 (accept 4 -> p=7), p=7 (accept 4 -> p=12 > last 11): 2 drafts, all 4 accepted each time.
     assert (c.num_drafts, c.accepted_per_pos) == (2, [2, 2, 2, 2])
-    assert c.accepted_per_step == 4.0
+    assert c.mean_accepted_tokens == 4.0
 
     c = _replay(tokens, 2, {})  # the draft is always wrong: one round per emitted token after the first
     assert (c.num_drafts, c.accepted_per_pos) == (9, [0, 0, 0, 0])

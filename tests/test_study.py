@@ -536,7 +536,9 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     # a real gain: the tuned draft's interval lies above the vanilla draft's figure
     after, before = gain["tuned_draft"], gain["vanilla_draft"]
     assert after["accepted_per_step"] - after["ci95"] > before["accepted_per_step"], gain
-    assert gain["recovered"] > 0.25, gain
+    # the paired share of the loss against the vanilla body, speed-true (proposals past the stop earn nothing now):
+    # 0.21 measured at 40 steps (0.36 on vLLM's raw figure, which credited what draft-tune learns past the stop)
+    assert gain["recovered"] > 0.15, gain
     # the other set gains too: before draft-tune taught the tokens past the stop, 40 steps lost it 29 % more
     other = record["sets"][next(s for s in sets if s != lost)]
     assert other["tuned_draft"]["accepted_per_step"] > other["vanilla_draft"]["accepted_per_step"], other
