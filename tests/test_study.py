@@ -539,9 +539,10 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     # the paired share of the loss against the vanilla body, speed-true (proposals past the stop earn nothing now):
     # 0.21 measured at 40 steps (0.36 on vLLM's raw figure, which credited what draft-tune learns past the stop)
     assert gain["recovered"] > 0.15, gain
-    # the other set gains too: before draft-tune taught the tokens past the stop, 40 steps lost it 29 % more
+    # the other set does not lose beyond the paired interval (speed-true at 40 steps: -0.039 ± 0.092 measured; on
+    # vLLM's raw figure it gained, from the tokens past the stop that draft-tune learns and nobody receives)
     other = record["sets"][next(s for s in sets if s != lost)]
-    assert other["tuned_draft"]["accepted_per_step"] > other["vanilla_draft"]["accepted_per_step"], other
+    assert other["gain"] + other["gain_ci95"] >= 0, other
 
     vanilla_draft, tuned = Path(cfg.resolve(cfg.model.draft)), Path(record["draft"])
     for f in vanilla_draft.iterdir():  # config, tokenizer and template files unchanged
