@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtp_abliterate.objectives.paired import per_prompt_of
 from mtp_abliterate.search import metrics as names
 
 
@@ -34,7 +35,7 @@ class TrialResult:
     @property
     def per_prompt(self) -> dict[str, Any]:
         """Each set's per-prompt acceptance counts (`objectives/paired.py`); empty when not measured."""
-        return {name: s["per_prompt"] for name, s in self.acceptance["sets"].items()}
+        return per_prompt_of(self.acceptance)
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for trackers: the measured objectives, per-position mix, per set, the measurement's size,
