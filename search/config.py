@@ -8,17 +8,14 @@ a model class and one field on `StudyConfig`; unknown keys are rejected so typos
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
+from mtp_abliterate.search.config_merge import HF_ID, Merged, MergeError, exists, load_merged, resolve_path
 
 FIX_HINTS = {
     "python": " or run `make vllm-env` to create the vLLM environment",
@@ -338,7 +335,8 @@ class DraftTune(Section):
     prompts: list[PromptSet] | None = Field(
         None,
         description="the prompt mix the candidate answers for training (harmful and harmless; never the eval sets); "
-        "default: prompts.harmful_train and prompts.harmless_train",
+        "default (or []: a config that extends one with a mix goes back to the default): prompts.harmful_train and "
+        "prompts.harmless_train",
     )
     steps: int = Field(300, ge=1, description="optimiser steps; `draft-tune --steps` overrides")
     max_minutes: float | None = Field(
@@ -347,6 +345,11 @@ class DraftTune(Section):
     batch_size: int = Field(32, ge=1, description="answers per optimiser step")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW, linear warm-up, cosine decay)")
     warmup_steps: int = Field(20, ge=1, description="linear warm-up steps")
+
+    @field_validator("prompts")
+    @classmethod
+    def _empty_is_default(cls, prompts: list[PromptSet] | None) -> list[PromptSet] | None:
+        return prompts or None  # TOML has no null: [] is how a config unsets its base's mix
 
 
 class Tracking(Section):
@@ -393,6 +396,12 @@ class Storage(Section):
 
 
 class StudyConfig(Section):
+    extends: str | None = Field(
+        None,
+        exclude=True,
+        description="a study TOML this one is based on, relative to this file: its fields are merged under this "
+        "file's own (tables key by key; arrays and values replace), recursively; `config check` shows the result",
+    )
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="study name; its folder under runs/")]
     runs_dir: str = Field("runs", description="where studies write (relative to the TOML)")
     model: ModelSource
@@ -412,6 +421,8 @@ class StudyConfig(Section):
     base_dir: Path = Field(Path("."), exclude=True)
     # Filled by load_config: the URL fields whose TOML value holds a password itself (`config check` warns).
     password_fields: tuple[str, ...] = Field((), exclude=True)
+    # Filled by load_config: each value a file set (key path; an array is one value) -> that file (`config check`).
+    origins: dict[tuple[str, ...], Path] = Field(default_factory=dict, exclude=True)
 
     @model_validator(mode="after")
     def _acceptance_position_exists(self) -> StudyConfig:
@@ -423,11 +434,7 @@ class StudyConfig(Section):
 
     def resolve(self, value: str) -> str:
         """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""
-        local = self.base_dir / value
-        if Path(value).is_absolute() or _exists(local) or not HF_ID.match(value):
-            # normpath, not resolve(): a virtualenv's python is a symlink that must stay one
-            return os.path.normpath(local.absolute())
-        return value
+        return resolve_path(self.base_dir, value)
 
     def prompt_sets(self) -> dict[str, PromptSet]:
         out = {f"prompts.{k}": getattr(self.prompts, k) for k in Prompts.model_fields}
@@ -455,48 +462,48 @@ def _where(loc: tuple[Any, ...]) -> str:
 
 
 def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
-    """Parse and validate a study TOML. Raises ConfigError naming file, field and fix."""
+    """Parse and validate a study TOML (merged over the configs it `extends`). Raises ConfigError naming file, field
+    and fix."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; pass the path of a study TOML such as configs/organism.toml")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax there") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror}); fix its permissions") from None
-    raw, password_fields = _expand_urls(path, raw)
-    if internal := [k for k in ("base_dir", "password_fields") if k in raw]:  # filled here, never from the file
-        raise ConfigError("\n".join(f"{path}: {k}: unknown field; remove it or fix its spelling" for k in internal))
+        merged = load_merged(path)
+    except MergeError as e:
+        raise ConfigError(str(e)) from None
+    raw, password_fields = _expand_urls(path, merged.raw)
+    if internal := [k for k in INTERNAL if k in raw]:  # filled here, never from the file
+        lines = [f"{merged.origin((k,)) or path}: {k}: unknown field; remove it or fix its spelling" for k in internal]
+        raise ConfigError("\n".join(lines))
+    filled = {"base_dir": path.resolve().parent, "password_fields": password_fields, "origins": merged.origins}
     try:
-        cfg = StudyConfig.model_validate(
-            {**raw, "base_dir": path.resolve().parent, "password_fields": password_fields}
-        )
+        cfg = StudyConfig.model_validate({**raw, **filled, "extends": merged.extends})
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            where = _where(err["loc"])
-            if err["type"] == "missing":
-                lines.append(f"{path}: {where}: required field is missing; add it (see configs/organism.toml)")
-            elif err["type"] == "extra_forbidden":
-                lines.append(f"{path}: {where}: unknown field; remove it or fix its spelling")
-            else:
-                lines.append(f"{path}: {where}: {err['msg']} (got {err.get('input')!r}); fix the value")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(_problem(path, merged, err) for err in e.errors())) from None
     if check_paths:
         missing = [
             f"{path}: {field}: {cfg.resolve(value)} does not exist; fix the path"
             + FIX_HINTS.get(field.rsplit(".", 1)[-1], "")
             for field, value in cfg.local_inputs().items()
-            if not _exists(Path(cfg.resolve(value)))
+            if not exists(Path(cfg.resolve(value)))
         ]
         if missing:
             raise ConfigError("\n".join(missing))
         if unusable := _model_problems(path, cfg) + _prompt_file_problems(path, cfg):
             raise ConfigError("\n".join(unusable))
     return cfg
+
+
+INTERNAL = ("base_dir", "password_fields", "origins")
+
+
+def _problem(path: Path, merged: Merged, err: Any) -> str:
+    """One validation error as a line naming the file that set the field (`path` for a missing one), the field and
+    the fix."""
+    where, source = _where(err["loc"]), merged.origin(err["loc"]) or path
+    if err["type"] == "missing":
+        return f"{path}: {where}: required field is missing; add it (see configs/organism.toml)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: {where}: unknown field; remove it or fix its spelling"
+    return f"{source}: {where}: {err['msg']} (got {err.get('input')!r}); fix the value"
 
 
 URL_FIELDS = (("storage", "optuna_url"), ("tracking", "mlflow_uri"))
@@ -523,13 +530,6 @@ def _expand_urls(path: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], tuple
     if lines:
         raise ConfigError("\n".join(lines))
     return raw, tuple(literal)
-
-
-def _exists(p: Path) -> bool:
-    try:
-        return p.exists()
-    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
-        return False
 
 
 # What the study loads: a Gemma 4 body (text-only or the release layout) and its MTP assistant.
