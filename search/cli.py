@@ -66,9 +66,10 @@ def config_check(
     file: Path,
     paths: Annotated[bool, typer.Option(help="check that local inputs exist")] = True,
 ) -> None:
-    """Validate a study TOML and print the resolved plan."""
+    """Validate a study TOML and print the resolved plan, and the merged config with the file each field came from."""
     cfg = _config(file, check_paths=paths)
     console.print(views.plan_table(cfg))
+    console.print(views.origins_table(cfg))
     for field in cfg.password_fields:
         served = field == "tracking.mlflow_uri" and str(cfg.tracking.mlflow_uri).startswith(("http:", "https:"))
         fix = (

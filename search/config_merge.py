@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EXTENDS = "extends"
 
@@ -58,6 +60,16 @@ def load_merged(path: Path, chain: tuple[Path, ...] = ()) -> Merged:
     merged = deep_merge(base_raw, raw)
     origins = {leaf: own.get(leaf) or base.origins[leaf] for leaf in _leaves(merged)}
     return Merged(merged, origins, extends)
+
+
+def standalone_text(path: Path) -> str:
+    """The study TOML as the study folder and MLflow keep it: its own text, or, when it extends another, the merged
+    config (a copy read without its base must mean the same). Raises MergeError."""
+    merged = load_merged(path)
+    if merged.extends is None:
+        return path.read_text(encoding="utf-8")
+    header = f"# {path} merged with the configs it extends (`mtp-abliterate config check` shows which set what)\n"
+    return header + tomli_w.dumps(merged.raw)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -4,11 +4,13 @@ candidate, a baseline. The CLI parses, calls and prints; what the tables say is 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
+from pydantic import BaseModel
 from rich import box
 from rich.console import Group
 from rich.table import Table
@@ -17,7 +19,7 @@ from rich.text import Text
 from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.credentials import redact
+from mtp_abliterate.search.credentials import redact, redact_text
 from mtp_abliterate.search.metrics import (
     ACCEPTED_PER_STEP,
     KLD,
@@ -111,6 +113,45 @@ def plan_table(cfg: StudyConfig) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def origins_table(cfg: StudyConfig) -> Table:
+    """The merged config: one row per value a file set (an array is one value), with that file; then per section
+    the fields left at their defaults (`config check`). Files are relative to the config's folder; long values are cut
+    to the terminal's width."""
+    rows = []
+    dumped = cfg.model_dump(mode="json")
+    for keys, source in cfg.origins.items():
+        value = dumped
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        rows.append((".".join(keys), os.path.relpath(source.resolve(), cfg.base_dir), redact_text(json.dumps(value))))
+    rows += [(section, "default", ", ".join(names)) for section, names in _defaults(cfg).items()]
+    table = Table(title="merged config", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("field", no_wrap=True, overflow="ellipsis", min_width=min(max(len(r[0]) for r in rows), 36))
+    table.add_column("set by", no_wrap=True, min_width=max(len(r[1]) for r in rows))
+    table.add_column("value", no_wrap=True, overflow="ellipsis")
+    for row in rows:
+        table.add_row(*row, style="dim" if row[1] == "default" else None)
+    return table
+
+
+def _defaults(cfg: StudyConfig) -> dict[str, list[str]]:
+    """Section -> its fields no file set."""
+    out: dict[str, list[str]] = {}
+
+    def walk(model: BaseModel, prefix: tuple[str, ...]) -> None:
+        for name, field in type(model).model_fields.items():
+            path = (*prefix, name)
+            if field.exclude:
+                continue
+            if not any(keys[: len(path)] == path for keys in cfg.origins):
+                out.setdefault(".".join(prefix) or "(top level)", []).append(name)
+            elif isinstance(value := getattr(model, name), BaseModel):
+                walk(value, path)
+
+    walk(cfg, ())
+    return out
 
 
 def measured_table(measured: dict) -> Table:

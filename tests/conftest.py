@@ -14,6 +14,7 @@ import pytest
 import tomlkit
 
 from mtp_abliterate.search.config import StudyConfig, load_config
+from mtp_abliterate.search.config_merge import load_merged
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANISM_TOML = REPO / "configs" / "organism.toml"
@@ -122,11 +123,11 @@ def _apply_edits(table: MutableMapping, edits: Mapping[str, Any]) -> None:
 
 
 def write_study_config(src: Path, dst: Path, **edits: Any) -> Path:
-    """`src` (a study TOML) written to `dst` with its relative paths made absolute and `edits` applied as data:
-    top-level keys as keywords, a dict edits that table key by key (nested), None removes a key, a Path is written
-    as its string, a list of dicts is an array of tables. E.g. `write_study_config(src, dst, name="demo",
-    search={"n_trials": 3, "enqueue": None}, serving={"mode": "cold"})`."""
-    doc = tomlkit.parse(src.read_text())
+    """`src` (a study TOML, merged with those it extends) written to `dst` with its relative paths made absolute and
+    `edits` applied as data: top-level keys as keywords, a dict edits that table key by key (nested), None removes a
+    key, a Path is written as its string, a list of dicts is an array of tables. E.g. `write_study_config(src, dst,
+    name="demo", search={"n_trials": 3, "enqueue": None}, serving={"mode": "cold"})`."""
+    doc = load_merged(src).raw  # the configs it extends merged in: `edits` (None included) act on the whole config
     _absolute_paths(doc, src.resolve().parent)
     _apply_edits(doc, edits)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from mtp_abliterate.search.cli import app
 from mtp_abliterate.search.config import StudyConfig, load_config
+from mtp_abliterate.search.config_merge import load_merged
 from tests.conftest import REPO, _absolute_paths
 
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -34,7 +35,7 @@ MISSING = object()
 def shipped(path: Path, tmp: Path) -> dict[str, Any]:
     """A shipped config as plain data: relative paths made absolute, its runs_dir under `tmp`, its vLLM environment
     this python (the check needs it to exist; nothing here starts a server)."""
-    doc = tomlkit.parse(path.read_text()).unwrap()
+    doc = load_merged(path).raw  # with the config it extends merged in
     _absolute_paths(doc, path.parent)
     doc["runs_dir"] = str(tmp / "runs")
     if doc.get("serving", {}).get("launcher", "python") == "python":

@@ -29,6 +29,7 @@ from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.quantize import QuantizationError
 from mtp_abliterate.search.candidate.resident import Resident
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.config_merge import standalone_text
 from mtp_abliterate.search.credentials import redact_text
 from mtp_abliterate.search.disk import DiskFullError, require_free_space
 from mtp_abliterate.search.hosts import host_id
@@ -72,7 +73,7 @@ class StudyRunner:
         self.cfg = cfg
         self.console = console
         # as written to the study folder and MLflow: store URLs without their passwords (search/credentials.py)
-        self.config_text = redact_text(config_path.read_text() if config_path else cfg.model_dump_json(indent=2))
+        self.config_text = redact_text(standalone_text(config_path) if config_path else cfg.model_dump_json(indent=2))
         self.run_dir = run_dir_of(cfg)
         self.objectives = objective_specs(cfg)
         # before any model loads: a bad URL costs seconds, not a model load
