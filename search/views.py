@@ -125,7 +125,7 @@ def origins_table(cfg: StudyConfig) -> Table:
         value = dumped
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
-        rows.append((".".join(keys), os.path.relpath(source.resolve(), cfg.base_dir), redact_text(json.dumps(value))))
+        rows.append((".".join(keys), os.path.relpath(source.absolute(), cfg.base_dir), redact_text(json.dumps(value))))
     rows += [(section, "default", ", ".join(names)) for section, names in _defaults(cfg).items()]
     table = Table(title="merged config", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("field", no_wrap=True, overflow="ellipsis", min_width=min(max(len(r[0]) for r in rows), 36))
