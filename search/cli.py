@@ -69,7 +69,7 @@ def config_check(
     """Validate a study TOML and print the resolved plan, and the merged config with the file each field came from."""
     cfg = _config(file, check_paths=paths)
     console.print(views.plan_table(cfg))
-    console.print(views.origins_table(cfg))
+    console.print(views.origins_table(cfg, console.width))
     for field in cfg.password_fields:
         served = field == "tracking.mlflow_uri" and str(cfg.tracking.mlflow_uri).startswith(("http:", "https:"))
         fix = (

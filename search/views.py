@@ -115,10 +115,10 @@ def plan_table(cfg: StudyConfig) -> Table:
     return table
 
 
-def origins_table(cfg: StudyConfig) -> Table:
+def origins_table(cfg: StudyConfig, width: int) -> Table:
     """The merged config: one row per value a file set (an array is one value), with that file; then per section
-    the fields left at their defaults (`config check`). Files are relative to the config's folder; long values are cut
-    to the terminal's width."""
+    the fields left at their defaults (`config check`). Files are relative to the config's folder; each row fits in
+    `width` columns (long fields and values are cut)."""
     rows = []
     dumped = cfg.model_dump(mode="json")
     for keys, source in cfg.origins.items():
@@ -127,10 +127,11 @@ def origins_table(cfg: StudyConfig) -> Table:
             value = value.get(key) if isinstance(value, dict) else None
         rows.append((".".join(keys), os.path.relpath(source.absolute(), cfg.base_dir), redact_text(json.dumps(value))))
     rows += [(section, "default", ", ".join(names)) for section, names in _defaults(cfg).items()]
+    field_w, source_w = min(max(len(r[0]) for r in rows), 36), max(len(r[1]) for r in rows)
     table = Table(title="merged config", box=box.SIMPLE_HEAD, padding=(0, 1))
-    table.add_column("field", no_wrap=True, overflow="ellipsis", min_width=min(max(len(r[0]) for r in rows), 36))
-    table.add_column("set by", no_wrap=True, min_width=max(len(r[1]) for r in rows))
-    table.add_column("value", no_wrap=True, overflow="ellipsis")
+    table.add_column("field", no_wrap=True, overflow="ellipsis", width=field_w)
+    table.add_column("set by", no_wrap=True, width=source_w)
+    table.add_column("value", no_wrap=True, overflow="ellipsis", max_width=max(width - field_w - source_w - 10, 8))
     for row in rows:
         table.add_row(*row, style="dim" if row[1] == "default" else None)
     return table

@@ -1,4 +1,5 @@
-"""Study TOMLs: both shipped configs validate; broken ones fail with one line per problem naming file, field, fix."""
+"""Study TOMLs: both shipped configs validate; broken ones fail with one line per problem naming file, field, fix;
+`extends` merges a base config under a file's own fields."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from mtp_abliterate.search.cli import app
 from mtp_abliterate.search.config import ConfigError, load_config
+from mtp_abliterate.search.config_merge import standalone_text
 from tests.conftest import CLI, GEMMA4_TOML, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config
 
 N = ORGANISM_CONFIG.serving.num_speculative_tokens
@@ -102,6 +106,64 @@ def test_cli_config_check_prints_plan_and_fails_cleanly(tmp_path: Path) -> None:
     res = subprocess.run([*CLI, "config", "check", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert re.search(r"error:.*search\.n_trials", res.stdout.replace("\n", " "))
+
+
+def test_a_config_extends_a_base_in_another_folder_tables_merged_arrays_replaced(tmp_path: Path) -> None:
+    base = write_study_config(
+        ORGANISM_TOML,
+        tmp_path / "base" / "base.toml",
+        runs_dir="runs",
+        prompts={"harmful_eval": {"source": "harmful.txt"}},
+        serving={"python": sys.executable},
+    )
+    (base.parent / "harmful.txt").write_text("a harmful prompt\n")
+    child = tmp_path / "child" / "study.toml"
+    child.parent.mkdir()
+    (child.parent / "mine.txt").write_text("a prompt of mine\n")
+    child.write_text(
+        'extends = "../base/base.toml"\nname = "child"\n'
+        '[search]\nn_trials = 2\nmethods = ["ara"]\nenqueue = []\nconstraints = { max_kl = 0.5 }\n'
+        '[serving.env]\nEXTRA = "1"\n'
+        '[[acceptance.sets]]\nname = "mine"\nprompts = { source = "mine.txt" }\n'
+    )
+    cfg = load_config(child)  # paths checked: each relative path resolves from the folder of the file that wrote it
+    assert (cfg.name, cfg.search.n_trials, cfg.search.sampler) == ("child", 2, ORGANISM_CONFIG.search.sampler)
+    organism = ORGANISM_CONFIG.search.constraints.max_refusal_rate
+    assert (cfg.search.constraints.max_refusal_rate, cfg.search.constraints.max_kl) == (organism, 0.5)
+    assert cfg.serving.env == {**ORGANISM_CONFIG.serving.env, "EXTRA": "1"}
+    assert (cfg.search.methods, cfg.search.enqueue, [s.name for s in cfg.acceptance.sets]) == (["ara"], [], ["mine"])
+    assert cfg.resolve(cfg.acceptance.sets[0].prompts.source) == str(child.parent / "mine.txt")
+    assert cfg.resolve(cfg.prompts.harmful_eval.source) == str(base.parent / "harmful.txt")
+    assert cfg.resolve(cfg.runs_dir) == str(base.parent / "runs")
+
+    out = CliRunner().invoke(app, ["config", "check", str(child)]).output
+    assert re.search(r"\n +search\.n_trials +study\.toml +2 *\n", out), out
+    assert re.search(r"\n +search\.constraints\.max_refusal_rate +\.\./base/base\.toml +0\.5 *\n", out), out
+    assert re.search(r"\n +search\.constraints +default +max_kl *\n", out) is None  # the child set it
+    assert re.search(r"\n +draft_tune +default +max_minutes *\n", out), out
+
+    copy = tmp_path / "copy" / "config.toml"  # what the study folder keeps: readable without the base
+    copy.parent.mkdir()
+    copy.write_text(standalone_text(child))
+    assert load_config(copy, check_paths=False).model_dump() == cfg.model_dump()
+
+
+def test_extends_cycles_missing_bases_and_a_base_s_bad_field_are_refused_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    assert _broken(
+        tmp_path / "a.toml"
+    ) == f"{tmp_path / 'b.toml'}: extends: a.toml -> b.toml -> a.toml is a cycle; " + ("remove one of these `extends`")
+    (tmp_path / "c.toml").write_text('extends = "nowhere/base.toml"\n')
+    assert _broken(tmp_path / "c.toml") == (
+        f"{tmp_path / 'c.toml'}: extends: {tmp_path / 'nowhere' / 'base.toml'} does not exist; fix the path "
+        f"(relative to {tmp_path})"
+    )
+    base = write_study_config(ORGANISM_TOML, tmp_path / "base.toml", search={"n_trails": 3})
+    (tmp_path / "d.toml").write_text('extends = "base.toml"\nname = "d"\nsearch.seed = "one"\n')
+    lines = _broken(tmp_path / "d.toml").splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'd.toml'}: search.seed: ") and lines[0].endswith("fix the value")
+    assert lines[1] == f"{base}: search.n_trails: unknown field; remove it or fix its spelling", lines
 
 
 def test_the_cli_and_its_study_tables_load_without_torch() -> None:
