@@ -376,7 +376,9 @@ def study_config(path: Path, target: Path, layers: int, args: argparse.Namespace
     """configs/organism-release.toml (prompts, draft) with the target config's settings, pointed at `target`."""
     import tomli_w
 
-    raw = tomllib.loads((REPO / "configs" / "organism-release.toml").read_text())
+    from mtp_abliterate.search.config_merge import load_merged
+
+    raw = load_merged(REPO / "configs" / "organism-release.toml").raw  # with organism.toml, which it extends
     real = tomllib.loads((REPO / "configs" / "gemma4-26b-a4b.toml").read_text())
     absolute = lambda p: str((REPO / "configs" / p).resolve())  # noqa: E731
     raw["name"] = "bench-memory"
