@@ -1,8 +1,9 @@
 """Typed study settings, read from a TOML file and validated before anything heavy happens.
 
-Every field is documented here and mirrored, commented, in `configs/*.toml`. Relative paths are relative to the
-TOML file's folder. Errors name the file, the field and the fix (`ConfigError`). Later stages add sections by adding
-a model class and one field on `StudyConfig`; unknown keys are rejected so typos never pass silently.
+Every field is documented here and mirrored, commented, in `configs/*.toml`. A file may `extends` another
+(`config_merge.py`). Relative paths are relative to the folder of the TOML file that writes them. Errors name the
+file, the field and the fix (`ConfigError`). Later stages add sections by adding a model class and one field on
+`StudyConfig`; unknown keys are rejected so typos never pass silently.
 """
 
 from __future__ import annotations
