@@ -1,12 +1,13 @@
 """The fast path on a real GPU vLLM: cold starts, in-place swaps vs cold starts, and Gemma 4 26B-A4B's real shapes.
 
-Three steps, two machines (issue #37):
+Steps on two machines (issue #37):
 
   # HERE (CPU, the product's .venv): checkpoints made by the product itself, and the real shapes' plan
   .venv/bin/python benchmarks/bench_gpu.py prep --out .gpu
   # THERE (GPU machine, vLLM 0.32.0 payload on PYTHONPATH, ../shared/gpu-vllm/README.md), one command each:
   python3 benchmarks/bench_gpu.py organism --ckpts .gpu --out $OUT        # organism matrix, ~7 min on an H100
   python3 benchmarks/bench_gpu.py shapes --ckpts .gpu --out $OUT          # real shapes, random FP8 weights
+  python3 benchmarks/bench_gpu.py study --payload DIR --out $OUT          # the product's `study run`, organism
   # HERE again: one table from the JSON files
   python3 benchmarks/bench_gpu.py report OUT1/organism.json OUT2/shapes.json --md benchmarks/results/gpu-DATE.md
 
@@ -26,6 +27,13 @@ histograms and the product's fingerprint. Several servers run at once on the one
 are under load: they are upper bounds. heretic is not on the GPU machine: its `config.py` travels (the refusal
 markers the product imports) and `heretic.utils.Prompt` is a two-field dataclass, written here identically.
 
+`study` runs the product's own CLI (`mtp-abliterate study run`, then `study status`) on configs/organism.toml with
+the GPU settings written at run time (experts in FP8, vLLM's default CUDA graphs, serving.mode auto, the self-check
+beside the study server, the payload as the servers' PYTHONPATH) and keeps what the study recorded: the vanilla and
+each trial's metrics and stage times, how each was served, the swap self-check's verdict, its servers' log facts. The
+study process needs the product's dependencies (benchmarks/gpu/site.sh builds them; benchmarks/gpu/device.sh runs
+the steps there, one call at a time). `study --probe` checks that environment before the payload is there.
+
 `shapes` writes a random-weight FP8 checkpoint at the real shapes in the fast path's layout (every editable matrix
 in its own `edit-*.safetensors`, the rest in ~5 GB `base-*` shards), a candidate (the edited files re-drawn, the
 rest linked) and a BF16 draft at the released assistant's config, then per server: cold start, peak GPU memory
@@ -39,6 +47,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -184,16 +193,22 @@ def prep_shapes(out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- GPU-side helpers
-def product_on_path(ckpts: Path) -> None:
-    """`mtp_abliterate` from this checkout (links), heretic's config.py (carried) and a Prompt dataclass."""
-    root = Path("/tmp/mtpa")
+def link_product(root: Path, src: Path = REPO) -> Path:
+    """`root/mtp_abliterate`: links to the folders the editable install maps (pyproject.toml), for a python that
+    has the product's dependencies but not the product; returns `root` (put it on the path)."""
     pkg = root / "mtp_abliterate"
-    src = ckpts / "src" if (ckpts / "src").is_dir() else REPO  # `prep --snapshot`: the code checked here
     if not pkg.exists():
         pkg.mkdir(parents=True)
         (pkg / "__init__.py").write_text("")
-        for name, folder in (("search", "search"), ("objectives", "objectives")):
+        for name, folder in (("search", "search"), ("objectives", "objectives"), ("organism", "organism/builder")):
             (pkg / name).symlink_to(src / folder)
+    return root
+
+
+def product_on_path(ckpts: Path) -> None:
+    """`mtp_abliterate` from this checkout (links), heretic's config.py (carried) and a Prompt dataclass."""
+    src = ckpts / "src" if (ckpts / "src").is_dir() else REPO  # `prep --snapshot`: the code checked here
+    root = link_product(Path("/tmp/mtpa"), src)
     try:
         import heretic.config  # noqa: F401
     except ImportError:
@@ -284,13 +299,13 @@ def log_facts(log: Path) -> dict:
         ("model_load_gib", r"Model loading took ([\d.]+) GiB"),
         ("model_load_s", r"Model loading took [\d.]+ GiB (?:memory )?and ([\d.]+) seconds"),
         ("graph_capture", r"Graph capturing finished in ([\d.]+) secs?[^\n]*"),
-        ("compile_s", r"torch.compile takes ([\d.]+) s in total"),
+        ("compile_s", r"torch.compile t(?:akes|ook) ([\d.]+) s in total"),  # vLLM 0.32: "took"
         ("init_engine_s", r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
         ("reload_s", r"Reloading and processing weights took ([\d.]+) seconds"),
     ):
         m = re.findall(pat, text)
         if m:
-            facts[key] = m[-1] if key != "reload_s" else m
+            facts[key] = m[-1] if key not in ("reload_s", "compile_s") else m  # per reload, per compiled model
     errors = [
         line.strip()[:300]
         for line in text.splitlines()
@@ -820,12 +835,179 @@ def shapes(args: argparse.Namespace) -> None:
     (out / "shapes.json").write_text(json.dumps(results, indent=1, default=str))
 
 
+# ---------------------------------------------------------------------------------------------- study (GPU)
+STUDY_CLI = "import sys; from mtp_abliterate.search.cli import app; sys.argv[0] = 'mtp-abliterate'; app()"
+PATH_KEYS = {"model": ("target", "draft")}  # configs/organism.toml's paths besides runs_dir and prompt sources
+STAGE_METRICS = ("refusal_rate", "kld", "accepted_per_step", "vllm_mean_accepted_tokens", "aggregate_tok_s")
+
+
+def gpu_study_config(args: argparse.Namespace, toml_out: Path, runs: Path) -> str:
+    """configs/organism.toml (merged with what it extends) with the GPU machine's serving settings and FP8 experts,
+    paths made absolute; written whole to `toml_out`, not as a file extending it: `extends` merges tables key by key,
+    and the CPU serving.env (one-process engine, forked worker) must not reach a GPU server. Returns the overrides as
+    TOML text (the results keep them)."""
+    import tomli_w
+
+    from mtp_abliterate.search.config_merge import load_merged
+
+    src = REPO / "configs" / "organism.toml"
+    raw = load_merged(src).raw
+    here = lambda value: str((src.parent / value).resolve())  # noqa: E731
+    for section, keys in PATH_KEYS.items():
+        for key in keys:
+            raw[section][key] = here(raw[section][key])
+    for spec in [*raw["prompts"].values(), *(s["prompts"] for s in raw["acceptance"]["sets"])]:
+        spec["source"] = here(spec["source"])
+    for spec in raw.get("draft_tune", {}).get("prompts", []):
+        spec["source"] = here(spec["source"])
+    vllm_args = [
+        *("--max-model-len", "512", "--dtype", "bfloat16", "--max-num-seqs", "64"),
+        # each server asks for 0.1 of the GPU and takes a fixed KV cache (no profiling run beside the other server)
+        *("--gpu-memory-utilization", "0.1", "--kv-cache-memory-bytes", str(512 * 2**20)),
+        *GPU_ARGS,
+    ] + (["--enforce-eager"] if args.eager else [])
+    overrides = {
+        "name": "organism-gpu",
+        "runs_dir": str(runs),
+        "search": {"n_trials": args.trials},
+        "quantization": {"ignore": GPU_IGNORE},
+        "serving": {
+            "python": sys.executable,
+            "vllm_args": vllm_args,
+            # the payload is the server's only extra path (the study's own compressed-tensors is newer than
+            # vLLM 0.32's); one compile cache for the study server and the self-check's cold server
+            "env": {**GPU_ENV, "PYTHONPATH": args.payload, "VLLM_CACHE_ROOT": str(runs / "vllm-cache")},
+            "startup_timeout_s": 600,
+            "mode": "auto",
+            "self_check_beside": True,
+        },
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    toml_out.write_text(tomli_w.dumps(raw))
+    return tomli_w.dumps(overrides)
+
+
+def run_cli(words: list[str], log: Path, budget_s: float, env: dict[str, str]) -> dict:
+    """`mtp-abliterate WORDS` (the console script's own entry point), output appended to `log`; killed after
+    `budget_s`."""
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"$ mtp-abliterate {' '.join(words)}\n")
+        f.flush()
+        proc = subprocess.Popen([sys.executable, "-c", STUDY_CLI, *words], stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"rc": proc.returncode, "s": round(time.perf_counter() - t0, 1)}
+
+
+def detached_study_run(words: list[str], runs: Path, env: dict[str, str], budget_s: float) -> dict:
+    """`mtp-abliterate study run ...` in its own session, so it outlives this call (a call has 10 minutes; the
+    machine stays held between calls): started unless it runs or ran already, then waited for up to `budget_s`.
+    Its output goes to runs/study-run.log, its start time to .started and its exit status to .rc."""
+    log, started, rc = (runs / f"study-run.{ext}" for ext in ("log", "started", "rc"))
+    if not started.exists():
+        started.write_text(str(time.time()))
+        with log.open("a") as f:
+            f.write(f"$ mtp-abliterate {' '.join(words)}\n")
+        command = shlex.join([sys.executable, "-c", STUDY_CLI, *words])
+        subprocess.Popen(
+            ["sh", "-c", f"{command} >> {shlex.quote(str(log))} 2>&1; echo $? > {shlex.quote(str(rc))}"],
+            env=env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.time() + budget_s
+    while not rc.exists() and time.time() < deadline:
+        time.sleep(2)
+    t0 = float(started.read_text())
+    if not rc.exists():
+        return {"running": True, "s_so_far": round(time.time() - t0, 1)}
+    return {"rc": int(rc.read_text()), "s": round(rc.stat().st_mtime - t0, 1)}
+
+
+def study(args: argparse.Namespace) -> None:
+    """The product's own `study run` on the organism, its vLLM on this GPU; then what the study recorded."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs).resolve() / ("probe" if args.probe else "")  # the probe's folder is never resumed
+    if args.probe:
+        shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    shim = link_product(runs / "shim")
+    sys.path.insert(0, str(shim))
+    toml = runs / "organism-gpu.toml"
+    overrides = gpu_study_config(args, toml, runs)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
+    env["PYTHONUNBUFFERED"] = "1"
+    log = out / "study.log"
+    calls = {}
+    if args.probe:  # before the payload is here: the model stack, ARA on the GPU and the stores; no server
+        calls["dry_run"] = run_cli(["study", "run", str(toml), "--dry-run"], log, 120, env)
+        words = ["abliterate", str(toml), "--params", json.dumps(ARA), "--out", str(runs / "candidate")]
+        calls["abliterate"] = run_cli(words, log, 300, env)
+        calls["until_serving"] = run_cli(["study", "run", str(toml)], log, 300, env)  # fails at the first server
+    else:
+        words = ["study", "run", str(toml), "--n-trials", str(args.trials)]
+        if args.restart:  # `study run` again after an earlier one ended: it resumes the study
+            for ext in ("started", "rc"):
+                (runs / f"study-run.{ext}").unlink(missing_ok=True)
+        calls["study_run"] = detached_study_run(words, runs, env, args.budget_s)
+        shutil.copy2(runs / "study-run.log", log)
+        if "rc" in calls["study_run"]:
+            calls["study_status"] = run_cli(["study", "status", str(toml)], log, 120, env)
+    result = {"overrides_toml": overrides, "calls": calls, "versions": versions_of_study(args.payload, env)}
+    if "study_status" in calls:
+        result |= study_records(toml, runs / "organism-gpu", env)
+    (out / ("study-probe.json" if args.probe else "study.json")).write_text(json.dumps(result, indent=1, default=str))
+    print(log.read_text()[-6000:])
+    print(json.dumps({k: v for k, v in result.items() if k != "trials"}, indent=1, default=str)[:5000])
+
+
+def versions_of_study(payload: str, env: dict[str, str]) -> dict:
+    """The study process's software (the product's own record) and the server's vLLM."""
+    probe = "import json; from mtp_abliterate.search.versions import software_versions as v; print(json.dumps(v()))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    v = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
+    vllm = subprocess.run(
+        [sys.executable, "-c", "import vllm; print(vllm.__version__)"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": payload},
+    )
+    return v | {"vllm": vllm.stdout.strip() or vllm.stderr[-200:], "gpu": gpu_name()}
+
+
+def study_records(toml: Path, run_dir: Path, env: dict[str, str]) -> dict:
+    """What the study recorded (read in a python that has Optuna), and the facts of its servers' logs."""
+    reader = f"""
+import json
+from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.study import records
+from mtp_abliterate.search.study.storage import load_existing_study
+study = load_existing_study(load_config({str(toml)!r}))
+keep = lambda m: {{k: v for k, v in m.items() if k.startswith("stage_") or k in {STAGE_METRICS + ("trial_s",)!r}}}
+trials = [dict(number=r.number, state=r.state.name, params=r.params, values=r.values, serving=r.serving_mode,
+               metrics=keep(r.metrics), fail=r.fail_reason, failed_stage=r.failed_stage, retry_of=r.retry_of,
+               not_measured=r.not_measured, invalid=r.invalid_reason) for r in records.records(study)]
+print(json.dumps(dict(vanilla=keep(records.vanilla(study) or {{}}), swap_checks=records.swap_checks(study),
+                      trials=trials), default=str))
+"""
+    done = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, env=env)
+    rec = json.loads(done.stdout) if done.returncode == 0 else {"records_error": done.stderr[-1500:]}
+    logs = {str(p.relative_to(run_dir)): log_facts(p) for p in sorted(run_dir.rglob("*server*.log"))}
+    return rec | {"server_logs": logs}
+
+
 # -------------------------------------------------------------------------------------------------- report
 def report(args: argparse.Namespace) -> None:
     parts = []
     for p in args.files:  # one benchmark's JSON, or a results file holding both ({"meta", "organism", "shapes"})
         r = json.loads(Path(p).read_text())
-        parts += [r[k] for k in ("organism", "shapes") if k in r] if "meta" in r else [r]
+        parts += [r[k] for k in ("organism", "study", "shapes") if k in r] if "meta" in r else [r]
     lines = []
     for r in parts:
         v = r.get("versions", {})
@@ -861,6 +1043,8 @@ def report(args: argparse.Namespace) -> None:
                     f"{'PASS' if v.get('passed') else 'FAIL'}: {str(v.get('rule', c.get('verdict_error')))[:160]} |"
                 )
             lines.append("")
+        if "swap_checks" in r:
+            lines += study_lines(r)
         if "servers" in r:
             ck = r["checkpoint"]
             lines.append(
@@ -888,6 +1072,41 @@ def report(args: argparse.Namespace) -> None:
         Path(args.md).write_text(text + "\n")
 
 
+def study_lines(r: dict) -> list[str]:
+    """The study's vanilla measurement and trials (how each was served, its stage times) and its swap verdicts."""
+    stages = ("abliterate", "kld", "quantize", "serve", "refusals", "acceptance", "swap_check")
+    lines = [
+        "| run | served by | refusal | KL | acc./step | vLLM mean acc. | tok/s | "
+        + " | ".join(f"{s} s" for s in stages)
+        + " | total s |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * (len(stages) + 1),
+    ]
+    runs = [("vanilla", "the study server's cold start", r["vanilla"])]
+    runs += [(f"trial {t['number']} ({t['params'].get('method')})", t["serving"], t["metrics"]) for t in r["trials"]]
+    for name, served, m in runs:
+        cells = [m.get(k) for k in ("refusal_rate", "kld", "accepted_per_step", "vllm_mean_accepted_tokens")]
+        times = [m.get(f"stage_{s}_s") for s in stages] + [m.get("trial_s")]
+        lines.append(
+            f"| {name} | {served} | "
+            + " | ".join("" if v is None else f"{v:.4g}" for v in cells)
+            + f" | {m.get('aggregate_tok_s', 0):.0f} | "
+            + " | ".join("" if v is None else f"{v:.3g}" for v in times)
+            + " |"
+        )
+    lines.append("")
+    for host, v in r["swap_checks"].items():
+        lines.append(
+            f"Swap self-check ({host}, trial {v['trial']}): {'passed' if v['passed'] else 'FAILED'}, {v['rule']}"
+            + (
+                f"; differences {v['differences']}, gap {v.get('gap')}, noise {v.get('noise')}"
+                if v["differences"]
+                else ""
+            )
+        )
+    lines.append("")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -908,12 +1127,21 @@ def main() -> None:
     p.add_argument("--fp8-kv", action="store_true")
     p.add_argument("--servers", default="eager-n4-swap,compiled-n4,compiled-n0")
     p.add_argument("--budget-s", type=float, default=540)
+    p = sub.add_parser("study")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    p.add_argument("--runs", default="/root/gpu-runs", help="the study's folder; a later call resumes it")
+    p.add_argument("--payload", default="/root/vllm", help="the unpacked vLLM payload (the server's PYTHONPATH)")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--eager", action="store_true", help="--enforce-eager servers (default: CUDA graphs)")
+    p.add_argument("--budget-s", type=float, default=540, help="wait this long; the next call waits on")
+    p.add_argument("--probe", action="store_true", help="no vLLM yet: dry run, ARA on the GPU, the stores")
+    p.add_argument("--restart", action="store_true", help="run `study run` again once an earlier one ended")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     p.add_argument("--md")
     p.add_argument("--commit", default="")
     args = ap.parse_args()
-    {"prep": prep, "organism": organism, "shapes": shapes, "report": report}[args.cmd](args)
+    {"prep": prep, "organism": organism, "shapes": shapes, "study": study, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":
