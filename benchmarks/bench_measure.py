@@ -41,12 +41,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_study import FAST, NAIVE, NIGHT_S  # noqa: E402
+from mtp_abliterate.objectives.registry import objective_specs  # noqa: E402
 from mtp_abliterate.search.candidate.resident import Resident  # noqa: E402
 from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values  # noqa: E402
-from mtp_abliterate.search.study.runner import WORST_ACCEPTANCE, WORST_REFUSAL  # noqa: E402
 from mtp_abliterate.search.study.space import SearchSpace  # noqa: E402
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
@@ -70,13 +70,12 @@ class Scored:
 
 
 def scored(cfg: StudyConfig, r: TrialResult) -> Scored:
-    refusal = WORST_REFUSAL if r.refusal_rate is None else r.refusal_rate
-    accepted = r.metrics().get(cfg.search.acceptance_objective, WORST_ACCEPTANCE)
-    constraints = constraint_values(cfg, refusal, r.kld, r.invalid_reason is None)
+    refusal, kld, accepted = (o.recorded(r.metrics()) for o in objective_specs(cfg)[:3])
+    constraints = constraint_values(cfg, refusal, kld, r.invalid_reason is None)
     half = r.acceptance.get("ci95", float("nan"))
     decision = r.not_measured or r.acceptance.get("stopped", "")
     seconds = sum(r.durations.get(s, 0.0) for s in SERVED_STAGES)
-    return Scored((refusal, r.kld, accepted), constraints, half, r.generated_tokens, seconds, decision)
+    return Scored((refusal, kld, accepted), constraints, half, r.generated_tokens, seconds, decision)
 
 
 def kind(decision: str) -> str:

@@ -63,13 +63,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mtp_abliterate.objectives.paired import paired  # noqa: E402
+from mtp_abliterate.objectives.registry import ACCEPTANCE, REFUSAL  # noqa: E402
 from mtp_abliterate.search.candidate.resident import Resident  # noqa: E402
 from mtp_abliterate.search.config import PromptSet, Search, StudyConfig, load_config  # noqa: E402
-from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, VLLM_MEAN_ACCEPTED  # noqa: E402
+from mtp_abliterate.search.metrics import VLLM_MEAN_ACCEPTED  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values, hypervolume  # noqa: E402
-from mtp_abliterate.search.study.runner import WORST_ACCEPTANCE, WORST_REFUSAL  # noqa: E402
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, candidate_of  # noqa: E402
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
@@ -92,7 +92,7 @@ class Point:
 
     refusal: float
     kld: float
-    accepted: float  # speed-true accepted tokens per step (WORST_ACCEPTANCE when not measured)
+    accepted: float  # speed-true accepted tokens per step (its unmeasured value when not measured)
     constraints: list[float]  # the study's constraint values (<= 0: met), validity last
     measured: bool = True  # False: an objective its decision did not need was not measured (worst value stands in)
     vllm_accepted: float | None = None  # vLLM's figure, for comparison with /metrics
@@ -153,9 +153,8 @@ class Harness:
 
     def point(self, result) -> Point:
         """As the study records it: an objective that was not needed gets its worst value (search/study/runner.py)."""
-        refusal = WORST_REFUSAL if result.refusal_rate is None else result.refusal_rate
         metrics = result.metrics()
-        accepted = metrics.get(ACCEPTED_PER_STEP, WORST_ACCEPTANCE)
+        refusal, accepted = REFUSAL.recorded(metrics), ACCEPTANCE.recorded(metrics)
         constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
         measured = result.not_measured is None
         # what paired comparisons on accepted tokens per step read (the per-position counts stay in the trial folder)

@@ -50,7 +50,8 @@ from typing import Any, TypeVar
 import httpx
 from heretic.utils import Prompt
 
-from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.base import Objective, ObjectiveResult
+from mtp_abliterate.objectives.registry import ACCEPTANCE
 from mtp_abliterate.objectives.served import REQUEST_TIMEOUT_S, Reply, chat, texts_digest
 
 METRIC = re.compile(r"^(vllm:spec_decode_num_\w+?)(?:_total)?(?:\{([^}]*)\})?\s+([0-9.eE+-]+)$")
@@ -301,8 +302,7 @@ class AcceptanceSets(Objective):
 
     `target_halfwidth` > 0: adaptive rounds of `round_size` prompts per set (see the module doc); 0: every prompt."""
 
-    name = "accepted_per_step"
-    direction = Direction.MAXIMIZE
+    name, direction = ACCEPTANCE.name, ACCEPTANCE.direction
 
     def __init__(
         self,

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from heretic.model import Model
 from heretic.utils import Prompt
 
-from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.base import Objective, ObjectiveResult
+from mtp_abliterate.objectives.registry import KL
 
 
 class KLDivergence(Objective):
-    name = "kld"
-    direction = Direction.MINIMIZE
+    name, direction = KL.name, KL.direction
 
     def __init__(
         self,

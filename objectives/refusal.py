@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from heretic.config import Settings
 from heretic.utils import Prompt
 
-from mtp_abliterate.objectives.base import Direction, Objective, ObjectiveResult
+from mtp_abliterate.objectives.base import Objective, ObjectiveResult
+from mtp_abliterate.objectives.registry import REFUSAL
 from mtp_abliterate.objectives.served import Reply, texts_digest
 
 HERETIC_REFUSAL_MARKERS: tuple[str, ...] = tuple(Settings.model_fields["refusal_markers"].default)
@@ -28,8 +29,7 @@ def is_refusal(response: str, markers: Sequence[str] = HERETIC_REFUSAL_MARKERS) 
 
 
 class RefusalRate(Objective):
-    name = "refusal_rate"
-    direction = Direction.MINIMIZE
+    name, direction = REFUSAL.name, REFUSAL.direction
 
     def __init__(
         self,

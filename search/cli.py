@@ -345,8 +345,8 @@ def study_reference(
 @study_app.command("status")
 def study_status(target: Path) -> None:
     """Trials, their states and the Pareto set of a study (its run folder or its config)."""
+    from mtp_abliterate.objectives.registry import objective_specs
     from mtp_abliterate.search.study import records
-    from mtp_abliterate.search.study.pareto import objective_specs
 
     cfg, study = _existing_study(target)
     objectives, n = objective_specs(cfg), cfg.serving.num_speculative_tokens

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtp_abliterate.objectives.registry import lookup
 from mtp_abliterate.search.config_merge import HF_ID, Merged, MergeError, exists, load_merged, resolve_path
 
 FIX_HINTS = {
@@ -111,6 +112,12 @@ class Search(Section):
         "step as the client receives them (emitted tokens per step - 1; what speculative decoding buys), or one "
         "position's speed-true rate (acc_pos_0 .. acc_pos_{n-1})",
     )
+    extra_objectives: list[str] = Field(
+        default_factory=list,
+        description="objectives optimised after the three built-ins (refusal rate, KL, the acceptance objective): "
+        "`module:name` of a module that registers one when imported (objectives/registry.py); each adds an Optuna "
+        "direction, a column in the tables and the model card, and an MLflow metric",
+    )
     max_consecutive_failures: int = Field(
         5,
         ge=1,
@@ -123,6 +130,14 @@ class Search(Section):
         """The draft position the acceptance objective is, or None for accepted tokens per step."""
         scalar = self.acceptance_objective
         return int(scalar.removeprefix("acc_pos_")) if scalar.startswith("acc_pos_") else None
+
+    @field_validator("extra_objectives")
+    @classmethod
+    def _objectives_known(cls, entries: list[str]) -> list[str]:
+        names = [lookup(entry).name for entry in entries]
+        if len(set(names)) < len(names):
+            raise ValueError(f"extra_objectives names an objective twice ({', '.join(entries)}); remove the repeat")
+        return entries
 
     @model_validator(mode="after")
     def _methods_fit(self) -> Search:
@@ -618,7 +633,9 @@ OPERATIONAL = (
     "abliteration.batch_size",
     "abliteration.workers",
     "quantization.incremental",  # byte-identical either way
-    "search",  # n_trials, sampler, n_startup_trials, enqueue, max_consecutive_failures
+    # n_trials, sampler, n_startup_trials, enqueue, max_consecutive_failures; extra_objectives too: a resumed study
+    # refuses another objective list outright (storage.open_study)
+    "search",
     "serving",  # launcher, image, vllm_args, env, timeouts, mode (a swap is checked against a cold start)
     "acceptance",  # concurrency (greedy answers do not depend on it), adaptive target_halfwidth, round_size
     "retention",

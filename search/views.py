@@ -16,7 +16,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from mtp_abliterate.objectives.base import ObjectiveResult
+from mtp_abliterate.objectives.base import ObjectiveResult, ObjectiveSpec
 from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.credentials import redact, redact_text
@@ -29,7 +29,7 @@ from mtp_abliterate.search.metrics import (
     per_position,
 )
 from mtp_abliterate.search.study import records
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible, pareto_front, reference_points
+from mtp_abliterate.search.study.pareto import feasible, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord
 from mtp_abliterate.search.study.winner import bounds, compare, pick_winner
 
@@ -261,10 +261,7 @@ def _acc(metrics: dict[str, float], n: int, digits: int = 3) -> str:
 
 
 def _value(objective: ObjectiveSpec, value: float) -> str:
-    """An objective's value, compact: a rate in 2 decimals, KL in 3 significant digits, acceptance in 3 decimals."""
-    if objective.name == REFUSAL_RATE:
-        return f"{value:.2f}"
-    return f"{value:.3g}" if objective.name == KLD else f"{value:.3f}"
+    return f"{value:{objective.fmt}}"
 
 
 def _table(title: str, columns: list[str]) -> Table:
@@ -278,7 +275,7 @@ def _table(title: str, columns: list[str]) -> Table:
 def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -> Group:
     """Every trial with its state, objective values, per-position acceptance (n positions) and duration; each
     trial's parameters (or why it failed) on a line of its own below."""
-    heads = [HEADERS.get(o.name, o.name) for o in objectives]
+    heads = [o.header for o in objectives]
     table = _table(f"study {study.study_name}: trials", ["#", "state", *heads, f"a0..a{n - 1}", "s"])
     lines = []
     for t in study.get_trials(deepcopy=False):
@@ -301,16 +298,13 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
     return Group(table, Text("\n".join(lines), overflow="fold"))
 
 
-HEADERS = {REFUSAL_RATE: "refusal", KLD: "KL", ACCEPTED_PER_STEP: "acc/step"}
-
-
 def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[ObjectiveSpec]) -> Group:
     """The Pareto set, after vanilla and the `study reference` points: per-position acceptance (speed-true), the
     tokens per verify step it implies (the ideal speed-up over no speculation) and the paired difference of the
     acceptance objective to vanilla on the same prompts; each trial's parameters on a line of its own below."""
     n = cfg.serving.num_speculative_tokens
     front = sorted(pareto_front(study.get_trials(deepcopy=False), objectives), key=lambda t: t.values[0])
-    heads = [HEADERS.get(o.name, o.name) for o in objectives]
+    heads = [o.header for o in objectives]
     title = f"Pareto set: {len(front)} trial(s), after vanilla and references"
     table = _table(title, ["trial", *heads, f"a0..a{n - 1}", "tok/step", "vs vanilla"])
     refs, vanilla = records.references(study), records.vanilla_per_prompt(study)

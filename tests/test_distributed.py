@@ -26,10 +26,11 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.hosts import HOST_ENV
 from mtp_abliterate.search.study import records
-from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
+from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG, Tracker
 from tests.conftest import CLI, ORGANISM_TOML, REPO, write_study_config
 from tests.services import MlflowServer, Postgres, free_port

@@ -23,9 +23,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.candidate.fp8_base import KEY_FILE, prepare_base
 from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, KLD, REFUSAL_RATE
-from mtp_abliterate.search.study.pareto import objective_specs
 from mtp_abliterate.search.study.runner import StudyRunner
 from mtp_abliterate.search.study.storage import open_storage, open_study
 from mtp_abliterate.search.study.tracking import SERVER_DOWN_RETRIES, TRIAL_TAG, Tracker

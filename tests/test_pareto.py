@@ -9,11 +9,11 @@ import numpy as np
 import optuna
 import pytest
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.study.pareto import (
     dominates,
     hypervolume,
     hypervolume_history,
-    objective_specs,
     pareto_front,
 )
 from tests.conftest import ORGANISM_CONFIG

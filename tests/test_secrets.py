@@ -15,10 +15,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.cli import app
 from mtp_abliterate.search.config import ConfigError, load_config
 from mtp_abliterate.search.credentials import redact, redact_text, scrub
-from mtp_abliterate.search.study.pareto import objective_specs
 from mtp_abliterate.search.study.storage import write_pointer
 from mtp_abliterate.search.study.tracking import Tracker, TrackingError, check_tracking
 from tests.conftest import ORGANISM_TOML, write_study_config

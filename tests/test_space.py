@@ -9,11 +9,11 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from mtp_abliterate.objectives.base import Direction
+from mtp_abliterate.objectives.base import Direction, ObjectiveSpec
 from mtp_abliterate.search.candidate.ara import COMPONENTS, ModelShape
 from mtp_abliterate.search.config import Range
 from mtp_abliterate.search.study.limits import parse_duration, parse_until
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, dominates, hypervolume_history, pareto_front, point_values
+from mtp_abliterate.search.study.pareto import dominates, hypervolume_history, pareto_front, point_values
 from mtp_abliterate.search.study.space import SearchSpace, SpaceError
 
 OBJECTIVES = [

@@ -24,11 +24,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.study import records
-from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
+from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_TOML, REPO, assert_serves_as_recorded, group_alive, write_study_config
 

@@ -21,11 +21,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.candidate.resident import shape_of
 from mtp_abliterate.search.config import load_config
 from mtp_abliterate.search.release.export import model_card
 from mtp_abliterate.search.study import records
-from mtp_abliterate.search.study.pareto import objective_specs, pareto_front
+from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.records import TrialRecord
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config

@@ -16,6 +16,8 @@ from typing import Any
 
 import optuna
 
+from mtp_abliterate.objectives.base import ObjectiveSpec
+from mtp_abliterate.objectives.registry import BUILT_INS, objective_specs
 from mtp_abliterate.search import metrics as names
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.config import HF_ID, StudyConfig
@@ -58,11 +60,20 @@ def default_export_dir(cfg: StudyConfig, trial: int, precision: str, draft: str 
     return run_dir_of(cfg) / "exports" / f"trial-{trial:04d}-{precision}{suffix}"
 
 
-def _row(label: str, m: dict[str, float], n: int) -> str:
+def _row(label: str, m: dict[str, float], n: int, extra: list[ObjectiveSpec]) -> str:
     acc = " / ".join(f"{a:.3f}" for a in names.per_position(m, n))
     mean, raw = m[names.ACCEPTED_PER_STEP], m.get(names.VLLM_MEAN_ACCEPTED, float("nan"))
     head = f"| {label} | {m[names.REFUSAL_RATE]:.3f} | {m[names.KLD]:.4f} | {acc}"
-    return f"{head} | {mean:.3f} | {1 + mean:.2f} | {raw:.3f} |"
+    extras = "".join(f" {m[o.name]:{o.fmt}} |" if o.name in m else " - |" for o in extra)
+    return f"{head} | {mean:.3f} | {1 + mean:.2f} | {raw:.3f} |{extras}"
+
+
+def _measured_table(cfg: StudyConfig, vanilla: dict[str, float], m: dict[str, float]) -> str:
+    """The card's main table: vanilla and this model, the built-in columns then one per extra objective."""
+    n, extra = cfg.serving.num_speculative_tokens, objective_specs(cfg)[BUILT_INS:]
+    header = CARD_HEADER + "".join(f" {o.label} |" for o in extra)
+    rule = "|---" * (header.count("|") - 1) + "|"
+    return "\n".join([header, rule, _row("vanilla", vanilla, n, extra), _row("this model", m, n, extra)])
 
 
 def _set_rows(cfg: StudyConfig, m: dict[str, float]) -> str:
@@ -156,10 +167,7 @@ n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weigh
 
 ## Measured (same harness, same prompts, same study)
 
-{CARD_HEADER}
-|---|---|---|---|---|---|
-{_row("vanilla", vanilla, n)}
-{_row("this model", m, n)}
+{_measured_table(cfg, vanilla, m)}
 
 Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}` (greedy, at most
 {cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token

@@ -15,10 +15,12 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from mtp_abliterate.objectives.base import ObjectiveSpec
+from mtp_abliterate.objectives.registry import BUILT_INS
 from mtp_abliterate.search.config import Retention
 from mtp_abliterate.search.metrics import CI95, KLD, NUM_PROMPTS, REFUSAL_RATE, TRIAL_S, per_position
 from mtp_abliterate.search.study.limits import RunLimits
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, pareto_front
+from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.records import TrialRecord, records
 from mtp_abliterate.search.study.retention import apply_retention
 
@@ -101,6 +103,8 @@ class StudyMonitor:
             measured = f"{scalar} {m[scalar]:.3f}{ci}  acc {acc}  prompts {served}"
         else:
             measured = f"{scalar} -"
+        for o in self.objectives[BUILT_INS:]:
+            measured += f"  {o.header} {m[o.name]:{o.fmt}}" if o.name in m else f"  {o.header} -"
         return f"trial {r.number}: refusal {refusal}  KL {m[KLD]:.4f}  {measured}  ({m[TRIAL_S]:.0f} s)"
 
     def _front(self, front: list[FrozenTrial]) -> str:

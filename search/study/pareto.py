@@ -1,4 +1,4 @@
-"""The study's objectives, feasibility, the Pareto front and its hypervolume (all objectives compared as losses).
+"""Feasibility, the Pareto front and its hypervolume (all objectives compared as losses).
 
 The front is computed here rather than read from `Study.best_trials`: Optuna applies constraints there only when the
 sampler stored them (TPE's `constraints_func`); `RandomSampler` takes none, so its studies would get a front with
@@ -9,44 +9,14 @@ computed here too: Optuna has no public hypervolume function.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mtp_abliterate.objectives.base import Direction
+from mtp_abliterate.objectives.base import ObjectiveSpec
 from mtp_abliterate.search.config import StudyConfig
-from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, KLD, REFUSAL_RATE
 from mtp_abliterate.search.study.records import feasible_of, references, vanilla
-
-LABELS = {ACCEPTED_PER_STEP: "accepted tokens / verify step"}  # axis labels that read better than metric names
-
-
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    name: str  # metric name, e.g. "kld"
-    direction: Direction
-    label: str  # axis label
-    worst: float | None = None  # hypervolume reference in loss space; None: 1.1 x the largest loss seen
-
-    def loss(self, value: float) -> float:
-        return value if self.direction == Direction.MINIMIZE else -value
-
-    def reference(self, losses: np.ndarray) -> float:
-        if self.worst is not None:
-            return self.worst
-        return max(float(losses.max()) * 1.1, 1e-9)
-
-
-def objective_specs(cfg: StudyConfig) -> list[ObjectiveSpec]:
-    """Refusal rate (min), KL divergence (min), the acceptance scalar (max), in Optuna's value order."""
-    scalar, n = cfg.search.acceptance_objective, cfg.serving.num_speculative_tokens
-    return [
-        ObjectiveSpec(REFUSAL_RATE, Direction.MINIMIZE, "refusal rate", worst=1.01),
-        ObjectiveSpec(KLD, Direction.MINIMIZE, "KL divergence"),
-        ObjectiveSpec(scalar, Direction.MAXIMIZE, f"{LABELS.get(scalar, scalar)} (n={n})", worst=0.0),
-    ]
 
 
 def constraint_values(cfg: StudyConfig, refusal_rate: float, kld: float, valid: bool) -> list[float]:

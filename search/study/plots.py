@@ -1,5 +1,6 @@
-"""Pareto plots of a study: a PNG (pairwise objectives + hypervolume history) and an interactive HTML (3-D, hover
-shows each trial's parameters). Self-contained HTML: a DGX Spark is often offline."""
+"""Pareto plots of a study: a PNG (the built-in objectives pairwise + hypervolume history) and an interactive HTML
+(3-D, hover shows each trial's values, extra objectives too, and parameters). Self-contained HTML: a DGX Spark is
+often offline."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 
+from mtp_abliterate.objectives.base import ObjectiveSpec  # noqa: E402
+from mtp_abliterate.objectives.registry import BUILT_INS  # noqa: E402
 from mtp_abliterate.search.metrics import ACCEPTED_PER_STEP, CI95  # noqa: E402
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, feasible  # noqa: E402
+from mtp_abliterate.search.study.pareto import feasible  # noqa: E402
 from mtp_abliterate.search.study.records import TrialRecord  # noqa: E402
 
 MARKERS = ("*", "X", "P", "s")  # vanilla first, then `study reference` points
@@ -46,7 +49,8 @@ def pareto_png(
 ) -> None:
     on_front = {t.number for t in front}
     fig, axes = plt.subplots(2, 2, figsize=(11, 9))
-    for ax, (i, j) in zip(axes.flat, combinations(range(len(objectives)), 2), strict=False):
+    # the built-ins pairwise in three panels (extra objectives are in the HTML's hover), the hypervolume in the fourth
+    for ax, (i, j) in zip(axes.flat, combinations(range(BUILT_INS), 2), strict=False):
         for label, pick, style in (
             ("infeasible", lambda t: not feasible(t), dict(facecolors="none", edgecolors="0.6")),
             ("dominated", lambda t: feasible(t) and t.number not in on_front, dict(color="0.6")),

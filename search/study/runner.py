@@ -1,8 +1,9 @@
-"""The study: a 3-objective Optuna search over abliteration candidates (ARA, heretic's directional ablation or both)
-that survives the night.
+"""The study: a multi-objective Optuna search over abliteration candidates (ARA, heretic's directional ablation or
+both) that survives the night.
 
-Objectives (`search/study/pareto.py`): refusal rate (min), KL divergence (min) and an acceptance scalar at
-n = num_speculative_tokens (max; mean accepted tokens per draft over the configured mix of prompt sets by default).
+Objectives (`objectives/registry.py`): refusal rate (min), KL divergence (min) and an acceptance scalar at
+n = num_speculative_tokens (max; mean accepted tokens per draft over the configured mix of prompt sets by default),
+then any `search.extra_objectives`.
 Resume = the same command: trials left RUNNING by a dead process of this host are failed at once and re-queued once
 (other hosts' trials through Optuna's heartbeat); a failed stage fails only its trial; Ctrl-C fails the current trial
 cleanly and re-queues it. MLflow mirrors the storage.
@@ -23,6 +24,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.fp8_base import Fp8BaseError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
@@ -39,7 +41,7 @@ from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.errors import StudyError
 from mtp_abliterate.search.study.limits import RunLimits
 from mtp_abliterate.search.study.monitor import StudyMonitor
-from mtp_abliterate.search.study.pareto import constraint_values, objective_specs, pareto_front
+from mtp_abliterate.search.study.pareto import constraint_values, pareto_front
 from mtp_abliterate.search.study.preflight import check_method, open_stores
 from mtp_abliterate.search.study.serving_plan import plan_serving, swap_key
 from mtp_abliterate.search.study.space import SearchSpace
@@ -57,8 +59,6 @@ from mtp_abliterate.search.study.winner import pick_winner
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to
 from mtp_abliterate.search.trial.result import TrialResult
 from mtp_abliterate.search.versions import software_versions
-
-WORST_REFUSAL, WORST_ACCEPTANCE = 1.0, 0.0  # Optuna's values for objectives a trial did not need measured
 
 
 class StudyRunner:
@@ -246,7 +246,7 @@ class StudyRunner:
 
     def _objective(
         self, space: SearchSpace, pipeline: TrialPipeline, monitor: StudyMonitor, trial: optuna.Trial
-    ) -> tuple[float, float, float]:
+    ) -> list[float]:
         params = space.suggest(trial)
         trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
         log = records.TrialLog(trial)
@@ -301,15 +301,12 @@ class StudyRunner:
         pipeline.use_cold_starts()
         self._vanilla(pipeline, again=True)  # its figures came from the same swapped server
 
-    def _record(
-        self, trial: optuna.Trial, log: records.TrialLog, trial_dir: Path, result: TrialResult
-    ) -> tuple[float, float, float]:
+    def _record(self, trial: optuna.Trial, log: records.TrialLog, trial_dir: Path, result: TrialResult) -> list[float]:
         metrics = result.metrics()
         # An objective the decision did not need (result.not_measured says why) goes to Optuna as its worst value:
         # the trial is infeasible or dominated either way, and the sampler learns from where it is.
-        refusal = WORST_REFUSAL if result.refusal_rate is None else result.refusal_rate
-        acceptance = metrics.get(self.objectives[2].name, WORST_ACCEPTANCE)
-        constraints = constraint_values(self.cfg, refusal, result.kld, result.invalid_reason is None)
+        values = [o.recorded(metrics) for o in self.objectives]
+        constraints = constraint_values(self.cfg, values[0], values[1], result.invalid_reason is None)
         log.scored(
             {
                 "metrics": metrics,
@@ -336,7 +333,7 @@ class StudyRunner:
             "refusal_samples": result.refusal_samples,
         }
         (trial_dir / "result.json").write_text(json.dumps(result_file, indent=2, default=str))
-        return refusal, result.kld, acceptance
+        return values
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:

@@ -25,11 +25,11 @@ from optuna.samplers import GPSampler, RandomSampler, TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search import credentials
 from mtp_abliterate.search.config import StudyConfig, load_config, meaning_changes, trial_meaning
 from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.study.errors import StudyError
-from mtp_abliterate.search.study.pareto import objective_specs
 from mtp_abliterate.search.study.records import TrialRecord, constraints_of, fail_running
 
 POINTER = "study.json"
@@ -192,7 +192,7 @@ def open_study(cfg: StudyConfig, storage: RDBStorage) -> tuple[optuna.Study, boo
         raise StudyError(
             f"study {cfg.name!r} in {redact(storage_url(cfg))} optimises {study.metric_names}, this config "
             f"{names}: its values cannot be compared; give the config a new `name` (or set "
-            "search.acceptance_objective to the study's)"
+            "search.acceptance_objective and search.extra_objectives to the study's)"
         )
     _check_meaning(cfg, study)
     study.sampler = make_sampler(cfg, offset=len(study.get_trials(deepcopy=False)), host=host_id())

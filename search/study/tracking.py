@@ -26,9 +26,10 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from mtp_abliterate.objectives.base import ObjectiveSpec
 from mtp_abliterate.search.credentials import redact_text
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
-from mtp_abliterate.search.study.pareto import ObjectiveSpec, hypervolume_history, pareto_front, reference_points
+from mtp_abliterate.search.study.pareto import hypervolume_history, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
 from mtp_abliterate.search.study.storage import redact
 from mtp_abliterate.search.study.winner import Winner

@@ -35,6 +35,7 @@ from mtp_abliterate.objectives.acceptance import AcceptanceSets, Estimate, degen
 from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.objectives.paired import PerPrompt, paired
 from mtp_abliterate.objectives.refusal import RefusalRate, Responder, prefix_responder
+from mtp_abliterate.objectives.registry import BUILT_INS, objective_specs
 from mtp_abliterate.objectives.served import Reply, answer_all
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import AraParameters
@@ -165,7 +166,7 @@ def _screened(acc: ObjectiveResult, refusal_answers: Sequence[Reply]) -> Objecti
     return ObjectiveResult(acc.value, {**acc.details, "invalid_reason": f"{prior}; {reason}" if prior else reason})
 
 
-FrontPoint = tuple[Sequence[float], Mapping[str, PerPrompt]]  # (refusal, KL, acceptance) and per-prompt counts
+FrontPoint = tuple[Sequence[float], Mapping[str, PerPrompt]]  # (refusal, KL, acceptance, ...) and per-prompt counts
 
 
 class Decisions:
@@ -201,7 +202,7 @@ class Decisions:
 
         def cannot_reach(estimate: Estimate) -> str | None:
             mine = {name: m.per_prompt for name, m in estimate.sets.items()}
-            for (r, k, _), theirs in self.front:
+            for (r, k, *_), theirs in self.front:
                 if r <= refusal and k <= self.kld and set(theirs) >= set(self.weights):
                     difference = paired(mine, theirs, self.weights, self.position)
                     if difference.upper < 0:
@@ -233,6 +234,7 @@ class TrialPipeline:
         a = cfg.acceptance
         same_length = a.max_tokens == cfg.abliteration.max_response_length and len(a.seeds) == 1
         self.answered_set = self.shared_set if same_length else None  # adaptive: refusal answers = its answers
+        self.extra = objective_specs(cfg)[BUILT_INS:]  # measured from the result, once the stages have run
 
     def _shared_set(self) -> str | None:
         """The acceptance set whose greedy answers also serve the refusal stage: the same prompts, answered greedily
@@ -263,9 +265,8 @@ class TrialPipeline:
         """Score `params` (None = the vanilla model, always measured in full). The served checkpoint stays in
         `trial_dir/candidate` if `keep_candidate` and the trial succeeds. `swap_check`: also measure on a cold server
         and compare (see the module doc). `front`: the study's feasible Pareto front as (refusal, KL, acceptance
-        scalar) values with their per-prompt counts; given, the trial measures only what its decision needs
-        (`Decisions`). Raises StageError,
-        DiskFullError or KeyboardInterrupt."""
+        scalar, extra objectives) values with their per-prompt counts; given, the trial measures only what its
+        decision needs (`Decisions`). Raises StageError, DiskFullError or KeyboardInterrupt."""
         trial_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.serving.log_path_for(trial_dir / "server.log")
         stage = Stages(trial_dir, log_path, on_stage)
@@ -349,7 +350,7 @@ class TrialPipeline:
     ) -> TrialResult:
         acc, refusal = measured.acceptance, measured.refusal
         sets = acc.details["sets"] if acc else {}
-        return TrialResult(
+        result = TrialResult(
             refusal_rate=refusal.value if refusal else None,
             kld=candidate.kld,
             acceptance=acc.details if acc else {"sets": {}},
@@ -369,6 +370,8 @@ class TrialPipeline:
             not_measured=measured.not_measured,
             generated_tokens=measured.tokens,
         )
+        result.extra = {o.name: v for o in self.extra if (v := o.measure(result)) is not None}
+        return result
 
     def _serve_and_measure(
         self,

@@ -31,6 +31,7 @@ class TrialResult:
     invalid_reason: str | None = None  # why the acceptance measurement is not a valid result (a bad candidate)
     not_measured: str | None = None  # why objectives were not measured: the decision did not need them
     generated_tokens: int = 0  # tokens served for the measurement (refusals and acceptance, each answer once)
+    extra: dict[str, float] = field(default_factory=dict)  # search.extra_objectives' values, those measured
 
     @property
     def per_prompt(self) -> dict[str, Any]:
@@ -38,8 +39,8 @@ class TrialResult:
         return per_prompt_of(self.acceptance)
 
     def metrics(self) -> dict[str, float]:
-        """Flat numbers for trackers: the measured objectives, per-position mix, per set, the measurement's size,
-        tok/s and stage durations (an objective that was not measured has no metric)."""
+        """Flat numbers for trackers: the measured objectives (extra ones too), per-position mix, per set, the
+        measurement's size, tok/s and stage durations (an objective that was not measured has no metric)."""
         out = {names.KLD: self.kld}
         if self.refusal_rate is not None:
             out[names.REFUSAL_RATE] = self.refusal_rate
@@ -50,6 +51,7 @@ class TrialResult:
             out |= {names.acc_pos(i): a for i, a in enumerate(self.per_position)}
             out[names.AGGREGATE_TOK_S] = self.tok_s
             out[names.OUTPUT_TOKENS] = self.acceptance["output_tokens"]
+        out |= self.extra
         for name, s in self.acceptance["sets"].items():
             out |= {names.acc_pos(i, name): a for i, a in enumerate(s["per_position"])}
             out[names.set_metric(name, names.ACCEPTED_PER_STEP)] = s["accepted_per_step"]
