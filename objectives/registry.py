@@ -65,7 +65,10 @@ def lookup(entry: str) -> ObjectiveSpec:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise ValueError(f"objective {entry}: {module} cannot be imported ({e}); fix the module path") from None
+            raise ValueError(
+                f"objective {entry}: {module} cannot be imported ({e}); fix the module path or put its folder on "
+                "PYTHONPATH"
+            ) from None
     spec = REGISTRY.get(name)
     if spec is None:
         known = ", ".join(n for n in REGISTRY if not _BUILT_IN.match(n)) or "none"

@@ -6,12 +6,16 @@ MLflow; a run of them cannot stop the study, which counts only failures of the s
 
 Draft positions come from `serving.num_speculative_tokens` everywhere: the study records, prints, tabulates, exports
 and plots two positions, never four.
+
+The study also optimises a toy fourth objective from a test-only module (`tests/toy_objective.py`, named in
+`search.extra_objectives`): its value reaches Optuna, the trial record, `study status`, MLflow and the model card.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +34,17 @@ from mtp_abliterate.search.study.pareto import pareto_front
 from mtp_abliterate.search.study.records import TrialRecord
 from mtp_abliterate.search.study.tracking import TRIAL_TAG
 from tests.conftest import CLI, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config
+from tests.toy_objective import MEAN_ANSWER_TOKENS
 
 N = 2  # the study's serving.num_speculative_tokens
+TOY = f"tests.toy_objective:{MEAN_ANSWER_TOKENS}"  # the fourth objective
+# The CLI imports the toy's module: the repository on its path, as a user's own objective module would be.
+RUN = dict(
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+)
 
 
 @dataclass
@@ -63,10 +76,10 @@ def study_at_n2(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> 
         tmp / "n2.toml",
         name="n2",
         runs_dir=tmp / "runs",
-        search={"n_trials": len(enqueue), "enqueue": enqueue, "max_consecutive_failures": 1},
+        search={"n_trials": len(enqueue), "enqueue": enqueue, "max_consecutive_failures": 1, "extra_objectives": [TOY]},
         serving={"python": vllm_python, "num_speculative_tokens": N, "mode": "swap"},
     )
-    proc = subprocess.run([*CLI, "study", "run", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([*CLI, "study", "run", str(cfg)], **RUN, timeout=1200)
     return StudyAtN2(tmp, cfg, proc, bad=[0, 1], good=2)
 
 
@@ -82,7 +95,7 @@ def test_degenerate_candidates_are_complete_infeasible_trials(study_at_n2: Study
         r = TrialRecord.of(t)
         assert r.invalid_reason and "degenerate answer" in r.invalid_reason  # the served answers, one word repeated
         assert not r.feasible and r.constraints[-1] > 0
-        refusal, kld, accepted = t.values
+        refusal, kld, accepted, _ = t.values
         assert 0.0 <= refusal <= 1.0 and kld > 0 and math.isfinite(accepted)  # measured values, not placeholders
         assert accepted == r.metrics["accepted_per_step"]
     assert TrialRecord.of(trials[study_at_n2.good]).feasible
@@ -94,7 +107,7 @@ def test_degenerate_candidates_are_complete_infeasible_trials(study_at_n2: Study
 
 def test_status_and_mlflow_say_why(study_at_n2: StudyAtN2) -> None:
     cmd = [*CLI, "study", "status", str(study_at_n2.config)]
-    status = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    status = subprocess.run(cmd, **RUN)
     assert status.returncode == 0, status.stdout[-2000:]
     assert status.stdout.count("invalid:") == len(study_at_n2.bad) and "(infeasible)" in status.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{study_at_n2.tmp / 'runs' / 'mlflow.db'}")
@@ -141,7 +154,7 @@ def test_the_trial_line_status_table_csv_and_card_show_n_positions(study_at_n2: 
     cfg, number = study_at_n2.config, study_at_n2.good
     line = next(x for x in study_at_n2.run.stdout.splitlines() if x.startswith(f"trial {number}:"))
     assert len(line.split("acc ")[1].split()[0].split("/")) == N
-    status = subprocess.run([*CLI, "study", "status", str(cfg)], cwd=REPO, capture_output=True, text=True)
+    status = subprocess.run([*CLI, "study", "status", str(cfg)], **RUN)
     assert status.returncode == 0, status.stdout[-2000:]
     row = next(x.split() for x in status.stdout.splitlines() if x.split()[:2] == [str(number), "complete"])
     acceptance = next(cell for cell in row if "/" in cell)  # the trials table's per-position column, "a0..a1"
@@ -152,3 +165,34 @@ def test_the_trial_line_status_table_csv_and_card_show_n_positions(study_at_n2: 
     card = model_card(load_config(cfg), TrialRecord.of(_trial(study_at_n2)), _vanilla(study_at_n2), None, "fp8")
     vanilla_row = next(x for x in card.splitlines() if x.startswith("| vanilla |"))
     assert len(vanilla_row.split("|")[4].split("/")) == N
+
+
+# ---- a fourth objective ----
+
+
+def test_a_fourth_objective_reaches_optuna_the_record_status_mlflow_and_card(study_at_n2: StudyAtN2) -> None:
+    study, cfg = study_at_n2.study(), load_config(study_at_n2.config)
+    assert study.directions[3] == optuna.study.StudyDirection.MAXIMIZE and len(study.directions) == 4
+    assert study.metric_names == [o.name for o in objective_specs(cfg)] and study.metric_names[3] == MEAN_ANSWER_TOKENS
+    for t in study.get_trials():
+        r = TrialRecord.of(t)
+        assert t.values[3] == r.metrics[MEAN_ANSWER_TOKENS] > 0  # measured from the trial's answers, every trial
+    assert _vanilla(study_at_n2)[MEAN_ANSWER_TOKENS] > 0
+    good = TrialRecord.of(_trial(study_at_n2))
+    value = good.metrics[MEAN_ANSWER_TOKENS]
+    status = subprocess.run([*CLI, "study", "status", str(study_at_n2.config)], **RUN)
+    assert status.returncode == 0, status.stdout[-2000:]
+    header = next(x.split() for x in status.stdout.splitlines() if x.split()[:2] == ["#", "state"])
+    row = next(x.split() for x in status.stdout.splitlines() if x.split()[:2] == [str(good.number), "complete"])
+    assert header[5] == "len" and row[5] == f"{value:.1f}"  # after refusal, KL and acc/step
+    client = MlflowClient(tracking_uri=f"sqlite:///{study_at_n2.tmp / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("n2")
+    [run] = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(TRIAL_TAG) == str(good.number)
+    ]
+    assert run.data.metrics[MEAN_ANSWER_TOKENS] == value
+    card = model_card(cfg, good, _vanilla(study_at_n2), None, "fp8").splitlines()
+    at = next(i for i, x in enumerate(card) if x.startswith("| model |"))  # the measured table: header, rule, rows
+    head, rule, _, this = card[at : at + 4]
+    assert head.endswith(" | mean answer length (tokens) |") and rule.count("---") == head.count("|") - 1
+    assert this.startswith("| this model |") and this.endswith(f" | {value:.1f} |")
