@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -15,10 +13,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from mtp_abliterate.search import views
-from mtp_abliterate.search.config import ConfigError, StudyConfig, load_config
+from mtp_abliterate.search.config import StudyConfig, load_config
 from mtp_abliterate.search.credentials import ScrubbedStdout
+from mtp_abliterate.search.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+class _Root(typer.core.TyperGroup):
+    """The command tree's root: a `UserError` from any command is printed as one line and exits 2, here only."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            fail(str(e))
+
+
+app = typer.Typer(cls=_Root, no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Study configuration files.")
 organism_app = typer.Typer(no_args_is_help=True, help="The model organism: a tiny trained Gemma 4 + MTP draft.")
 study_app = typer.Typer(no_args_is_help=True, help="Optuna studies: run (and resume), reference, status.")
@@ -41,13 +51,6 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _config(file: Path, check_paths: bool = True) -> StudyConfig:
-    try:
-        return load_config(file, check_paths=check_paths)
-    except ConfigError as e:
-        fail(str(e))
-
-
 def _json(text: str, option: str) -> dict[str, Any]:
     try:
         return json.loads(text)
@@ -67,7 +70,7 @@ def config_check(
     paths: Annotated[bool, typer.Option(help="check that local inputs exist")] = True,
 ) -> None:
     """Validate a study TOML and print the resolved plan, and the merged config with the file each field came from."""
-    cfg = _config(file, check_paths=paths)
+    cfg = load_config(file, check_paths=paths)
     console.print(views.plan_table(cfg))
     console.print(views.origins_table(cfg, console.width))
     for field in cfg.password_fields:
@@ -154,20 +157,14 @@ def abliterate_cmd(
     out: Annotated[Path | None, typer.Option(help="write the merged BF16 checkpoint here")] = None,
 ) -> None:
     """One candidate on the resident model: prints refusal rate and KL, optionally writes the merged checkpoint."""
-    from mtp_abliterate.search.candidate.ara import AbliterationError
-    from mtp_abliterate.search.candidate.checkpoint import CheckpointError
-    from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
     from mtp_abliterate.search.candidate.resident import Resident, parse_parameters, shape_of
     from mtp_abliterate.search.study.storage import run_dir_of
 
-    cfg = _with_method(_config(file), method)
+    cfg = _with_method(load_config(file), method)
     raw = _json(params, "--params")
-    try:
-        candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.resolve(cfg.model.target)))
-        resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
-        details = resident.apply(candidate)
-    except (AbliterationError, CheckpointError, ModelLoadError) as e:
-        fail(str(e))
+    candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.resolve(cfg.model.target)))
+    resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
+    details = resident.apply(candidate)
     digest = resident.abliterator.adapter_digest()
     console.print(views.candidate_table(cfg, resident.evaluate(), details["modules"], digest))
     if out:
@@ -187,11 +184,8 @@ def baseline_cmd(
 ) -> None:
     """Serve a model without speculation and with MTP n=1..4; print and save tok/s and per-position acceptance."""
     from mtp_abliterate.search.baseline import as_deployed, baseline_dir, baseline_server, run_baseline
-    from mtp_abliterate.search.candidate.checkpoint import CheckpointError
-    from mtp_abliterate.search.candidate.quantize import QuantizationError
-    from mtp_abliterate.search.serving.server import ServerError
 
-    cfg = _config(file, check_paths=not dry_run)
+    cfg = load_config(file, check_paths=not dry_run)
     try:
         n_values = [int(x) for x in n.split(",")]
     except ValueError as e:
@@ -202,34 +196,18 @@ def baseline_cmd(
             command = baseline_server(cfg, model or cfg.resolve(cfg.model.target), k, out).command()
             console.print(f"# n={k}\n" + shlex.join(command), highlight=False, soft_wrap=True)
         return
-    try:
-        model = as_deployed(cfg, model or cfg.resolve(cfg.model.target), out)
-        rows = run_baseline(cfg, model, n_values, out)
-    except (ServerError, QuantizationError, CheckpointError) as e:
-        fail(str(e))
+    model = as_deployed(cfg, model or cfg.resolve(cfg.model.target), out)
+    rows = run_baseline(cfg, model, n_values, out)
     console.print(views.baseline_table(model, rows))
     console.print(views.baseline_legend(rows[0].concurrency, out))
 
 
-def _study_target(target: Path) -> StudyConfig:
-    """The config of a study from its run folder or its TOML."""
-    from mtp_abliterate.search.study.storage import StudyNotFound, load_study_config
-
-    try:
-        return load_study_config(target)
-    except (ConfigError, StudyNotFound) as e:
-        fail(str(e))
-
-
 def _existing_study(target: Path):
-    """(config, Optuna study) of a study that exists; fails with the fix if not."""
-    from mtp_abliterate.search.study.storage import StudyNotFound, load_existing_study
+    """(config, Optuna study) of a study that exists, from its run folder or its TOML; StudyNotFound if not."""
+    from mtp_abliterate.search.study.storage import load_existing_study, load_study_config
 
-    cfg = _study_target(target)
-    try:
-        return cfg, load_existing_study(cfg)
-    except StudyNotFound as e:
-        fail(str(e))
+    cfg = load_study_config(target)
+    return cfg, load_existing_study(cfg)
 
 
 @study_app.command("run")
@@ -246,8 +224,9 @@ def study_run(
     """Run an Optuna study; the same command resumes it after a kill, a crash or Ctrl-C."""
     from mtp_abliterate.search.study.limits import RunLimits
     from mtp_abliterate.search.study.serving_plan import study_servers
+    from mtp_abliterate.search.study.storage import study_lock
 
-    cfg = _config(file)
+    cfg = load_config(file)
     if runs_dir:
         cfg = cfg.model_copy(update={"runs_dir": str(runs_dir.absolute())})
     s = cfg.search
@@ -259,43 +238,23 @@ def study_run(
         for title, server in study_servers(cfg):
             console.print(f"# {title}\n" + shlex.join(server.command()), highlight=False, soft_wrap=True)
         return
-    with _locked(cfg):
+    with study_lock(cfg):  # one `study run` per folder: a second is refused before anything loads
         _study_run(cfg, file, limits)
 
 
-@contextmanager
-def _locked(cfg: StudyConfig) -> Iterator[None]:
-    """The study folder's lock, held while the body runs (one `study run` per folder), or the one-line refusal
-    before anything loads."""
-    from mtp_abliterate.search.study.storage import StudyLocked, study_lock
-
-    try:
-        with study_lock(cfg):
-            yield
-    except StudyLocked as e:  # the body fails its own StudyErrors; only the lock's own refusal gets here
-        fail(str(e))
-
-
 def _study_run(cfg: StudyConfig, file: Path, limits) -> None:
-    from mtp_abliterate.search.candidate.ara import AbliterationError
     from mtp_abliterate.search.credentials import redact
-    from mtp_abliterate.search.disk import DiskFullError
     from mtp_abliterate.search.quiet import quiet_libraries
-    from mtp_abliterate.search.study.errors import StudyError
     from mtp_abliterate.search.study.preflight import check_method, open_stores
     from mtp_abliterate.search.study.storage import check_config_unchanged
     from mtp_abliterate.search.study.tracking import served
 
     quiet_libraries()
-    try:
-        check_method(cfg)
-        storage = open_stores(cfg)
-        check_config_unchanged(cfg, storage)
-    except StudyError as e:
-        fail(str(e))
+    check_method(cfg)
+    storage = open_stores(cfg)
+    check_config_unchanged(cfg, storage)
     # The model stack (heretic, transformers, peft), imported once the checks passed.
     from mtp_abliterate.search.study.runner import StudyRunner
-    from mtp_abliterate.search.study.space import SpaceError
 
     try:
         runner = StudyRunner(cfg, console, file, storage)
@@ -306,8 +265,6 @@ def _study_run(cfg: StudyConfig, file: Path, limits) -> None:
             f"run `mtp-abliterate study run {file}` to resume"
         )
         raise typer.Exit(130) from None
-    except (StudyError, DiskFullError, SpaceError, AbliterationError) as e:
-        fail(str(e))
     console.print(views.pareto_table(cfg, runner.study, runner.objectives))
     console.print(views.winner_line(cfg, runner.study))
     uri = runner.mlflow_uri()
@@ -325,19 +282,15 @@ def study_reference(
     ] = None,
 ) -> None:
     """Score one candidate (e.g. heretic's directional method) in the study's harness; list trials dominating it."""
-    from mtp_abliterate.search.candidate.ara import AbliterationError
-    from mtp_abliterate.search.study.errors import StudyError
     from mtp_abliterate.search.study.reference import score_reference
     from mtp_abliterate.search.study.runner import StudyRunner
+    from mtp_abliterate.search.study.storage import study_lock
 
-    cfg = _config(file)
+    cfg = load_config(file)
     raw = _json(params, "--params")
-    with _locked(cfg):  # it builds the same FP8 base and module I/O cache as `study run`
-        try:
-            runner = StudyRunner(cfg, console, file)
-            metrics, better = score_reference(runner, method, raw, label or method)
-        except (AbliterationError, StudyError) as e:
-            fail(str(e))
+    with study_lock(cfg):  # it builds the same FP8 base and module I/O cache as `study run`
+        runner = StudyRunner(cfg, console, file)
+        metrics, better = score_reference(runner, method, raw, label or method)
     console.print(views.reference_line(label or method, metrics, cfg.serving.num_speculative_tokens))
     console.print(f"trials dominating it (paired by prompt on acceptance): {better or 'none'}")
 
@@ -372,75 +325,36 @@ def ui(
     dashboard_port: Annotated[int, typer.Option(help="port of optuna-dashboard")] = 8080,
 ) -> None:
     """Browse a study: the MLflow UI on its tracking store (and optuna-dashboard on its storage); Ctrl-C stops both."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from mtp_abliterate.search.credentials import password
-    from mtp_abliterate.search.serving.server import port_in_use
-    from mtp_abliterate.search.study.storage import redact, storage_url, tracking_uri
+    from mtp_abliterate.search.study import browse
+    from mtp_abliterate.search.study.storage import load_study_config, redact, tracking_uri
     from mtp_abliterate.search.study.tracking import served
 
-    cfg = _study_target(target)
-    uri = tracking_uri(cfg)
-    bin_dir = Path(sys.executable).parent
-    commands = []
-    # A store's password reaches the servers as PGPASSWORD (libpq reads it), never on a command line `ps` shows.
-    secret = {password(u) for u in (uri, storage_url(cfg)) if password(u)}
-    if len(secret) > 1:
-        fail("the study's Optuna and MLflow databases have different passwords; keep them in ~/.pgpass instead")
+    cfg = load_study_config(target)
+    uri, secret = tracking_uri(cfg), browse.store_password(cfg)
+    commands, ports = [], {}
     if served(uri):  # the study logs to a tracking server: that server is the UI
         console.print(f"MLflow UI for study {cfg.name}: {redact(uri)}  (the study's tracking server)")
     else:
-        commands.append(
-            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", redact(uri), "--host", host, "--port",
-             str(port), "--workers", str(workers)]
-        )  # fmt: skip
+        commands.append(browse.mlflow_command(uri, host, port, workers))
+        ports["--port"] = port
         shown = f"store {redact(uri)}; {workers} worker(s)"
         console.print(f"MLflow UI for study {cfg.name}: http://{host}:{port}  ({shown})")
     if dashboard:
-        commands.append(
-            [str(bin_dir / "optuna-dashboard"), redact(storage_url(cfg)), "--host", host, "--port", str(dashboard_port),
-             "--server", "wsgiref"]  # wsgiref: optuna-dashboard would pick gunicorn, which MLflow installs
-        )  # fmt: skip
+        commands.append(browse.dashboard_command(cfg, host, dashboard_port))
+        ports["--dashboard-port"] = dashboard_port
         url = f"http://{host}:{dashboard_port}"
         console.print(f"optuna-dashboard for study {cfg.name}: {url}  (Pareto front: pick any two objectives)")
     if not commands:
         return
-    wanted = {"--port": port} if not served(uri) else {}
-    wanted |= {"--dashboard-port": dashboard_port} if dashboard else {}
-    for option, p in wanted.items():
-        if port_in_use(p):
-            fail(f"port {p} is already in use; pass {option} with a free one")
+    browse.check_free(ports)
     console.print("Ctrl-C to stop")
-    # MLflow's job consumers serve its GenAI features, which a study never uses: they would cost ~8 processes.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    if secret:
-        env["PGPASSWORD"] = secret.pop()
-    procs = [subprocess.Popen(c, env=env) for c in commands]
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill` or a service manager stops both, as Ctrl-C does
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait()
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    browse.supervise(commands, secret)
 
 
 def _scored_trial(target: Path, number: int | str):
     """(config, study, record) of a study's scored trial, from its run folder or config; `number` "best" is the
     study's named winner (`[export]` bounds)."""
-    from mtp_abliterate.search.release.materialize import MaterializeError, recorded_trial
+    from mtp_abliterate.search.release.materialize import recorded_trial
     from mtp_abliterate.search.study.winner import pick_winner
 
     cfg, study = _existing_study(target)
@@ -450,10 +364,7 @@ def _scored_trial(target: Path, number: int | str):
         number = w.record.number
     elif not str(number).isdigit():
         fail(f"--trial {number!r} is neither a trial number nor 'best'")
-    try:
-        return cfg, study, recorded_trial(study, int(number))
-    except MaterializeError as e:
-        fail(str(e))
+    return cfg, study, recorded_trial(study, int(number))
 
 
 @app.command("materialize")
@@ -465,14 +376,11 @@ def materialize_cmd(
 ) -> None:
     """Rebuild a trial's candidate from its recorded parameters; verify the edited tensors' recorded hash."""
     from mtp_abliterate.search.quiet import quiet_libraries
-    from mtp_abliterate.search.release.materialize import MaterializeError, materialize
+    from mtp_abliterate.search.release.materialize import materialize
 
     cfg, _, t = _scored_trial(study, trial)
     quiet_libraries()
-    try:
-        done = materialize(cfg, t, out, precision)
-    except MaterializeError as e:
-        fail(str(e))
+    done = materialize(cfg, t, out, precision)
     console.print(
         f"trial {trial}: edited tensors match the record (sha256 {done.merged_digest[:16]}); {precision} in {out}"
     )
@@ -495,19 +403,15 @@ def export_cmd(
 ) -> None:
     """Write a trial's checkpoint with tokenizer files and a model card of its measured numbers; optionally push."""
     from mtp_abliterate.search.quiet import quiet_libraries
-    from mtp_abliterate.search.release.export import ExportError, default_export_dir, export_trial, files_to_upload
+    from mtp_abliterate.search.release.export import default_export_dir, export_trial, files_to_upload
     from mtp_abliterate.search.release.export import push as push_folder
-    from mtp_abliterate.search.release.materialize import MaterializeError
 
     if draft not in ("vanilla", "tuned"):
         fail(f"--draft {draft!r} is not one of vanilla, tuned")
     cfg, optuna_study, t = _scored_trial(study, trial)
     out = out or default_export_dir(cfg, t.number, precision, draft)
     quiet_libraries()
-    try:
-        export_trial(cfg, optuna_study, t, out, push, precision, draft)
-    except (MaterializeError, ExportError) as e:
-        fail(str(e))
+    export_trial(cfg, optuna_study, t, out, push, precision, draft)
     console.print(f"exported trial {t.number} ({precision}, {draft} draft) to {out}")
     if dry_run:
         console.print(f"would upload to {push or '<--push user/name>'}:")
@@ -515,11 +419,7 @@ def export_cmd(
             console.print(f"  {f}  ({(out / f).stat().st_size / 1e6:.1f} MB)", highlight=False)
     if dry_run or not push:
         return
-    try:
-        url = push_folder(out, push, private)
-    except ExportError as e:
-        fail(str(e))
-    console.print(f"uploaded: {url}")
+    console.print(f"uploaded: {push_folder(out, push, private)}")
 
 
 @app.command("draft-tune")
@@ -535,11 +435,7 @@ def draft_tune_cmd(
 
     from mtp_abliterate.search.draft.report import identity_line, tune_table
     from mtp_abliterate.search.draft.run import budget_of, draft_tune, work_dir
-    from mtp_abliterate.search.draft.tune import DraftTuneError
     from mtp_abliterate.search.quiet import quiet_libraries
-    from mtp_abliterate.search.release.materialize import MaterializeError
-    from mtp_abliterate.search.serving.server import ServerError
-    from mtp_abliterate.search.study.tracking import TrackingError
 
     cfg, optuna_study, t = _scored_trial(study, trial)
     budget = budget_of(cfg, steps, minutes)
@@ -551,10 +447,7 @@ def draft_tune_cmd(
         def progress(step: int, loss: float) -> None:
             bar.update(task, completed=step + 1, loss=f"{loss:.3f}")
 
-        try:
-            record = draft_tune(cfg, optuna_study, t, budget, progress, lambda line: bar.console.print(line))
-        except (MaterializeError, DraftTuneError, ServerError, TrackingError) as e:
-            fail(str(e))
+        record = draft_tune(cfg, optuna_study, t, budget, progress, lambda line: bar.console.print(line))
     console.print(tune_table(record, f"trial {trial}: the candidate's acceptance with the vanilla and the tuned draft"))
     tr = record["training"]
     console.print(

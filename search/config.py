@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtp_abliterate.objectives.registry import lookup
 from mtp_abliterate.search.config_merge import HF_ID, Merged, MergeError, exists, load_merged, resolve_path
+from mtp_abliterate.search.errors import UserError
 
 FIX_HINTS = {
     "python": " or run `make vllm-env` to create the vLLM environment",
@@ -25,7 +26,7 @@ FIX_HINTS = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A study file that cannot be used; the message is one line per problem, each naming the fix."""
 
 

@@ -16,6 +16,8 @@ import sys
 from typing import Any
 from urllib.parse import quote, unquote
 
+from mtp_abliterate.search.errors import UserError
+
 # `${NAME}`: the only expansion (no `$NAME`, no defaults): a literal `$` elsewhere in a password stays as it is.
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # scheme://user:password@ in any text; the password ends at the last `@` before the host (RFC 3986 encodes `@`
@@ -27,8 +29,11 @@ MIN_SECRET = 4  # shorter strings are not replaced in printed text (they would m
 _seen: set[str] = set()
 
 
-class UnsetVariable(KeyError):
-    """A `${VAR}` whose variable is not set in the environment."""
+class UnsetVariable(UserError, KeyError):
+    """A `${VAR}` whose variable is not set in the environment; `args[0]` is its name."""
+
+    def __str__(self) -> str:  # KeyError's own would print the bare name in quotes
+        return f"${{{self.args[0]}}} is not set in the environment; export {self.args[0]} before running"
 
 
 def expand(value: str) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mtp_abliterate.search.errors import UserError
 
-class DiskFullError(RuntimeError):
+
+class DiskFullError(UserError, RuntimeError):
     """No space left under the study's folder; the message names the fix."""
 
 

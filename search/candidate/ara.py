@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mtp_abliterate.search.candidate.components import COMPONENTS
+from mtp_abliterate.search.errors import UserError
 
 # L-BFGS settings of the method: fixed, so an edit depends only on its module's inputs, parameters and seed.
 LBFGS = dict(lr=1.0, max_iter=20, history_size=10, line_search_fn="strong_wolfe")
@@ -39,7 +40,7 @@ class ModelShape(NamedTuple):
     num_experts: int
 
 
-class AbliterationError(ValueError):
+class AbliterationError(UserError, ValueError):
     """Parameters that cannot be applied to this model; raised before any work."""
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 from safetensors import safe_open
 
 from mtp_abliterate.search.config import HF_ID
+from mtp_abliterate.search.errors import UserError
 
 CONFIG = "config.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A model that cannot be found or read; the message names the fix."""
 
 

@@ -32,11 +32,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mtp_abliterate.search.candidate.quantize import FP8, INDEX, SCALE, quantize_fp8_dynamic, quantize_rows
+from mtp_abliterate.search.errors import UserError
 
 KEY_FILE = "base-key.json"
 
 
-class Fp8BaseError(RuntimeError):
+class Fp8BaseError(UserError, RuntimeError):
     """The vanilla FP8 base cannot serve this candidate (missing tensor, stale base); the message names the fix."""
 
 

@@ -22,10 +22,12 @@ from heretic.model import Model
 from heretic.utils import Prompt
 from transformers import BatchEncoding
 
+from mtp_abliterate.search.errors import UserError
+
 MARKUP = re.compile(r"\[/?[a-z ]*\]")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """heretic could not load the model; the message carries its cause and where the whole log is."""
 
 

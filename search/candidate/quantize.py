@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mtp_abliterate.search.errors import UserError
+
 FP8 = "F8_E4M3"
 FP8_MAX = 448.0
 SCALE = "_scale"
@@ -34,7 +36,7 @@ INDEX = "model.safetensors.index.json"
 EXPERT = re.compile(r"(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(UserError, RuntimeError):
     """The checkpoint cannot be quantized as the scheme and ignore list promise; the message says why."""
 
 

@@ -32,6 +32,7 @@ from mtp_abliterate.search.candidate.checkpoint import locate, read_config, tens
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.draft.distill import Budget, Distilled, Progress, distil
 from mtp_abliterate.search.draft.wiring import Example, text_body
+from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import VllmServer
 
@@ -39,7 +40,7 @@ WEIGHTS = (".safetensors", ".safetensors.index.json")
 NO_TOKEN_IDS = "the vLLM server returned no token ids (`return_token_ids`); use vLLM >= 0.11"
 
 
-class DraftTuneError(RuntimeError):
+class DraftTuneError(UserError, RuntimeError):
     """draft-tune cannot go on; the one-line message names the fix."""
 
 

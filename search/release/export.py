@@ -21,6 +21,7 @@ from mtp_abliterate.objectives.registry import BUILT_INS, objective_specs
 from mtp_abliterate.search import metrics as names
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.config import HF_ID, StudyConfig
+from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.records import TrialRecord
 from mtp_abliterate.search.study.space import method_of
@@ -33,7 +34,7 @@ CARD_HEADER = (
 TAGS = ["abliterated", "uncensored", "mtp", "speculative-decoding", "gemma4", "mtp-abliterate"]
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export or upload that cannot go on; the exported folder is left intact."""
 
 

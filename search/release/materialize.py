@@ -16,6 +16,7 @@ from mtp_abliterate.search.candidate.checkpoint import CheckpointError
 from mtp_abliterate.search.candidate.heretic_bridge import ModelLoadError
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
 from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.release.fused_experts import fuse_unquantized_experts
 from mtp_abliterate.search.study.records import TrialRecord, records
 from mtp_abliterate.search.study.space import candidate_of
@@ -23,7 +24,7 @@ from mtp_abliterate.search.study.storage import run_dir_of
 from mtp_abliterate.search.versions import software_versions
 
 
-class MaterializeError(RuntimeError):
+class MaterializeError(UserError, RuntimeError):
     """The trial cannot be rebuilt as recorded; the message says what differs and what to do."""
 
 

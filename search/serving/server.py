@@ -43,6 +43,7 @@ from mtp_abliterate.search.candidate.checkpoint import (
     text_only_view,
 )
 from mtp_abliterate.search.config import Serving
+from mtp_abliterate.search.errors import UserError
 
 LOG_TAIL_LINES = 30
 PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
@@ -53,7 +54,7 @@ VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
 PER_REQUEST_FLAG = "--per-request-spec-decode-metrics"
 
 
-class ServerError(RuntimeError):
+class ServerError(UserError, RuntimeError):
     """vLLM could not be started or stopped working; the message names the fix and quotes the log."""
 
 

@@ -28,6 +28,7 @@ from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
 from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters
 from mtp_abliterate.search.candidate.experts import COMPONENT as EXPERTS
 from mtp_abliterate.search.config import Range
+from mtp_abliterate.search.errors import UserError
 
 INTEGER = {"start_layer_index", "end_layer_index", "k", "experts_per_layer"}
 EXPERTS_PARAMETERS = ("experts_per_layer", f"{EXPERTS}.")  # the routed experts' dimensions
@@ -46,7 +47,7 @@ FULL_WEIGHT_DIRECTIONAL: dict[str, float | str] = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError, ValueError):
     """An override or an enqueued trial that does not fit the space; the message names the fix."""
 
 

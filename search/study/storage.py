@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from mtp_abliterate.objectives.registry import objective_specs
 from mtp_abliterate.search import credentials
 from mtp_abliterate.search.config import StudyConfig, load_config, meaning_changes, trial_meaning
+from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.study.errors import StudyError
 from mtp_abliterate.search.study.records import TrialRecord, constraints_of, fail_running
@@ -61,7 +62,7 @@ def tracking_uri(cfg: StudyConfig) -> str:
     return _with_psycopg(uri)
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """The study's storage cannot be opened; the one-line message names the fix."""
 
 
@@ -293,7 +294,7 @@ def write_pointer(cfg: StudyConfig, config_path: Path | None, config_text: str) 
     (run_dir / POINTER).write_text(json.dumps(pointer, indent=2))
 
 
-class StudyNotFound(LookupError):
+class StudyNotFound(UserError, LookupError):
     """No such study folder or study; the message names the fix."""
 
 

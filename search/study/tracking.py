@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mtp_abliterate.objectives.base import ObjectiveSpec
 from mtp_abliterate.search.credentials import redact_text
+from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.metrics import AGGREGATE_TOK_S, TRIAL_S, acc_pos
 from mtp_abliterate.search.study.pareto import hypervolume_history, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord, measured_in_full, mlflow_parent, set_mlflow_parent
@@ -39,7 +40,7 @@ TRIAL_TAG = "mtp_abliterate.trial_number"
 SERVER_DOWN_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The MLflow store cannot be reached; the one-line message names the fix."""
 
 
