@@ -297,6 +297,54 @@ def cancel_queued_on_error(pool: ThreadPoolExecutor) -> Iterator[None]:
         raise
 
 
+@dataclass
+class _Plan:
+    """How one measurement serves its sets and what it has gathered: each set's prompts in serving order (`orders`)
+    as places in the configured set (`indices`), the sets served here (the others the caller answered), the round
+    size, and each set's draws and (prompt, reply) answers so far."""
+
+    indices: dict[str, Sequence[int]]
+    orders: dict[str, list[Prompt]]
+    served: list[str]
+    step: int
+    draws: dict[str, list[Draws]]
+    answers: dict[str, list[tuple[Prompt, Reply]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.answers = {name: self.answers.get(name, []) for name in self.orders}
+
+    def rounds(self) -> list[list[tuple[str, int]]]:
+        """Each round's (set, place in its order), the served sets side by side; one empty round if none is."""
+        last = max((len(self.orders[name]) for name in self.served), default=0)
+        return [
+            [(name, i) for name in self.served for i in range(start, min(start + self.step, len(self.orders[name])))]
+            for start in range(0, max(last, 1), self.step)
+        ]
+
+    def add(self, name: str, i: int, reply: Reply) -> None:
+        self.draws[name][i].add(reply)
+        self.answers[name].append((self.orders[name][i], reply))
+
+    def done(self, name: str, rounds: int) -> int:
+        """How many of a set's prompts are measured after `rounds` rounds (all of an answered set's)."""
+        return min(rounds * self.step, len(self.orders[name])) if name in self.served else len(self.orders[name])
+
+    def measured(self, rounds: int, seconds: float, positions: int) -> dict[str, SetMeasurement]:
+        """Each set's measurement after `rounds` rounds; an answered set's answers were generated (and timed) by the
+        caller."""
+        return {
+            name: measurement_of(
+                name,
+                self.draws[name][: self.done(name, rounds)],
+                self.answers[name],
+                positions,
+                seconds if name in self.served else 0.0,
+                self.indices[name],
+            )
+            for name in self.orders
+        }
+
+
 class AcceptanceSets(Objective):
     """Weighted mean, over the configured prompt sets, of speed-true accepted tokens per step; details per set.
 
@@ -370,31 +418,12 @@ class AcceptanceSets(Objective):
         """Serve rounds until a stopping rule holds (`stop`: the caller's, a reason or None); the fixed budget
         (`target_halfwidth` 0) serves every prompt of every set in one round, in the configured order. `answered`:
         sets whose every answer (one seed, at `max_tokens`, in the set's order) the caller already has."""
-        answered = answered or {}
-        adaptive = self.target_halfwidth > 0
-        indices = {  # each set's serving order, as places in the configured set
-            name: seeded_order(range(len(prompts))) if adaptive and name not in answered else range(len(prompts))
-            for name, prompts, _ in self.sets
-        }
-        orders = {name: [prompts[i] for i in indices[name]] for name, prompts, _ in self.sets}
-        step = self.round_size if adaptive else max(len(p) for p in orders.values())
-        draws = {name: _set_tally(len(p), self.n) for name, p in orders.items()}
-        answers: dict[str, list[tuple[Prompt, Reply]]] = {name: [] for name in orders}
-        for name, replies in answered.items():
-            for i, reply in enumerate(replies):
-                draws[name][i].add(reply)
-            answers[name] = list(zip(orders[name], replies, strict=True))
+        plan = self._plan(answered or {})
         # Every round's requests are queued at once, in round order, `concurrency` in flight: the next round is
         # served while this one's last answers finish (no barrier). Decisions are taken at round boundaries on
         # exactly the rounds' prompts, so they are deterministic; on a stop, queued requests are cancelled and the
         # few in flight are finished and counted as tokens, not as measurements.
-        served = [name for name in orders if name not in answered]
-        last = max((len(orders[name]) for name in served), default=0)
-        rounds_of = [
-            [(name, i) for name in served for i in range(start, min(start + step, len(orders[name])))]
-            for start in range(0, max(last, 1), step)
-        ]
-        stopped, rounds, seconds, wasted = "", 0, 0.0, 0
+        stopped, rounds, seconds = "", 0, 0.0
         t0 = time.perf_counter()
         with (
             httpx.Client(timeout=self.timeout) as client,
@@ -403,47 +432,58 @@ class AcceptanceSets(Objective):
         ):
             futures = [
                 [
-                    (name, i, pool.submit(self._ask, client, (name, orders[name][i], seed)))
+                    (name, i, pool.submit(self._ask, client, (name, plan.orders[name][i], seed)))
                     for seed in self.seeds
                     for name, i in batch
                 ]
-                for batch in rounds_of
+                for batch in plan.rounds()
             ]
             for batch in futures:
                 for name, i, future in batch:
-                    reply = future.result()
-                    draws[name][i].add(reply)
-                    answers[name].append((orders[name][i], reply))
+                    plan.add(name, i, future.result())
                 rounds += 1
-                done = {name: min(rounds * step, len(p)) if name in served else len(p) for name, p in orders.items()}
                 seconds = time.perf_counter() - t0
-                timed = {name: seconds if name in served else 0.0 for name in orders}
-                measured = {  # an answered set's answers were generated (and timed) by the caller
-                    name: measurement_of(
-                        name, draws[name][: done[name]], answers[name], self.n, timed[name], indices[name]
-                    )
-                    for name in orders
-                }
+                measured = plan.measured(rounds, seconds, self.n)
                 estimate = self.estimate(measured)
-                half = estimate.accepted_per_step[1]
-                if all(done[name] >= len(p) for name, p in orders.items()):
-                    stopped = "every prompt served"
-                elif half <= self.target_halfwidth:
-                    stopped = f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
-                else:
-                    stopped = stop(estimate) or ""
-                if stopped:
+                if stopped := self._stopped(plan, rounds, estimate, stop):
                     break
             later = [future for batch in futures[rounds:] for _, _, future in batch]
             for future in later:
                 future.cancel()
         wasted = sum(f.result().completion_tokens for f in later if not f.cancelled() and f.exception() is None)
-        for name in self.keep_replies & set(orders):
-            self.replies[name] = [r for _, r in answers[name][: len(orders[name])]]
+        for name in self.keep_replies & set(plan.orders):
+            self.replies[name] = [r for _, r in plan.answers[name][: len(plan.orders[name])]]
         # tokens generated here: the measured answers' and those of requests in flight at a stop
-        tokens = sum(measured[name].output_tokens for name in served) + wasted
+        tokens = sum(measured[name].output_tokens for name in plan.served) + wasted
         run = {"stopped": stopped, "rounds": rounds, "seconds": seconds, "output_tokens": tokens}
         return ObjectiveResult(estimate.accepted_per_step[0], self._details(estimate, run))
+
+    def _plan(self, answered: Mapping[str, Sequence[Reply]]) -> _Plan:
+        """The serving plan: adaptive measurement serves each set in its seeded order, `round_size` prompts a
+        round; the fixed budget serves the sets as configured, in one round. Answered sets are tallied at once."""
+        adaptive = self.target_halfwidth > 0
+        indices = {  # each set's serving order, as places in the configured set
+            name: seeded_order(range(len(prompts))) if adaptive and name not in answered else range(len(prompts))
+            for name, prompts, _ in self.sets
+        }
+        orders = {name: [prompts[i] for i in indices[name]] for name, prompts, _ in self.sets}
+        step = self.round_size if adaptive else max(len(p) for p in orders.values())
+        served = [name for name in orders if name not in answered]
+        plan = _Plan(indices, orders, served, step, {name: _set_tally(len(p), self.n) for name, p in orders.items()})
+        for name, replies in answered.items():
+            for i, reply in enumerate(replies):
+                plan.draws[name][i].add(reply)
+            plan.answers[name] = list(zip(orders[name], replies, strict=True))
+        return plan
+
+    def _stopped(self, plan: _Plan, rounds: int, estimate: Estimate, stop: Callable[[Estimate], str | None]) -> str:
+        """Why serving stops after `rounds` rounds, or "" to go on."""
+        half = estimate.accepted_per_step[1]
+        if all(plan.done(name, rounds) >= len(p) for name, p in plan.orders.items()):
+            return "every prompt served"
+        if half <= self.target_halfwidth:
+            return f"mix half-width {half:.3f} <= target {self.target_halfwidth:g}"
+        return stop(estimate) or ""
 
     def _details(self, estimate: Estimate, run: dict[str, Any]) -> dict[str, Any]:
         """The measurement's record: every set's figures, the mix's intervals and vLLM's raw figure, how it ran."""
