@@ -309,6 +309,21 @@ def study_status(target: Path) -> None:
     console.print(views.swap_summary(cfg, records.swap_checks(study)))
 
 
+@study_app.command("show")
+def study_show(
+    target: Annotated[Path, typer.Argument(help="the study's run folder or config")],
+    trial: Annotated[int, typer.Argument(help="trial number (`study status` lists them)")],
+) -> None:
+    """One trial in full: every parameter (the tables abbreviate them), every metric, its failure and files."""
+    from mtp_abliterate.search.study.records import TrialRecord
+
+    _, study = _existing_study(target)
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == trial]
+    if not found:
+        fail(f"study {study.study_name} has no trial {trial}; `mtp-abliterate study status {target}` lists them")
+    console.print(views.trial_detail(TrialRecord.of(found[0])))
+
+
 @app.command("ui")
 def ui(
     target: Annotated[Path, typer.Argument(help="a study's run folder or config")],

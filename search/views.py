@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
 from pydantic import BaseModel
 from rich import box
 from rich.console import Group
@@ -17,7 +16,6 @@ from rich.table import Table
 from rich.text import Text
 
 from mtp_abliterate.objectives.base import ObjectiveResult, ObjectiveSpec
-from mtp_abliterate.search.candidate.components import COMPONENTS
 from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.credentials import redact, redact_text
 from mtp_abliterate.search.metrics import (
@@ -39,17 +37,15 @@ SHORT = {
     "preserve_w": "pres",
     "steer_w": "steer",
     "overcorrect_w": "over",
-    "k": "k",
     "method": "",
-    "direction_scope": "scope",
+    "direction_scope": "",
     "direction_index": "dir",
-    # directional: "o.max" for attn.o_proj.max_weight, "d.rea" for mlp.down_proj.reach, ...
-    **{
-        f"{c}.{name}": f"{c.split('.')[1][0]}.{name[:3]}"
-        for c in COMPONENTS
-        for name in ("max_weight", "position", "min_weight", "reach")
-    },
+    "experts_per_layer": "ex",
 }
+# A component's parameters share one label, their values joined by "/" in this order (see PARAMS_LEGEND).
+PER_COMPONENT = ("max_weight", "position", "min_weight", "reach")
+COMPONENT_LABELS = {"attn.o_proj": "o", "mlp.down_proj": "d", "experts.down_proj": "x"}  # another: its full name
+PARAMS_LEGEND = "  o, d, x: attn.o_proj, mlp.down_proj, experts.down_proj, each max_weight/position/min_weight/reach"
 
 
 def plan_table(cfg: StudyConfig) -> Table:
@@ -247,12 +243,59 @@ def reference_line(label: str, metrics: dict[str, float], n: int) -> str:
     )
 
 
-def _params(t: FrozenTrial) -> str:
-    parts = []
-    for k, v in t.params.items():
-        label, text = SHORT.get(k, k), f"{v:.3g}" if isinstance(v, float) else str(v)
-        parts.append(f"{label}={text}" if label else text)  # the method is named without a label
+def compact_params(params: dict[str, Any]) -> str:
+    """A trial's parameters in one short line: 2 significant digits, short labels, a component's four parameters
+    as one `o=1.2/.46/.31/.52` (PARAMS_LEGEND); `study show` prints them in full."""
+    parts, components = [], {}
+    for k, v in params.items():
+        component, _, name = k.rpartition(".")
+        if component and name in PER_COMPONENT:
+            components.setdefault(component, {})[name] = _short(v)
+            continue
+        label = SHORT.get(k, k)
+        text = _short(v).replace(" ", "-")  # "per layer" stays one word
+        parts.append(f"{label}={text}" if label else text)  # the method and the direction scope need no label
+    for component, values in components.items():
+        label = COMPONENT_LABELS.get(component, component)
+        parts.append(f"{label}=" + "/".join(values.get(n, "?") for n in PER_COMPONENT))
     return " ".join(parts)
+
+
+def _short(v: Any) -> str:
+    """A number in 2 significant digits without a leading zero (0.46 -> .46); anything else as it is."""
+    if isinstance(v, float):
+        text = f"{v:.2g}"
+        return text[1:] if text.startswith("0.") else "-" + text[2:] if text.startswith("-0.") else text
+    return str(v)
+
+
+def trial_detail(r: TrialRecord) -> Table:
+    """`study show`: one trial in full: state, every parameter, every metric, and where its files and failure are."""
+    table = Table(title=f"trial {r.number}: {r.state.name.lower()}", header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    table.add_column("name")
+    table.add_column("value", overflow="fold")
+    for k, v in r.params.items():
+        table.add_row("parameter", k, repr(v) if isinstance(v, str) else str(v))
+    for k, v in sorted(r.metrics.items()):
+        table.add_row("metric", k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    notes = {
+        "feasible": str(r.feasible) if r.complete else None,
+        "invalid": r.invalid_reason,
+        "not measured": r.not_measured,
+        "failed at": r.failed_stage,
+        "failure": r.fail_reason,
+        "log": r.log_path and str(r.log_path),
+        "re-runs trial": r.retry_of,
+        "host": r.host,
+        "served by": r.serving_mode,
+        "candidate": r.candidate and str(r.candidate),
+        "edited sha256": r.merged_digest,
+    }
+    for k, v in notes.items():
+        if v is not None:
+            table.add_row("record", k, str(v))
+    return table
 
 
 def _acc(metrics: dict[str, float], n: int, digits: int = 3) -> str:
@@ -282,7 +325,7 @@ def trials_table(study: optuna.Study, objectives: list[ObjectiveSpec], n: int) -
         r = TrialRecord.of(t)
         if r.complete:
             values = [_value(o, v) if o.name in r.metrics else "-" for o, v in zip(objectives, t.values, strict=True)]
-            note = _params(t) + ("" if feasible(t) else "  (infeasible)")
+            note = compact_params(t.params) + ("" if feasible(t) else "  (infeasible)")
             if r.invalid_reason:
                 note += f"  invalid: {r.invalid_reason}"[:200]
             if r.not_measured:
@@ -331,9 +374,11 @@ def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[Objecti
         values = [_value(o, v) for o, v in zip(objectives, t.values, strict=True)]
         row = [*values, _acc(r.metrics, n, 2), speed(r.metrics), vs_vanilla(r.per_prompt)]
         table.add_row(str(t.number), *row)
-        lines.append(f"  trial {t.number}: {_params(t)}")
-    note = "  vs vanilla: paired difference on the same prompts, 95 % interval"
-    return Group(table, Text("\n".join([note, *lines]), overflow="fold"))
+        lines.append(f"  trial {t.number}: {compact_params(t.params)}")
+    notes = ["  vs vanilla: paired difference on the same prompts, 95 % interval; a trial in full: `study show`"]
+    notes += [PARAMS_LEGEND] if any("." in k for t in front for k in t.params) else []
+    # One line each, whatever the width: a line that does not fit ends in "…" (the full form: `study show`).
+    return Group(table, *(Text(line, no_wrap=True, overflow="ellipsis") for line in [*notes, *lines]))
 
 
 def winner_line(cfg: StudyConfig, study: optuna.Study) -> str:

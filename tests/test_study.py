@@ -278,6 +278,16 @@ def test_status_lists_trials_and_front(finished_study: Demo) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "complete" in proc.stdout and "fail" in proc.stdout and "Pareto set" in proc.stdout
     assert "serving: swap, self-check passed on trial 1" in proc.stdout
+    # The tables abbreviate a trial's parameters to one line; `study show` prints every one and every metric.
+    t = load(tmp, "demo").get_trials(states=(TrialState.COMPLETE,))[0]
+    shown = run_cli("study", "show", str(tmp / "runs" / "demo"), str(t.number), timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    cells = [line.split(None, 2) for line in shown.stdout.splitlines()]
+    rows = {(c[0], c[1]): c[2].strip() for c in cells if len(c) == 3}
+    for name, value in t.params.items():
+        assert rows[("parameter", name)] == (repr(value) if isinstance(value, str) else str(value)), shown.stdout
+    assert {name for kind, name in rows if kind == "metric"} == set(t.user_attrs["metrics"])
+    assert all(len(line) <= 120 for line in proc.stdout.splitlines() if line.startswith("  trial ")), proc.stdout
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
