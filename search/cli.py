@@ -12,20 +12,23 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mtp_abliterate.search import views
+from mtp_abliterate.search import quiet, views
 from mtp_abliterate.search.config import StudyConfig, load_config
 from mtp_abliterate.search.credentials import ScrubbedStdout
 from mtp_abliterate.search.errors import UserError
 
 
 class _Root(typer.core.TyperGroup):
-    """The command tree's root: a `UserError` from any command is printed as one line and exits 2, here only."""
+    """The command tree's root: a `UserError` from any command is printed as one line and exits 2, here only; a
+    command's library output, routed to its study folder, comes back to the terminal before anything is printed."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except UserError as e:
             fail(str(e))
+        finally:
+            quiet.restore_stderr()
 
 
 app = typer.Typer(cls=_Root, no_args_is_help=True, add_completion=False, help=__doc__)
@@ -40,6 +43,28 @@ app.add_typer(study_app, name="study")
 console = Console(file=ScrubbedStdout())
 if not console.is_terminal:  # logs and CI: wide enough for the tables, never truncated
     console = Console(file=ScrubbedStdout(), width=120)
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="show third-party warnings, logs and progress bars (default: in the study folder's "
+            f"{quiet.LIBRARY_LOG})",
+        ),
+    ] = False,
+) -> None:
+    quiet.set_verbose(verbose)
+
+
+def _quiet(cfg: StudyConfig) -> None:
+    """Library output of a command on a study into its folder's log (or the terminal under --verbose)."""
+    from mtp_abliterate.search.study.storage import run_dir_of
+
+    quiet.quiet_libraries(run_dir_of(cfg) / quiet.LIBRARY_LOG)
+
 
 OrganismDir = Annotated[Path | None, typer.Option(help="organism folder (default: the committed one)")]
 Precision = Annotated[str, typer.Option(help="fp8 (as served in the study) or bf16")]
@@ -162,6 +187,7 @@ def abliterate_cmd(
 
     cfg = _with_method(load_config(file), method)
     raw = _json(params, "--params")
+    _quiet(cfg)
     candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.resolve(cfg.model.target)))
     resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
     details = resident.apply(candidate)
@@ -196,6 +222,7 @@ def baseline_cmd(
             command = baseline_server(cfg, model or cfg.resolve(cfg.model.target), k, out).command()
             console.print(f"# n={k}\n" + shlex.join(command), highlight=False, soft_wrap=True)
         return
+    _quiet(cfg)
     model = as_deployed(cfg, model or cfg.resolve(cfg.model.target), out)
     rows = run_baseline(cfg, model, n_values, out)
     console.print(views.baseline_table(model, rows))
@@ -244,12 +271,11 @@ def study_run(
 
 def _study_run(cfg: StudyConfig, file: Path, limits) -> None:
     from mtp_abliterate.search.credentials import redact
-    from mtp_abliterate.search.quiet import quiet_libraries
     from mtp_abliterate.search.study.preflight import check_method, open_stores
     from mtp_abliterate.search.study.storage import check_config_unchanged
     from mtp_abliterate.search.study.tracking import served
 
-    quiet_libraries()
+    _quiet(cfg)
     check_method(cfg)
     storage = open_stores(cfg)
     check_config_unchanged(cfg, storage)
@@ -289,6 +315,7 @@ def study_reference(
     cfg = load_config(file)
     raw = _json(params, "--params")
     with study_lock(cfg):  # it builds the same FP8 base and module I/O cache as `study run`
+        _quiet(cfg)
         runner = StudyRunner(cfg, console, file)
         metrics, better = score_reference(runner, method, raw, label or method)
     console.print(views.reference_line(label or method, metrics, cfg.serving.num_speculative_tokens))
@@ -390,11 +417,10 @@ def materialize_cmd(
     precision: Precision = "fp8",
 ) -> None:
     """Rebuild a trial's candidate from its recorded parameters; verify the edited tensors' recorded hash."""
-    from mtp_abliterate.search.quiet import quiet_libraries
     from mtp_abliterate.search.release.materialize import materialize
 
     cfg, _, t = _scored_trial(study, trial)
-    quiet_libraries()
+    _quiet(cfg)
     done = materialize(cfg, t, out, precision)
     console.print(
         f"trial {trial}: edited tensors match the record (sha256 {done.merged_digest[:16]}); {precision} in {out}"
@@ -417,7 +443,6 @@ def export_cmd(
     ] = "vanilla",
 ) -> None:
     """Write a trial's checkpoint with tokenizer files and a model card of its measured numbers; optionally push."""
-    from mtp_abliterate.search.quiet import quiet_libraries
     from mtp_abliterate.search.release.export import default_export_dir, export_trial, files_to_upload
     from mtp_abliterate.search.release.export import push as push_folder
 
@@ -425,7 +450,7 @@ def export_cmd(
         fail(f"--draft {draft!r} is not one of vanilla, tuned")
     cfg, optuna_study, t = _scored_trial(study, trial)
     out = out or default_export_dir(cfg, t.number, precision, draft)
-    quiet_libraries()
+    _quiet(cfg)
     export_trial(cfg, optuna_study, t, out, push, precision, draft)
     console.print(f"exported trial {t.number} ({precision}, {draft} draft) to {out}")
     if dry_run:
@@ -450,11 +475,10 @@ def draft_tune_cmd(
 
     from mtp_abliterate.search.draft.report import identity_line, tune_table
     from mtp_abliterate.search.draft.run import budget_of, draft_tune, work_dir
-    from mtp_abliterate.search.quiet import quiet_libraries
 
     cfg, optuna_study, t = _scored_trial(study, trial)
     budget = budget_of(cfg, steps, minutes)
-    quiet_libraries()
+    _quiet(cfg)
     columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"))
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("distil", total=budget.steps, loss="-")
