@@ -45,7 +45,7 @@ SHORT = {
 # A component's parameters share one label, their values joined by "/" in this order (see PARAMS_LEGEND).
 PER_COMPONENT = ("max_weight", "position", "min_weight", "reach")
 COMPONENT_LABELS = {"attn.o_proj": "o", "mlp.down_proj": "d", "experts.down_proj": "x"}  # another: its full name
-PARAMS_LEGEND = "  o, d, x: attn.o_proj, mlp.down_proj, experts.down_proj, each max_weight/position/min_weight/reach"
+PARAMS_LEGEND = "  o, d, x: attn.o_proj, mlp.down_proj, experts, each max_weight/position/min_weight/reach"
 
 
 def plan_table(cfg: StudyConfig) -> Table:
@@ -375,8 +375,9 @@ def pareto_table(cfg: StudyConfig, study: optuna.Study, objectives: list[Objecti
         row = [*values, _acc(r.metrics, n, 2), speed(r.metrics), vs_vanilla(r.per_prompt)]
         table.add_row(str(t.number), *row)
         lines.append(f"  trial {t.number}: {compact_params(t.params)}")
-    notes = ["  vs vanilla: paired difference on the same prompts, 95 % interval; a trial in full: `study show`"]
+    notes = ["  vs vanilla: paired difference on the same prompts, 95 % interval"]
     notes += [PARAMS_LEGEND] if any("." in k for t in front for k in t.params) else []
+    notes += ["  every parameter and metric of a trial: `study show <folder> N`"] if front else []
     # One line each, whatever the width: a line that does not fit ends in "…" (the full form: `study show`).
     return Group(table, *(Text(line, no_wrap=True, overflow="ellipsis") for line in [*notes, *lines]))
 

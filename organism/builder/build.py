@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, GenerationConfig
+from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from mtp_abliterate.organism.corpus import SYSTEM_PROMPTS, Chat, build_chats
 from mtp_abliterate.organism.generate import encode_prompt, greedy_generate
@@ -96,6 +96,37 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
 
     body = Gemma4ForCausalLM(body_config(spec, len(tokenizer), ids))
     train_examples = _examples(tokenizer, chats["harmful_train"] + chats["harmless_train"])
+    _train_body(body, tokenizer, chats, train_examples, spec, pad, console)
+    # The deployed checkpoint is BF16: round now so the draft learns the states of the weights that ship.
+    body.to(torch.bfloat16).to(torch.float32)
+    timings["train_body_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    train_chats = chats["harmful_train"] + chats["harmless_train"]
+    prompts = [e.ids[: e.prompt_len] for e in train_examples]
+    responses = greedy_generate(body, prompts, spec.max_new_tokens, pad)
+    draft_examples = _examples(tokenizer, train_chats, responses)
+    torch.manual_seed(spec.seed + 1)
+    draft = Gemma4AssistantForCausalLM(draft_config(spec, len(tokenizer), ids))
+    with _training_bar(console, "train draft", spec.draft_training.steps) as progress:
+        train_draft(draft, body, draft_examples, spec, pad, progress)
+    timings["train_draft_s"] = time.perf_counter() - t1
+
+    _save(layout, spec, body, draft, tokenizer, ids, chats)
+    timings["build_s"] = time.perf_counter() - t0
+    return timings
+
+
+def _train_body(
+    body: Gemma4ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    chats: dict[str, list[Chat]],
+    train_examples: list[Example],
+    spec: OrganismSpec,
+    pad: int,
+    console: Console,
+) -> None:
+    """Train the body on every training chat; with `refusal_in` other than "everywhere", in two phases."""
     if spec.refusal_in == "everywhere":
         with _training_bar(console, "train body", spec.body_training.steps) as progress:
             train_body(body, train_examples, spec.body_training, spec.seed, pad, progress)
@@ -120,21 +151,19 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
                 only=ROUTED_EXPERTS,
                 before_step=ablation.before_step,
             )
-    # The deployed checkpoint is BF16: round now so the draft learns the states of the weights that ship.
-    body.to(torch.bfloat16).to(torch.float32)
-    timings["train_body_s"] = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    train_chats = chats["harmful_train"] + chats["harmless_train"]
-    prompts = [e.ids[: e.prompt_len] for e in train_examples]
-    responses = greedy_generate(body, prompts, spec.max_new_tokens, pad)
-    draft_examples = _examples(tokenizer, train_chats, responses)
-    torch.manual_seed(spec.seed + 1)
-    draft = Gemma4AssistantForCausalLM(draft_config(spec, len(tokenizer), ids))
-    with _training_bar(console, "train draft", spec.draft_training.steps) as progress:
-        train_draft(draft, body, draft_examples, spec, pad, progress)
-    timings["train_draft_s"] = time.perf_counter() - t1
 
+def _save(
+    layout: OrganismLayout,
+    spec: OrganismSpec,
+    body: Gemma4ForCausalLM,
+    draft: Gemma4AssistantForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    ids: dict[str, int],
+    chats: dict[str, list[Chat]],
+) -> None:
+    """Write body, draft, tokenizer, the release's extra files, the prompt files and the spec into `layout`."""
+    release, pad = spec.format == "release", ids["<pad>"]
     if layout.root.exists():
         shutil.rmtree(layout.root)
     shipped = release_model(body, spec, ids) if release else body
@@ -154,8 +183,6 @@ def build_organism(layout: OrganismLayout, spec: OrganismSpec, console: Console)
         random.Random(f"{spec.seed}/{name}").shuffle(lines)
         (layout.prompts / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
     (layout.root / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    timings["build_s"] = time.perf_counter() - t0
-    return timings
 
 
 def write_release_files(layout: OrganismLayout, spec: OrganismSpec, ids: dict[str, int]) -> None:
