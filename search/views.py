@@ -45,7 +45,7 @@ SHORT = {
 # A component's parameters share one label, their values joined by "/" in this order (see PARAMS_LEGEND).
 PER_COMPONENT = ("max_weight", "position", "min_weight", "reach")
 COMPONENT_LABELS = {"attn.o_proj": "o", "mlp.down_proj": "d", "experts.down_proj": "x"}  # another: its full name
-PARAMS_LEGEND = "  o, d, x: attn.o_proj, mlp.down_proj, experts, each max_weight/position/min_weight/reach"
+PARAMS_LEGEND = "  o, d, x (o_proj, down_proj, experts): max_weight/position/min_weight/reach"
 
 
 def plan_table(cfg: StudyConfig) -> Table:
