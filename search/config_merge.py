@@ -15,13 +15,15 @@ from typing import Any
 
 import tomli_w
 
+from mtp_abliterate.search.errors import UserError
+
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EXTENDS = "extends"
 
 Field = tuple[str, ...]  # a key path: ("search", "constraints", "max_kl")
 
 
-class MergeError(Exception):
+class MergeError(UserError):
     """A study file, or one it extends, that cannot be read; one line naming the file and the fix."""
 
 
