@@ -18,6 +18,7 @@ import optuna
 
 from mtp_abliterate.search import metrics as names
 from mtp_abliterate.search.candidate.checkpoint import locate
+from mtp_abliterate.search.candidate.methods import method
 from mtp_abliterate.search.config import HF_ID, StudyConfig
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.records import TrialRecord
@@ -90,9 +91,7 @@ def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
 
 
 def _method(params: dict) -> str:
-    if method_of(params) == "directional":
-        return "heretic 1.4.0's directional ablation"
-    return "ARA (Arbitrary-Rank Ablation)"
+    return method(method_of(params)).label
 
 
 def _tuned_section(cfg: StudyConfig, tune: dict[str, Any], repo: str | None) -> str:
