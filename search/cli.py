@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mtp_abliterate.search import quiet, views
+from mtp_abliterate.search.candidate.methods import NAMES
 from mtp_abliterate.search.config import StudyConfig, load_config
 from mtp_abliterate.search.credentials import ScrubbedStdout
 from mtp_abliterate.search.errors import UserError
@@ -66,6 +67,7 @@ def _quiet(cfg: StudyConfig) -> None:
     quiet.quiet_libraries(run_dir_of(cfg) / quiet.LIBRARY_LOG)
 
 
+METHODS = " | ".join(NAMES)  # the registered abliteration methods, for --method's help
 OrganismDir = Annotated[Path | None, typer.Option(help="organism folder (default: the committed one)")]
 Precision = Annotated[str, typer.Option(help="fp8 (as served in the study) or bf16")]
 
@@ -178,7 +180,7 @@ def organism_check(root: OrganismDir = None) -> None:
 def abliterate_cmd(
     file: Path,
     params: Annotated[str, typer.Option(help="the candidate's parameters as JSON (see README)")],
-    method: Annotated[str | None, typer.Option(help="ara | directional (default: the config's)")] = None,
+    method: Annotated[str | None, typer.Option(help=f"{METHODS} (default: the config's)")] = None,
     out: Annotated[Path | None, typer.Option(help="write the merged BF16 checkpoint here")] = None,
 ) -> None:
     """One candidate on the resident model: prints refusal rate and KL, optionally writes the merged checkpoint."""
@@ -302,7 +304,7 @@ def _study_run(cfg: StudyConfig, file: Path, limits) -> None:
 def study_reference(
     file: Path,
     params: Annotated[str, typer.Option(help="the candidate's parameters as JSON")],
-    method: Annotated[str, typer.Option(help="ara | directional")] = "directional",
+    method: Annotated[str, typer.Option(help=METHODS)] = "directional",
     label: Annotated[
         str | None, typer.Option(help="its name in tables, plots and MLflow (default: the method)")
     ] = None,

@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtp_abliterate.objectives.registry import lookup
+from mtp_abliterate.search.candidate.methods import DEFAULT as DEFAULT_METHOD
+from mtp_abliterate.search.candidate.methods import NAMES as METHOD_NAMES
+from mtp_abliterate.search.candidate.methods import MethodName
 from mtp_abliterate.search.config_merge import HF_ID, Merged, MergeError, exists, load_merged, resolve_path
 from mtp_abliterate.search.errors import UserError
 
@@ -96,13 +99,14 @@ class Search(Section):
     n_startup_trials: int = Field(10, ge=0, description="random trials before TPE models the front")
     space: dict[str, Range] = Field(default_factory=dict, description="per-parameter overrides of the ARA space")
     constraints: Constraints = Constraints()
-    methods: list[Literal["ara", "directional"]] = Field(
+    methods: list[MethodName] = Field(
         ["ara", "directional"],
         min_length=1,
         description="abliteration methods searched: ARA, heretic's directional ablation, or both (the method is then "
         "a search dimension)",
     )
-    enqueue: list[dict[str, float | Literal["ara", "directional", "global", "per layer"]]] = Field(
+    # a method's categorical values (the directional method's scopes) are listed beside the method names
+    enqueue: list[dict[str, float | Literal[(*METHOD_NAMES, "global", "per layer")]]] = Field(
         default_factory=list,
         description="informed first trials: parameter sets run before the sampler's own (`method` = directional for "
         "heretic's parametrisation; ARA's otherwise)",
@@ -149,7 +153,7 @@ class Search(Section):
                 "use sampler = 'tpe' or keep one method"
             )
         for i, trial in enumerate(self.enqueue):
-            if (method := trial.get("method", "ara")) not in self.methods:
+            if (method := trial.get("method", DEFAULT_METHOD)) not in self.methods:
                 raise ValueError(
                     f"enqueue[{i}] is a {method} trial but methods = {self.methods}; remove it or add {method!r}"
                 )
@@ -159,7 +163,7 @@ class Search(Section):
 class Abliteration(Section):
     """How candidates are made from the resident BF16 model."""
 
-    method: Literal["ara", "directional"] = Field("ara", description="ARA, or heretic 1.4.0's directional ablation")
+    method: MethodName = Field(DEFAULT_METHOD, description="ARA, or heretic 1.4.0's directional ablation")
     rank: int = Field(8, ge=1, description="adapter rank (ARA); heretic's full_normalization_lora_rank (directional)")
     row_normalization: Literal["full", "none"] = Field(
         "full", description="'full': edited rows keep their vanilla norms (ARA: DoRA with frozen magnitudes)"

@@ -21,7 +21,8 @@ from heretic.utils import Prompt
 from mtp_abliterate.objectives.served import chat
 from mtp_abliterate.organism.layout import OrganismLayout
 from mtp_abliterate.search.config import ConfigError, load_config
-from mtp_abliterate.search.serving.server import ServerError, VllmServer, remove_orphan_containers
+from mtp_abliterate.search.serving.launchers import remove_orphan_containers
+from mtp_abliterate.search.serving.server import ServerError, VllmServer
 from tests.conftest import ORGANISM_CONFIG as ORGANISM
 from tests.conftest import ORGANISM_TOML, REPO, write_study_config
 from tests.test_release_format import hub_cache

@@ -16,14 +16,9 @@ import pytest
 
 from mtp_abliterate.organism.layout import OrganismLayout
 from mtp_abliterate.search.config import load_config
+from mtp_abliterate.search.serving.launchers import DOCKER_PLUGIN_DIR, PLUGIN_DIR
 from mtp_abliterate.search.serving.modes import beside_resident
-from mtp_abliterate.search.serving.server import (
-    DOCKER_PLUGIN_DIR,
-    EXTENSION,
-    PLUGIN_DIR,
-    ServerError,
-    VllmServer,
-)
+from mtp_abliterate.search.serving.server import EXTENSION, ServerError, VllmServer
 from tests.conftest import GEMMA4_TOML, REPO, group_alive
 from tests.conftest import ORGANISM_CONFIG as ORGANISM
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import optuna
 import pytest
 import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import RandomSampler
 
 from mtp_abliterate.search.candidate.abliterator import DirectionalParameters
-from mtp_abliterate.search.candidate.ara import COMPONENTS, AraParameters, ModelShape
-from mtp_abliterate.search.candidate.resident import Resident
+from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, AraParameters, ModelShape
+from mtp_abliterate.search.candidate.resident import Resident, parse_parameters
 from mtp_abliterate.search.config import ConfigError, load_config
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, SpaceError, candidate_of
 from mtp_abliterate.search.study.storage import make_sampler
@@ -81,6 +83,36 @@ def test_a_one_method_study_names_no_method_and_still_rebuilds_its_candidates() 
     assert "method" not in fixed and isinstance(candidate_of(fixed, 8), DirectionalParameters)
     # the method's order in the config does not change the stored distribution
     assert SearchSpace(8, None, ("directional", "ara")).methods == SearchSpace(8, None, BOTH).methods == BOTH
+
+
+def test_a_stored_study_finds_the_names_and_distributions_it_holds() -> None:
+    """A study resumes only on the parameters it stored: the method registry samples what the space always did."""
+    space, study = SearchSpace(8, None, BOTH, num_experts=4), optuna.create_study(sampler=RandomSampler(seed=0))
+    seen = {}
+    for _ in range(40):
+        trial = study.ask()
+        space.suggest(trial)
+        seen |= trial.distributions
+        study.tell(trial, 0.0)
+    assert seen.pop("method") == CategoricalDistribution(BOTH)
+    assert seen.pop("direction_scope") == CategoricalDistribution(("global", "per layer"))
+    assert seen.pop("direction_index") == FloatDistribution(0.4, 0.9)
+    ara = {"start_layer_index": (0, 4), "end_layer_index": (5, 8), "k": (1, 15), "experts_per_layer": (0, 4)}
+    for name, (low, high) in ara.items():
+        assert seen.pop(name) == IntDistribution(low, high)
+    assert seen.pop("steer_w") == FloatDistribution(1e-4, 1.0, log=True)
+    assert seen.pop("preserve_w") == FloatDistribution(0.0, 1.0)
+    assert seen.pop("overcorrect_w") == FloatDistribution(0.0, 1.3)
+    kernel = {"max_weight": (0.0, 1.5), "position": (0.0, 1.0), "min_weight": (0.0, 1.0), "reach": (1 / 7, 1.0)}
+    for component in (*COMPONENTS, "experts.down_proj"):
+        for name, (low, high) in kernel.items():
+            assert seen.pop(f"{component}.{name}") == FloatDistribution(low, high)
+    assert seen == {}
+
+
+def test_an_unknown_method_is_one_line_naming_the_known_ones() -> None:
+    with pytest.raises(AbliterationError, match=r"^unknown method 'rank-one'; use one of \['ara', 'directional'\]$"):
+        parse_parameters("rank-one", {}, ModelShape(5, 0))
 
 
 def test_directional_on_the_study_adapters_is_heretics_own_bit_for_bit() -> None:

@@ -523,8 +523,7 @@ def test_draft_tune_wins_back_acceptance_keeps_the_answers_and_exports_the_tuned
     lost = max(
         sets,
         key=lambda s: (
-            vanilla[f"{s}.accepted_per_step"]
-            - study.trials[number].user_attrs["metrics"][f"{s}.accepted_per_step"]
+            vanilla[f"{s}.accepted_per_step"] - study.trials[number].user_attrs["metrics"][f"{s}.accepted_per_step"]
         ),
     )
     proc = run_cli("draft-tune", str(tmp / "runs" / "demo"), "--trial", str(number), "--steps", "40")

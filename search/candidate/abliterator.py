@@ -25,6 +25,7 @@ from heretic.utils import load_prompts
 from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
 
+from mtp_abliterate.search.candidate import methods
 from mtp_abliterate.search.candidate.ara import (
     AbliterationError,
     AraParameters,
@@ -392,12 +393,8 @@ def refusal_directions(model: Model, settings: Settings) -> torch.Tensor:
 
 
 def load_adapter_model(settings: Settings, method: str, rank: int) -> AdapterModel:
-    """ARA: rank-`rank` adapters, DoRA when heretic's row normalisation is "full". Directional: heretic's own
-    LoRA (rank = settings.full_normalization_lora_rank)."""
-    if method not in ("ara", "directional"):
-        raise AbliterationError(f"unknown method {method!r}; use 'ara' or 'directional'")
-    full = settings.row_normalization == RowNormalization.FULL
+    """The adapters `method` edits (its registered `adapter`: ARA's rank-`rank` LoRA or DoRA, heretic's own LoRA for
+    the directional method)."""
+    adapter_rank, dora = methods.method(method).adapter(settings, rank)
     with load_errors(settings.model):
-        if method == "ara":
-            return AdapterModel(settings, rank=rank, dora=full)
-        return AdapterModel(settings, rank=settings.full_normalization_lora_rank if full else 1, dora=False)
+        return AdapterModel(settings, rank=adapter_rank, dora=dora)

@@ -12,33 +12,29 @@ from typing import Any
 import torch
 from heretic.config import DatasetSpecification, RowNormalization
 from heretic.utils import Prompt, load_prompts
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from transformers import AutoConfig
 
 from mtp_abliterate.objectives.base import ObjectiveResult
 from mtp_abliterate.objectives.kld import KLDivergence
 from mtp_abliterate.objectives.refusal import RefusalRate
-from mtp_abliterate.search.candidate.abliterator import (
-    Abliterator,
-    DirectionalParameters,
-    load_adapter_model,
-    refusal_directions,
-)
-from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, AraParameters, ModelShape
+from mtp_abliterate.search.candidate.abliterator import Abliterator, load_adapter_model, refusal_directions
+from mtp_abliterate.search.candidate.ara import COMPONENTS, AbliterationError, ModelShape
 from mtp_abliterate.search.candidate.checkpoint import locate
 from mtp_abliterate.search.candidate.heretic_bridge import heretic_settings, quiet_heretic
+from mtp_abliterate.search.candidate.methods import method, method_of_candidate
 from mtp_abliterate.search.candidate.module_io import ModuleIO, cache_key, load_or_capture
 from mtp_abliterate.search.config import PromptSet, StudyConfig
 from mtp_abliterate.search.hosts import host_id
 
 
-def parse_parameters(method: str, raw: dict[str, Any], shape: ModelShape) -> AraParameters | DirectionalParameters:
+def parse_parameters(name: str, raw: dict[str, Any], shape: ModelShape) -> BaseModel:
     """Validate a candidate's parameters against the method's ranges and the model's shape (no loading)."""
     try:
-        params = AraParameters(**raw) if method == "ara" else DirectionalParameters(**raw)
+        params = method(name).parameters(**raw)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise AbliterationError(f"{method} parameters: {problems}") from None
+        raise AbliterationError(f"{name} parameters: {problems}") from None
     params.check_against(shape, list(COMPONENTS))
     return params
 
@@ -120,12 +116,9 @@ class Resident:
             self._directions = refusal_directions(self.model, self.settings)
         return self._directions
 
-    def apply(self, params: AraParameters | DirectionalParameters) -> dict[str, Any]:
-        if isinstance(params, AraParameters):
-            io, _ = self.module_io()
-            with torch.enable_grad():
-                return self.abliterator.apply_ara(params, io)
-        return self.abliterator.apply_directional(params, self.directions())
+    def apply(self, params: BaseModel) -> dict[str, Any]:
+        """The candidate on the model, as its method applies it (search/candidate/methods.py); returns details."""
+        return method_of_candidate(params).apply(self, params)
 
     def evaluate(self) -> dict[str, ObjectiveResult]:
         return {"kld": self.kld.compute(), "refusal_rate": self.refusal.compute()}

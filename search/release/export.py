@@ -20,6 +20,7 @@ from mtp_abliterate.objectives.base import ObjectiveSpec
 from mtp_abliterate.objectives.registry import BUILT_INS, objective_specs
 from mtp_abliterate.search import metrics as names
 from mtp_abliterate.search.candidate.checkpoint import locate
+from mtp_abliterate.search.candidate.methods import method
 from mtp_abliterate.search.config import HF_ID, StudyConfig
 from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.study import records
@@ -102,9 +103,7 @@ def _front_matter(cfg: StudyConfig, base: str, precision: str) -> str:
 
 
 def _method(params: dict) -> str:
-    if method_of(params) == "directional":
-        return "heretic 1.4.0's directional ablation"
-    return "ARA (Arbitrary-Rank Ablation)"
+    return method(method_of(params)).label
 
 
 def _tuned_section(cfg: StudyConfig, tune: dict[str, Any], repo: str | None) -> str:

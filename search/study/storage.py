@@ -161,7 +161,7 @@ def _storage_failure(url: str, e: Exception) -> str:
         if "FATAL" in cause:  # the server answered and refused: the URL's user, password or database
             return (
                 f"the study's database {shown} refused the connection ({cause}); fix the user, password or database "
-                'name in storage.optuna_url (docs/several-machines.md creates them)'
+                "name in storage.optuna_url (docs/several-machines.md creates them)"
             )
         return (
             f"cannot reach the study's database {shown} ({cause}); start PostgreSQL there (README \"Several "
@@ -373,7 +373,7 @@ def study_lock(cfg: StudyConfig) -> Iterator[None]:
             holder = f.read().strip() or "another process"
             raise StudyLocked(
                 f"study {cfg.name!r} is already running from {run_dir} ({holder}); wait for it or stop it (Ctrl-C, "
-                'then the same command resumes): one study runs in several processes on several hosts, each with its '
+                "then the same command resumes): one study runs in several processes on several hosts, each with its "
                 'own runs folder (README "Several machines"), never twice in one folder'
             ) from None
         f.seek(0)

@@ -58,7 +58,7 @@ def check_tracking(uri: str) -> None:
         except httpx.HTTPError as e:
             raise TrackingError(
                 f"cannot reach the MLflow tracking server {redact(uri)} ({type(e).__name__}: "
-                f"{redact_text(str(e))}); start it (`mlflow server`, README \"Several machines\") or fix "
+                f'{redact_text(str(e))}); start it (`mlflow server`, README "Several machines") or fix '
                 "tracking.mlflow_uri"
             ) from None
         _check_credentials(uri)
@@ -100,7 +100,7 @@ def _check_credentials(uri: str) -> None:
         given = "were refused" if user else "are not set"
         raise TrackingError(
             f"the MLflow tracking server {redact(uri)} requires authentication (HTTP {answer.status_code}) and the "
-            f"credentials {given}; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (README \"Several "
+            f'credentials {given}; export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (README "Several '
             'machines")'
         )
 
