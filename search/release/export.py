@@ -151,7 +151,6 @@ def model_card(
     """The card of trial `t`: its numbers beside vanilla's, how they were measured, the serve command, parameters."""
     m, n = t.metrics, cfg.serving.num_speculative_tokens
     base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
-    sets = ", ".join(f"{s.name} ({s.prompts.source}, weight {s.weight})" for s in cfg.acceptance.sets)
     quantized = "llm-compressor FP8_DYNAMIC, BF16: " + ", ".join(cfg.quantization.ignore)
     software = ", ".join(f"{k} {v}" for k, v in t.versions.items())
     model = repo or "<this folder>"
@@ -169,16 +168,7 @@ n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weigh
 
 {_measured_table(cfg, vanilla, m)}
 
-Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}` (greedy, at most
-{cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token
-KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: each answer's verify steps over
-/v1/chat/completions, counted as the client receives them (a step's accepted draft tokens capped at the answer's
-stop), a_i = share of verify steps whose first i+1 draft tokens were accepted and emitted, mixed over {sets}.
-Accepted / step = emitted tokens per verify step - 1; tokens / step = 1 + that: the speed-up over no speculation a
-memory-bound GPU approaches. vLLM's mean accepted (its /metrics figure) also counts proposals accepted past an
-answer's stop, which are never emitted, so it reads higher.
-No tok/s is quoted here: the study measured throughput with {cfg.acceptance.concurrency} requests in flight, not the
-single-stream figure public numbers quote; `mtp-abliterate baseline` prints both on your hardware.
+{_how_measured(cfg)}
 Per set, with a 95 % interval on the mean:
 
 | set | acceptance per position | accepted / step ± 95 % CI | verify steps |
@@ -206,6 +196,21 @@ With the study's config and its cached module I/O, `mtp-abliterate materialize <
 rebuilds these weights and checks them against the sha256 of the edited tensors recorded at trial time
 (`{t.merged_digest}`). Software: {software}.
 """
+
+
+def _how_measured(cfg: StudyConfig) -> str:
+    """The card's paragraph on how each figure was measured."""
+    sets = ", ".join(f"{s.name} ({s.prompts.source}, weight {s.weight})" for s in cfg.acceptance.sets)
+    return f"""Refusal rate: heretic's refusal markers over `{cfg.prompts.harmful_eval.source}` (greedy, at most
+{cfg.abliteration.max_response_length} tokens, chat template). KL divergence: heretic 1.4.0's first-token
+KL(vanilla ‖ this) over `{cfg.prompts.harmless_eval.source}`. Acceptance: each answer's verify steps over
+/v1/chat/completions, counted as the client receives them (a step's accepted draft tokens capped at the answer's
+stop), a_i = share of verify steps whose first i+1 draft tokens were accepted and emitted, mixed over {sets}.
+Accepted / step = emitted tokens per verify step - 1; tokens / step = 1 + that: the speed-up over no speculation a
+memory-bound GPU approaches. vLLM's mean accepted (its /metrics figure) also counts proposals accepted past an
+answer's stop, which are never emitted, so it reads higher.
+No tok/s is quoted here: the study measured throughput with {cfg.acceptance.concurrency} requests in flight, not the
+single-stream figure public numbers quote; `mtp-abliterate baseline` prints both on your hardware."""
 
 
 def export_trial(

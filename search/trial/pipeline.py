@@ -418,15 +418,8 @@ class TrialPipeline:
                     acc = _screened(acc, harmful)
             if refusal is None:
                 with stage("refusals"):
-                    shared = acceptance.replies.get(self.shared_set or "")
-                    if shared and all(r.token_ids is not None for r in shared):
-                        limit = self.cfg.abliteration.max_response_length
-                        responder = prefix_responder(shared, self._decode, limit)
-                    else:
-                        harmful = self._answer_harmful(server)
-                        tokens += sum(r.completion_tokens for r in harmful)
-                        responder = _texts(harmful)
-                    refusal = RefusalRate(responder, self.harmful).compute()
+                    refusal, served = self._refusals_after(server, acceptance)
+                tokens += served
             failed = False
         except StageError as e:
             if server is not None and (lost := self._lost(server, e)):
@@ -436,6 +429,16 @@ class TrialPipeline:
             if server is not None:
                 serving.release(server, failed)
         return Measured(refusal, acc, not_measured, tokens)
+
+    def _refusals_after(self, server: VllmServer, acceptance: AcceptanceSets) -> tuple[ObjectiveResult, int]:
+        """The refusal rate once acceptance is measured: cut from the shared set's answers where that set is the
+        harmful prompts at the refusal length (no tokens served), else served now (its completion tokens)."""
+        shared = acceptance.replies.get(self.shared_set or "")
+        if shared and all(r.token_ids is not None for r in shared):
+            limit = self.cfg.abliteration.max_response_length
+            return RefusalRate(prefix_responder(shared, self._decode, limit), self.harmful).compute(), 0
+        harmful = self._answer_harmful(server)
+        return RefusalRate(_texts(harmful), self.harmful).compute(), sum(r.completion_tokens for r in harmful)
 
     def _lost(self, server: VllmServer, e: StageError) -> str | None:
         """Why the server is gone (it is stopped here when it hung), or None when the failure was not the server's."""
