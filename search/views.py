@@ -60,13 +60,13 @@ def plan_table(cfg: StudyConfig) -> Table:
     table.add_column("setting")
     table.add_column("resolved value", overflow="fold")
     rows = [
-        ("runs directory", str(Path(cfg.resolve(cfg.runs_dir)) / cfg.name)),
-        ("target (BF16 body)", cfg.resolve(cfg.model.target)),
-        ("draft (BF16, vanilla)", cfg.resolve(cfg.model.draft)),
+        ("runs directory", str(Path(cfg.runs_dir) / cfg.name)),
+        ("target (BF16 body)", cfg.model.target),
+        ("draft (BF16, vanilla)", cfg.model.draft),
         ("system prompt", cfg.model.system_prompt),
     ]
     for name, ps in cfg.prompt_sets().items():
-        rows.append((name, " ".join(filter(None, [cfg.resolve(ps.source), ps.split, ps.column and f"[{ps.column}]"]))))
+        rows.append((name, " ".join(filter(None, [ps.source, ps.split, ps.column and f"[{ps.column}]"]))))
     s = cfg.search
     rows += [
         ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
@@ -81,7 +81,7 @@ def plan_table(cfg: StudyConfig) -> Table:
         (
             "vLLM launcher",
             cfg.serving.launcher
-            + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
+            + (f" {cfg.serving.python}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
         ),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
         ("multimodal checkpoints", MULTIMODAL[cfg.serving.multimodal]),
@@ -116,7 +116,7 @@ def origins_table(cfg: StudyConfig, width: int) -> Table:
     the fields left at their defaults (`config check`). Files are relative to the config's folder; each row fits in
     `width` columns (long fields and values are cut)."""
     rows = []
-    dumped = cfg.model_dump(mode="json")
+    dumped = cfg.as_written()  # beside the file that set it, a path reads as that file wrote it
     for keys, source in cfg.origins.items():
         value = dumped
         for key in keys:

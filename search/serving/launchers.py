@@ -143,9 +143,9 @@ class DockerLauncher:
             self.container = None
 
 
-def launcher_for(serving: Serving, python: str, label: str) -> Launcher:
-    """serving.launcher's launcher; `python`: serving.python resolved, `label`: the study (docker containers)."""
-    return PythonLauncher(python) if serving.launcher == "python" else DockerLauncher(serving, label)
+def launcher_for(serving: Serving, label: str) -> Launcher:
+    """serving.launcher's launcher; `label`: the study (docker containers)."""
+    return PythonLauncher(serving.python) if serving.launcher == "python" else DockerLauncher(serving, label)
 
 
 @functools.cache
