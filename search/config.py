@@ -504,10 +504,12 @@ class StudyConfig(Section):
 
     def local_inputs(self) -> dict[str, str]:
         """Field -> value of every input that names a local path, for existence checks."""
+        # imported here: the launchers import this module (Serving)
+        from mtp_abliterate.search.serving.launchers import launcher_for
+
         out = {"model.target": self.model.target, "model.draft": self.model.draft}
         out.update({f"{k}.source": ps.source for k, ps in self.prompt_sets().items() if ps.column is None})
-        if self.serving.launcher == "python":
-            out["serving.python"] = self.serving.python
+        out.update(launcher_for(self.serving, self.name).local_inputs())
         return {k: v for k, v in out.items() if not HF_ID.match(v) or k.endswith(".source")}
 
 

@@ -26,6 +26,7 @@ from mtp_abliterate.search.metrics import (
     VLLM_MEAN_ACCEPTED,
     per_position,
 )
+from mtp_abliterate.search.serving.launchers import launcher_for
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import feasible, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord
@@ -78,11 +79,7 @@ def plan_table(cfg: StudyConfig) -> Table:
             f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"
             + (", incremental (vanilla base once per study)" if cfg.quantization.incremental else ", whole model"),
         ),
-        (
-            "vLLM launcher",
-            cfg.serving.launcher
-            + (f" {cfg.serving.python}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
-        ),
+        ("vLLM launcher", f"{cfg.serving.launcher} {launcher_for(cfg.serving, cfg.name).describe()}"),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
         ("multimodal checkpoints", MULTIMODAL[cfg.serving.multimodal]),
         (
