@@ -34,8 +34,8 @@ console = Console(width=120)
 
 def served_replies(cfg: StudyConfig, model: Path, draft: Path, log: Path) -> dict[str, list[Reply]]:
     """Every prompt of every acceptance set, greedy, each reply with its spec-decode histogram."""
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    with server_for(cfg, model, str(draft), log) as server:
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    with server_for(cfg.serving, model, str(draft), log, cfg.name) as server:
         return measure(cfg, server, sets).replies
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_study_config(args.study)
     work = work_dir(cfg, args.trial)
-    vanilla_draft = Path(cfg.resolve(cfg.model.draft))
+    vanilla_draft = Path(cfg.model.draft)
     runs = {
         "vanilla body": (run_dir_of(cfg) / "fp8-base", vanilla_draft),
         "candidate + vanilla draft": (work / "candidate-fp8", vanilla_draft),

@@ -134,7 +134,7 @@ def compare(trials: int, seed: int, lengths: list[int]) -> dict:
         run_dir = Path(tmp)
         with stderr_to(run_dir / "fp8-base.log"):
             base = fp8_base(cfg, resident, run_dir)
-        serving = SwapServing(cfg, base, run_dir / "server.log")
+        serving = SwapServing(cfg.serving, cfg.model.draft, cfg.name, base, run_dir / "server.log")
         pipelines = {"full": TrialPipeline(_fixed(cfg), resident, base, serving)}
         pipelines["adaptive"] = TrialPipeline(cfg, resident, base, serving)
         space = SearchSpace(resident.abliterator.num_layers, cfg.search.space, tuple(cfg.search.methods))

@@ -146,7 +146,7 @@ class Harness:
         self.num_layers = self.resident.abliterator.num_layers
         with stderr_to(run_dir / "fp8-base.log"):
             self.base = fp8_base(cfg, self.resident, run_dir)
-        self.serving = SwapServing(cfg, self.base, run_dir / "server.log")
+        self.serving = SwapServing(cfg.serving, cfg.model.draft, cfg.name, self.base, run_dir / "server.log")
         self.pipeline = TrialPipeline(cfg, self.resident, self.base, self.serving)
         self.evaluations = 0
         self.stage_s: dict[str, list[float]] = {}  # per stage, over every pipeline run

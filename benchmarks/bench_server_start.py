@@ -54,18 +54,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg = load_config(REPO / "configs" / "organism.toml")
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
     a, n = cfg.acceptance, cfg.serving.num_speculative_tokens
     starts: dict[str, list[float]] = {v: [] for v in VARIANTS}
     processes: dict[str, int] = {}
     counters: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
-        model = quantize_fp8_dynamic(Path(cfg.resolve(cfg.model.target)), Path(tmp) / "fp8", cfg.quantization.ignore)
+        model = quantize_fp8_dynamic(Path(cfg.model.target), Path(tmp) / "fp8", cfg.quantization.ignore)
         for i in range(args.repeats):
             for k, (variant, env) in enumerate(VARIANTS.items()):
                 serving = cfg.serving.model_copy(update={"env": {**cfg.serving.env, **env}})
                 log = Path(tmp) / f"{k}-{i}.log"
-                server = VllmServer(serving, str(model.path), cfg.resolve(cfg.model.draft), log, resolve=cfg.resolve)
+                server = VllmServer(serving, str(model.path), cfg.model.draft, log)
                 t = time.perf_counter()
                 with server:
                     starts[variant].append(time.perf_counter() - t)

@@ -36,24 +36,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cfg = load_config(REPO / "configs" / "organism.toml")
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-    harmful = load_prompt_set(cfg, cfg.prompts.harmful_eval)
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    harmful = load_prompt_set(cfg.model, cfg.prompts.harmful_eval)
     times: dict[str, list[float]] = {k: [] for k in ("quantize", "start cold", "start warm", "acceptance", "refusals")}
     ci: dict[str, list[float]] = {name: [] for name, _, _ in sets}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         for i in range(args.repeats):
             t = time.perf_counter()
-            model = quantize_fp8_dynamic(
-                Path(cfg.resolve(cfg.model.target)), tmp_path / f"fp8-{i}", cfg.quantization.ignore
-            )
+            model = quantize_fp8_dynamic(Path(cfg.model.target), tmp_path / f"fp8-{i}", cfg.quantization.ignore)
             times["quantize"].append(time.perf_counter() - t)
         cache = tmp_path / "vllm-cache"
         serving = cfg.serving.model_copy(update={"env": {**cfg.serving.env, "VLLM_CACHE_ROOT": str(cache)}})
         for i in range(args.repeats + 1):
-            server = VllmServer(
-                serving, str(model.path), cfg.resolve(cfg.model.draft), tmp_path / f"log-{i}", resolve=cfg.resolve
-            )
+            server = VllmServer(serving, str(model.path), cfg.model.draft, tmp_path / f"log-{i}")
             t = time.perf_counter()
             with server:
                 times["start cold" if i == 0 else "start warm"].append(time.perf_counter() - t)

@@ -102,7 +102,11 @@ def bench_organism(trials: int) -> None:
         once["fp8 base (llm-compressor on the vanilla model)"] = time.perf_counter() - t0
         for mode in ("cold", "fast"):
             mcfg = _mode_config(cfg, mode)
-            serving = SwapServing(mcfg, base, run_dir / "server.log") if mode == "fast" else ColdServing(mcfg)
+            serving = (
+                SwapServing(mcfg.serving, mcfg.model.draft, mcfg.name, base, run_dir / "server.log")
+                if mode == "fast"
+                else ColdServing(mcfg.serving, mcfg.model.draft, mcfg.name)
+            )
             pipeline = TrialPipeline(mcfg, resident, base if mode == "fast" else None, serving)
             try:
                 vanilla = pipeline.run(None, run_dir / mode / "vanilla")

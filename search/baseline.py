@@ -17,7 +17,7 @@ from pathlib import Path
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.search.candidate.checkpoint import locate, read_config
 from mtp_abliterate.search.candidate.quantize import quantize_fp8_dynamic
-from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.config import Quantization, StudyConfig
 from mtp_abliterate.search.prompts import load_prompt_set
 from mtp_abliterate.search.serving.server import VllmServer
 from mtp_abliterate.search.study.storage import run_dir_of
@@ -45,12 +45,12 @@ class BaselineRow:
     invalid_reason: str | None
 
 
-def as_deployed(cfg: StudyConfig, model: str, out_dir: Path) -> str:
+def as_deployed(quantization: Quantization, model: str, out_dir: Path) -> str:
     """What to serve for `model` so it is compared as deployed: an unquantized checkpoint (a folder or a hub id in
     the offline cache) is quantized like every candidate into `out_dir/model-fp8`; a quantized one is served as is."""
     source = locate(model).path
-    if cfg.quantization.scheme == "FP8_DYNAMIC" and "quantization_config" not in read_config(source):
-        return str(quantize_fp8_dynamic(source, out_dir / "model-fp8", cfg.quantization.ignore).path)
+    if quantization.scheme == "FP8_DYNAMIC" and "quantization_config" not in read_config(source):
+        return str(quantize_fp8_dynamic(source, out_dir / "model-fp8", quantization.ignore).path)
     return model
 
 
@@ -61,12 +61,12 @@ def baseline_dir(cfg: StudyConfig, label: str) -> Path:
 def baseline_server(cfg: StudyConfig, model: str, n: int, out_dir: Path) -> VllmServer:
     """The server of one row group: `model` without speculation (n = 0) or with the draft at n."""
     serving = cfg.serving.model_copy(update={"num_speculative_tokens": max(n, 1)})
-    draft = cfg.resolve(cfg.model.draft) if n else None
-    return VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", resolve=cfg.resolve, label=cfg.name)
+    draft = cfg.model.draft if n else None
+    return VllmServer(serving, model, draft, out_dir / f"server-n{n}.log", label=cfg.name)
 
 
 def run_baseline(cfg: StudyConfig, model: str, n_values: list[int], out_dir: Path) -> list[BaselineRow]:
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
     a = cfg.acceptance
     rows: list[BaselineRow] = []
     no_spec: dict[tuple[str, int], float] = {}  # (set, concurrency) -> tok/s without speculation

@@ -190,7 +190,7 @@ def abliterate_cmd(
     cfg = _with_method(load_config(file), method)
     raw = _json(params, "--params")
     _quiet(cfg)
-    candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.resolve(cfg.model.target)))
+    candidate = parse_parameters(cfg.abliteration.method, raw, shape_of(cfg.model.target))
     resident = Resident(cfg, cache_dir=run_dir_of(cfg) / "cache")
     details = resident.apply(candidate)
     digest = resident.abliterator.adapter_digest()
@@ -221,11 +221,11 @@ def baseline_cmd(
     out = baseline_dir(cfg, label)
     if dry_run:
         for k in n_values:
-            command = baseline_server(cfg, model or cfg.resolve(cfg.model.target), k, out).command()
+            command = baseline_server(cfg, model or cfg.model.target, k, out).command()
             console.print(f"# n={k}\n" + shlex.join(command), highlight=False, soft_wrap=True)
         return
     _quiet(cfg)
-    model = as_deployed(cfg, model or cfg.resolve(cfg.model.target), out)
+    model = as_deployed(cfg.quantization, model or cfg.model.target, out)
     rows = run_baseline(cfg, model, n_values, out)
     console.print(views.baseline_table(model, rows))
     console.print(views.baseline_legend(rows[0].concurrency, out))

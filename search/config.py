@@ -1,26 +1,37 @@
 """Typed study settings, read from a TOML file and validated before anything heavy happens.
 
 Every field is documented here and mirrored, commented, in `configs/*.toml`. A file may `extends` another
-(`config_merge.py`). Relative paths are relative to the folder of the TOML file that writes them. Errors name the
-file, the field and the fix (`ConfigError`). Later stages add sections by adding a model class and one field on
+(`config_merge.py`). Relative paths are relative to the folder of the TOML file that writes them, and made absolute
+when the config loads (`LocalPath`): stages take a section or a value, never the config to resolve one. Errors name
+the file, the field and the fix (`ConfigError`). Later stages add sections by adding a model class and one field on
 `StudyConfig`; unknown keys are rejected so typos never pass silently.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mtp_abliterate.objectives.registry import lookup
 from mtp_abliterate.search.candidate.methods import DEFAULT as DEFAULT_METHOD
 from mtp_abliterate.search.candidate.methods import NAMES as METHOD_NAMES
 from mtp_abliterate.search.candidate.methods import MethodName
-from mtp_abliterate.search.config_merge import HF_ID, Merged, MergeError, exists, load_merged, resolve_path
+from mtp_abliterate.search.config_merge import HF_ID, PATH_FIELDS, Merged, MergeError, exists, load_merged, resolve_path
 from mtp_abliterate.search.errors import UserError
 
 FIX_HINTS = {
@@ -37,11 +48,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _from_config_folder(value: str, info: ValidationInfo) -> str:
+    """A path relative to the TOML made absolute when `load_config` validates (its context names the TOML's folder),
+    so no stage needs the config to read a path; HF ids and absolute paths unchanged."""
+    base_dir = (info.context or {}).get("base_dir")
+    return resolve_path(base_dir, value) if base_dir is not None else value
+
+
+# A field that names a local path (or an HF id); config_merge.PATH_FIELDS lists them for a base's rebasing.
+LocalPath = Annotated[str, AfterValidator(_from_config_folder)]
+
+
 class ModelSource(Section):
     """Target body and MTP draft: local folders (relative to the TOML) or Hugging Face ids."""
 
-    target: str = Field(description="vanilla BF16 body to abliterate: a folder or an HF id")
-    draft: str = Field(description="the vanilla MTP assistant served beside every candidate: a folder or an HF id")
+    target: LocalPath = Field(description="vanilla BF16 body to abliterate: a folder or an HF id")
+    draft: LocalPath = Field(
+        description="the vanilla MTP assistant served beside every candidate: a folder or an HF id"
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the body is loaded in for abliteration and KL ('auto' = the checkpoint's)"
     )
@@ -53,7 +77,7 @@ class ModelSource(Section):
 class PromptSet(Section):
     """Prompts in heretic's conventions: a text file with one prompt per line, or a dataset id + split + column."""
 
-    source: str = Field(description="text file (relative to the TOML) or HF dataset id")
+    source: LocalPath = Field(description="text file (relative to the TOML) or HF dataset id")
     split: str | None = Field(None, description="e.g. 'train[:400]' for datasets, '[:100]' for text files")
     column: str | None = Field(None, description="dataset column holding the prompt; required for dataset ids")
 
@@ -198,7 +222,11 @@ class Serving(Section):
     """How vLLM is started. It never shares the main environment: it pins its own torch and transformers."""
 
     launcher: Literal["python", "docker"] = Field("python", description="a virtualenv's python, or a docker command")
-    python: str = Field(".venv-vllm/bin/python", description="python of the vLLM environment (launcher = python)")
+    python: LocalPath = Field(
+        ".venv-vllm/bin/python",
+        validate_default=True,  # the default is relative to the TOML too
+        description="python of the vLLM environment (launcher = python)",
+    )
     docker_template: str = Field(
         "docker run --rm --gpus all --ipc host -p 127.0.0.1:{port}:{port} {image} --host 0.0.0.0 --port {port}",
         description="launcher = docker: command before the model args; {port} and {image} are filled in. The tool "
@@ -424,7 +452,7 @@ class StudyConfig(Section):
         "file's own (tables key by key; arrays and values replace), recursively; `config check` shows the result",
     )
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="study name; its folder under runs/")]
-    runs_dir: str = Field("runs", description="where studies write (relative to the TOML)")
+    runs_dir: LocalPath = Field("runs", validate_default=True, description="where studies write (relative to the TOML)")
     model: ModelSource
     prompts: Prompts
     search: Search = Search()
@@ -438,8 +466,10 @@ class StudyConfig(Section):
     tracking: Tracking = Tracking()
     storage: Storage = Storage()
 
-    # Filled by load_config: the TOML's folder, against which relative paths resolve.
+    # Filled by load_config: the TOML's folder, against which relative paths resolved (every path field is absolute).
     base_dir: Path = Field(Path("."), exclude=True)
+    # Filled by load_config: each path field's value as its file wrote it (key path, list indices as ints).
+    written_paths: dict[tuple[str | int, ...], str] = Field(default_factory=dict, exclude=True)
     # Filled by load_config: the URL fields whose TOML value holds a password itself (`config check` warns).
     password_fields: tuple[str, ...] = Field((), exclude=True)
     # Filled by load_config: each value a file set (key path; an array is one value) -> that file (`config check`).
@@ -453,9 +483,15 @@ class StudyConfig(Section):
             raise ValueError(f"search.acceptance_objective {scalar} needs a position below num_speculative_tokens={n}")
         return self
 
-    def resolve(self, value: str) -> str:
-        """A path relative to the TOML made absolute; HF ids and absolute paths unchanged."""
-        return resolve_path(self.base_dir, value)
+    def as_written(self) -> dict[str, Any]:
+        """The config as JSON values with each path as its TOML wrote it: what a study records (`trial_meaning`; the
+        same on hosts whose checkouts differ) and what `config check` shows beside the file that set it."""
+        dumped = self.model_dump(mode="json")
+        for (*parents, leaf), written in self.written_paths.items():
+            node = functools.reduce(lambda n, k: n[k], parents, dumped)
+            if node[leaf] == resolve_path(self.base_dir, written):  # a value replaced since the load stays resolved
+                node[leaf] = written
+        return dumped
 
     def prompt_sets(self) -> dict[str, PromptSet]:
         out = {f"prompts.{k}": getattr(self.prompts, k) for k in Prompts.model_fields}
@@ -468,11 +504,24 @@ class StudyConfig(Section):
 
     def local_inputs(self) -> dict[str, str]:
         """Field -> value of every input that names a local path, for existence checks."""
+        # imported here: the launchers import this module (Serving)
+        from mtp_abliterate.search.serving.launchers import launcher_for
+
         out = {"model.target": self.model.target, "model.draft": self.model.draft}
         out.update({f"{k}.source": ps.source for k, ps in self.prompt_sets().items() if ps.column is None})
-        if self.serving.launcher == "python":
-            out["serving.python"] = self.serving.python
+        out.update(launcher_for(self.serving, self.name).local_inputs())
         return {k: v for k, v in out.items() if not HF_ID.match(v) or k.endswith(".source")}
+
+
+PATH_NAMES = frozenset(".".join(k for k in keys if k != "*") for keys in PATH_FIELDS)
+
+
+def _paths_as_written(node: Any, keys: tuple[str | int, ...] = ()) -> dict[tuple[str | int, ...], str]:
+    """Each path field's value in the merged TOML (a base's from another folder already absolute), by key path."""
+    if isinstance(node, str):
+        return {keys: node} if ".".join(k for k in keys if isinstance(k, str)) in PATH_NAMES else {}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    return {k: v for key, sub in items for k, v in _paths_as_written(sub, (*keys, key)).items()}
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -494,17 +543,22 @@ def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
     if internal := [k for k in INTERNAL if k in raw]:  # filled here, never from the file
         lines = [f"{merged.origin((k,)) or path}: {k}: unknown field; remove it or fix its spelling" for k in internal]
         raise ConfigError("\n".join(lines))
-    filled = {"base_dir": path.resolve().parent, "password_fields": password_fields, "origins": merged.origins}
+    base_dir = path.resolve().parent
+    filled = {
+        "base_dir": base_dir,
+        "written_paths": _paths_as_written(raw),
+        "password_fields": password_fields,
+        "origins": merged.origins,
+    }
     try:
-        cfg = StudyConfig.model_validate({**raw, **filled, "extends": merged.extends})
+        cfg = StudyConfig.model_validate({**raw, **filled, "extends": merged.extends}, context={"base_dir": base_dir})
     except ValidationError as e:
         raise ConfigError("\n".join(_problem(path, merged, err) for err in e.errors())) from None
     if check_paths:
         missing = [
-            f"{path}: {field}: {cfg.resolve(value)} does not exist; fix the path"
-            + FIX_HINTS.get(field.rsplit(".", 1)[-1], "")
+            f"{path}: {field}: {value} does not exist; fix the path" + FIX_HINTS.get(field.rsplit(".", 1)[-1], "")
             for field, value in cfg.local_inputs().items()
-            if not exists(Path(cfg.resolve(value)))
+            if not exists(Path(value))
         ]
         if missing:
             raise ConfigError("\n".join(missing))
@@ -513,7 +567,7 @@ def load_config(path: str | Path, check_paths: bool = True) -> StudyConfig:
     return cfg
 
 
-INTERNAL = ("base_dir", "password_fields", "origins")
+INTERNAL = ("base_dir", "written_paths", "password_fields", "origins")
 
 
 def _problem(path: Path, merged: Merged, err: Any) -> str:
@@ -566,9 +620,9 @@ def _model_problems(path: Path, cfg: StudyConfig) -> list[str]:
     lines = []
     for field, wanted in ARCHITECTURES.items():
         value = getattr(cfg.model, field.split(".")[1])
-        if HF_ID.match(value) and cfg.resolve(value) == value:
+        if HF_ID.match(value):  # resolved: an HF id is the only value still relative
             continue
-        folder = Path(cfg.resolve(value))
+        folder = Path(value)
         if not folder.is_dir():
             lines.append(f"{path}: {field}: {folder} is not a folder; name a model folder or a hub id")
             continue
@@ -593,7 +647,7 @@ def _prompt_file_problems(path: Path, cfg: StudyConfig) -> list[str]:
     for field, ps in cfg.prompt_sets().items():
         if ps.column is not None:
             continue
-        source = Path(cfg.resolve(ps.source))
+        source = Path(ps.source)
         if source.is_dir():
             lines.append(f"{path}: {field}.source: {source} is a folder; a dataset also needs `column` and `split`")
             continue
@@ -672,8 +726,9 @@ def _class_of(field: str) -> bool:
 
 def trial_meaning(cfg: StudyConfig) -> dict[str, Any]:
     """The fields that change what a trial means, flattened (`acceptance.sets[0].weight`), as JSON values: stored
-    in the study when it is created, compared when it is resumed (`meaning_changes`)."""
-    dumped = cfg.model_dump(mode="json")
+    in the study when it is created, compared when it is resumed (`meaning_changes`). Paths as the TOML wrote them
+    (`as_written`): a record independent of where the checkout is, the same as before paths resolved at load."""
+    dumped = cfg.as_written()
     leaves = {k: v for key, value in dumped.items() for k, v in _leaves(key, value).items()}
     return {k: v for k, v in leaves.items() if _class_of(k)}
 

@@ -139,7 +139,8 @@ def rebase_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     return raw
 
 
-# Every field that names a local path ("*": each item of an array); StudyConfig.resolve reads them from base_dir.
+# Every field that names a local path ("*": each item of an array): config.py's `LocalPath` fields, which load_config
+# makes absolute from the TOML's folder.
 PATH_FIELDS: tuple[tuple[str, ...], ...] = (
     ("runs_dir",),
     ("model", "target"),

@@ -12,10 +12,11 @@ from __future__ import annotations
 from heretic.utils import Prompt, load_prompts
 
 from mtp_abliterate.search.candidate.heretic_bridge import LibrarySettings, prompt_spec
-from mtp_abliterate.search.config import PromptSet, StudyConfig
+from mtp_abliterate.search.config import ModelSource, PromptSet
 
 
-def load_prompt_set(cfg: StudyConfig, ps: PromptSet) -> list[Prompt]:
-    settings = LibrarySettings(model=cfg.resolve(cfg.model.target), system_prompt=cfg.model.system_prompt)
-    spec = prompt_spec(cfg.resolve(ps.source), ps.split).model_copy(update={"column": ps.column})
+def load_prompt_set(model: ModelSource, ps: PromptSet) -> list[Prompt]:
+    """`ps` as chats with `model`'s system prompt (heretic reads the target's chat template)."""
+    settings = LibrarySettings(model=model.target, system_prompt=model.system_prompt)
+    spec = prompt_spec(ps.source, ps.split).model_copy(update={"column": ps.column})
     return load_prompts(settings, spec)

@@ -26,6 +26,7 @@ from mtp_abliterate.search.metrics import (
     VLLM_MEAN_ACCEPTED,
     per_position,
 )
+from mtp_abliterate.search.serving.launchers import launcher_for
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import feasible, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord
@@ -60,13 +61,13 @@ def plan_table(cfg: StudyConfig) -> Table:
     table.add_column("setting")
     table.add_column("resolved value", overflow="fold")
     rows = [
-        ("runs directory", str(Path(cfg.resolve(cfg.runs_dir)) / cfg.name)),
-        ("target (BF16 body)", cfg.resolve(cfg.model.target)),
-        ("draft (BF16, vanilla)", cfg.resolve(cfg.model.draft)),
+        ("runs directory", str(Path(cfg.runs_dir) / cfg.name)),
+        ("target (BF16 body)", cfg.model.target),
+        ("draft (BF16, vanilla)", cfg.model.draft),
         ("system prompt", cfg.model.system_prompt),
     ]
     for name, ps in cfg.prompt_sets().items():
-        rows.append((name, " ".join(filter(None, [cfg.resolve(ps.source), ps.split, ps.column and f"[{ps.column}]"]))))
+        rows.append((name, " ".join(filter(None, [ps.source, ps.split, ps.column and f"[{ps.column}]"]))))
     s = cfg.search
     rows += [
         ("search", f"{s.n_trials} trials, {s.sampler} (seed {s.seed}, {s.n_startup_trials} startup)"),
@@ -78,11 +79,7 @@ def plan_table(cfg: StudyConfig) -> Table:
             f"{cfg.quantization.scheme}, BF16: {', '.join(cfg.quantization.ignore)}"
             + (", incremental (vanilla base once per study)" if cfg.quantization.incremental else ", whole model"),
         ),
-        (
-            "vLLM launcher",
-            cfg.serving.launcher
-            + (f" {cfg.resolve(cfg.serving.python)}" if cfg.serving.launcher == "python" else f" {cfg.serving.image}"),
-        ),
+        ("vLLM launcher", f"{cfg.serving.launcher} {launcher_for(cfg.serving, cfg.name).describe()}"),
         ("vLLM args", " ".join(cfg.serving.vllm_args) or "-"),
         ("multimodal checkpoints", MULTIMODAL[cfg.serving.multimodal]),
         (
@@ -116,7 +113,7 @@ def origins_table(cfg: StudyConfig, width: int) -> Table:
     the fields left at their defaults (`config check`). Files are relative to the config's folder; each row fits in
     `width` columns (long fields and values are cut)."""
     rows = []
-    dumped = cfg.model_dump(mode="json")
+    dumped = cfg.as_written()  # beside the file that set it, a path reads as that file wrote it
     for keys, source in cfg.origins.items():
         value = dumped
         for key in keys:

@@ -151,7 +151,7 @@ def assert_serves_as_recorded(
     from mtp_abliterate.search.prompts import load_prompt_set
     from mtp_abliterate.search.serving.server import VllmServer
 
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
     serving = cfg.serving.model_copy(update={"python": str(vllm_python)})
     a = cfg.acceptance
     with VllmServer(serving, str(checkpoint), draft, log) as server:

@@ -118,7 +118,7 @@ def _first_token_logits(model, inputs, pad_token_id: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def vanilla_hf():
     """The vanilla organism loaded by transformers alone, in the resident's dtype (BF16)."""
-    return AutoModelForCausalLM.from_pretrained(CONFIG.resolve(CONFIG.model.target), dtype=torch.bfloat16).eval()
+    return AutoModelForCausalLM.from_pretrained(CONFIG.model.target, dtype=torch.bfloat16).eval()
 
 
 def test_the_saved_checkpoint_is_the_optimised_candidate(resident: Resident, vanilla_hf, tmp_path: Path) -> None:
@@ -126,7 +126,7 @@ def test_the_saved_checkpoint_is_the_optimised_candidate(resident: Resident, van
     transformers alone, against the resident heretic model with its DoRA adapters active."""
     resident.apply(DOCUMENTED)
     digest = resident.abliterator.adapter_digest()
-    source = Path(CONFIG.resolve(CONFIG.model.target))
+    source = Path(CONFIG.model.target)
     out = resident.abliterator.save_merged(tmp_path / "candidate", source)
     assert resident.abliterator.adapter_digest() == digest  # saving keeps the resident's adapters
     assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
@@ -213,7 +213,7 @@ def test_kl_is_heretics_definition_against_an_independently_loaded_vanilla_model
 )
 def test_bad_parameters_fail_before_any_work(raw: dict, message: str) -> None:
     with pytest.raises(AbliterationError, match=message):
-        parse_parameters("ara", raw, shape_of(CONFIG.resolve(CONFIG.model.target)))
+        parse_parameters("ara", raw, shape_of(CONFIG.model.target))
 
 
 @pytest.mark.usefixtures("vllm_python")  # the CLI validates the whole config, the vLLM environment included

@@ -26,7 +26,7 @@ from mtp_abliterate.search.trial.pipeline import Decisions, TrialPipeline, fp8_b
 from tests.conftest import ORGANISM_CONFIG
 from tests.test_serve import _server
 
-SETS = [(s.name, load_prompt_set(ORGANISM_CONFIG, s.prompts), s.weight) for s in ORGANISM_CONFIG.acceptance.sets]
+SETS = [(s.name, load_prompt_set(ORGANISM_CONFIG.model, s.prompts), s.weight) for s in ORGANISM_CONFIG.acceptance.sets]
 # The organism config's informed ARA trial: refusals gone at a small KL.
 INFORMED = AraParameters(**ORGANISM_CONFIG.search.enqueue[0])
 
@@ -137,7 +137,9 @@ def test_candidates_a_constraint_rules_out_are_recorded_without_the_rest(residen
     # The two served runs share one server (a study's: the FP8 base, each candidate swapped in).
     cfg = _config(max_refusal_rate=0.0)
     base = fp8_base(cfg, resident, tmp_path)
-    pipeline = TrialPipeline(cfg, resident, base, SwapServing(cfg, base, tmp_path / "server.log"))
+    pipeline = TrialPipeline(
+        cfg, resident, base, SwapServing(cfg.serving, cfg.model.draft, cfg.name, base, tmp_path / "server.log")
+    )
     try:
         # A refusal rate over max_refusal_rate: the refusals are served first, acceptance is not measured.
         timid = AraParameters(**{**ORGANISM_CONFIG.search.enqueue[0], "steer_w": 1e-4, "overcorrect_w": 0.0})

@@ -54,7 +54,7 @@ def test_abliterated_body_loses_acceptance_and_mtp_gain(tmp_path: Path) -> None:
         resident = Resident(cfg, cache_dir=None)
         resident.apply(DirectionalParameters(**DIRECTIONAL_PARAMETERS))
         assert resident.refusal.compute().value <= 0.2
-        abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.resolve(cfg.model.target))
+        abliterated = resident.abliterator.save_merged(tmp_path / "abliterated", cfg.model.target)
         ablit = _finished(_start_baseline(study, "abliterated", abliterated, n="4"), "abliterated")
     except BaseException:
         vanilla_run[0].kill()  # its servers die with it (PR_SET_PDEATHSIG)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from mtp_abliterate.search.cli import app
 from mtp_abliterate.search.config import ConfigError, load_config
-from mtp_abliterate.search.config_merge import standalone_text
+from mtp_abliterate.search.config_merge import load_merged, standalone_text
 from tests.conftest import CLI, GEMMA4_TOML, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config
 
 N = ORGANISM_CONFIG.serving.num_speculative_tokens
@@ -22,22 +22,29 @@ N = ORGANISM_CONFIG.serving.num_speculative_tokens
 
 def test_relative_paths_resolve_from_the_config_files_folder(tmp_path: Path) -> None:
     cfg = load_config(ORGANISM_TOML, check_paths=False)
-    assert Path(cfg.resolve(cfg.model.target)) == REPO / "organism" / "body"
-    assert Path(cfg.resolve(cfg.prompts.harmful_eval.source)) == REPO / "organism" / "prompts" / "harmful_eval.txt"
+    assert Path(cfg.model.target) == REPO / "organism" / "body"
+    assert Path(cfg.prompts.harmful_eval.source) == REPO / "organism" / "prompts" / "harmful_eval.txt"
     elsewhere = tmp_path / "a" / "b"
     elsewhere.mkdir(parents=True)
     shutil.copy(ORGANISM_TOML, elsewhere / "study.toml")  # the same relative paths, from another folder
     moved = load_config(elsewhere / "study.toml", check_paths=False)
-    assert Path(moved.resolve(moved.model.target)) == tmp_path / "a" / "organism" / "body"
+    assert Path(moved.model.target) == tmp_path / "a" / "organism" / "body"
     with pytest.raises(ConfigError, match="model.target: .* does not exist; fix the path"):
         load_config(elsewhere / "study.toml")
 
 
 def test_hub_ids_are_kept_as_they_are_and_not_checked_as_paths() -> None:
     cfg = load_config(GEMMA4_TOML)  # paths checked: hub ids pass
-    for hub_id in (cfg.model.target, cfg.model.draft):
+    written = load_merged(GEMMA4_TOML).raw
+    hub_ids = (cfg.model.target, cfg.model.draft, cfg.prompts.harmful_eval.source)
+    assert hub_ids == (
+        written["model"]["target"],
+        written["model"]["draft"],
+        written["prompts"]["harmful_eval"]["source"],
+    )
+    for hub_id in hub_ids:
         assert "/" in hub_id and not Path(hub_id).is_absolute() and not hub_id.startswith(".")
-        assert cfg.resolve(hub_id) == hub_id
+    assert cfg.serving.python == str(GEMMA4_TOML.parent / ".venv-vllm" / "bin" / "python")  # a default resolves too
 
 
 def _broken(path: Path) -> str:
@@ -51,7 +58,7 @@ def _organism(tmp_path: Path, **edits) -> Path:
 
 
 DUPLICATE_SETS = [
-    {"name": "harmless", "prompts": {"source": ORGANISM_CONFIG.resolve(s.prompts.source)}, "weight": s.weight}
+    {"name": "harmless", "prompts": {"source": s.prompts.source}, "weight": s.weight}
     for s in ORGANISM_CONFIG.acceptance.sets
 ]
 
@@ -132,9 +139,9 @@ def test_a_config_extends_a_base_in_another_folder_tables_merged_arrays_replaced
     assert (cfg.search.constraints.max_refusal_rate, cfg.search.constraints.max_kl) == (organism, 0.5)
     assert cfg.serving.env == {**ORGANISM_CONFIG.serving.env, "EXTRA": "1"}
     assert (cfg.search.methods, cfg.search.enqueue, [s.name for s in cfg.acceptance.sets]) == (["ara"], [], ["mine"])
-    assert cfg.resolve(cfg.acceptance.sets[0].prompts.source) == str(child.parent / "mine.txt")
-    assert cfg.resolve(cfg.prompts.harmful_eval.source) == str(base.parent / "harmful.txt")
-    assert cfg.resolve(cfg.runs_dir) == str(base.parent / "runs")
+    assert cfg.acceptance.sets[0].prompts.source == str(child.parent / "mine.txt")
+    assert cfg.prompts.harmful_eval.source == str(base.parent / "harmful.txt")
+    assert cfg.runs_dir == str(base.parent / "runs")
 
     out = CliRunner().invoke(app, ["config", "check", str(child)]).output
     assert re.search(r"\n +search\.n_trials +study\.toml +2 *\n", out), out
@@ -142,8 +149,9 @@ def test_a_config_extends_a_base_in_another_folder_tables_merged_arrays_replaced
     assert re.search(r"\n +search\.constraints +default +max_kl *\n", out) is None  # the child set it
     assert re.search(r"\n +draft_tune +default +max_minutes *\n", out), out
 
-    copy = tmp_path / "copy" / "config.toml"  # what the study folder keeps: readable without the base
-    copy.parent.mkdir()
+    # What the study folder keeps: readable without the base (the child's own relative paths, as before, resolve from
+    # the folder the copy is in: here the child's)
+    copy = child.parent / "config.toml"
     copy.write_text(standalone_text(child))
     assert load_config(copy, check_paths=False).model_dump() == cfg.model_dump()
 

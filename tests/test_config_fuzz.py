@@ -256,10 +256,10 @@ def test_prompt_files_skip_blank_lines_strip_crlf_and_keep_long_lines_and_duplic
 
     path, long = prompt_file
     ps = ORGANISM_CONFIG.prompts.harmful_eval.model_copy(update={"source": str(path), "split": None})
-    prompts = [p.user for p in load_prompt_set(ORGANISM_CONFIG, ps)]
+    prompts = [p.user for p in load_prompt_set(ORGANISM_CONFIG.model, ps)]
     assert prompts == ["first prompt", "second", long, "second"]
     sliced = ps.model_copy(update={"split": "[:2]"})  # a split counts prompts, not lines
-    assert [p.user for p in load_prompt_set(ORGANISM_CONFIG, sliced)] == ["first prompt", "second"]
+    assert [p.user for p in load_prompt_set(ORGANISM_CONFIG.model, sliced)] == ["first prompt", "second"]
 
 
 def test_a_prompt_file_that_is_not_utf8_is_refused_with_its_line(tmp_path: Path) -> None:

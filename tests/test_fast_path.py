@@ -77,7 +77,7 @@ def _edge_rows(resident: Resident) -> dict[str, torch.Tensor]:
 def test_incremental_candidates_are_byte_identical_to_llm_compressor(
     resident: Resident, base: Path, tmp_path: Path
 ) -> None:
-    source = CONFIG.resolve(CONFIG.model.target)
+    source = CONFIG.model.target
     for i, weights in enumerate((_merged(resident, DOCUMENTED), _merged(resident, OTHER), _edge_rows(resident))):
         incremental = write_candidate(base, tmp_path / f"incremental-{i}", weights)
         merged = resident.abliterator.save_merged(tmp_path / f"bf16-{i}", source, weights)
@@ -105,7 +105,7 @@ def test_edited_experts_quantized_to_fp8_are_byte_identical_to_llm_compressor(
     experts = [name for name in weights if ".experts." in name]
     assert experts and all(name in editable for name in experts)
     incremental = write_candidate(base, tmp_path / "incremental", weights)
-    merged = ab.save_merged(tmp_path / "bf16", CONFIG.resolve(CONFIG.model.target), weights)
+    merged = ab.save_merged(tmp_path / "bf16", CONFIG.model.target, weights)
     whole_model_fp8(merged, tmp_path / "full", ignore)
     tensors = _tensors(incremental)
     assert tensors == _tensors(tmp_path / "full")
@@ -130,8 +130,8 @@ def test_a_tensor_the_base_did_not_split_out_is_refused(base: Path, tmp_path: Pa
 def _measure(server: VllmServer) -> dict:
     """Greedy refusal answers and each acceptance set's counters and answers, at the study's settings."""
     a = CONFIG.acceptance
-    sets = [(s.name, load_prompt_set(CONFIG, s.prompts), s.weight) for s in CONFIG.acceptance.sets]
-    harmful = load_prompt_set(CONFIG, CONFIG.prompts.harmful_eval)
+    sets = [(s.name, load_prompt_set(CONFIG.model, s.prompts), s.weight) for s in CONFIG.acceptance.sets]
+    harmful = load_prompt_set(CONFIG.model, CONFIG.prompts.harmful_eval)
     answers = served_responder(server.base_url, server.served_name, 100, a.concurrency)(harmful)
     acc = AcceptanceSets(
         server.base_url, server.served_name, sets, 4, a.max_tokens, a.temperature, a.seeds, a.concurrency
@@ -165,7 +165,9 @@ def _long_request(server: VllmServer) -> dict:
         f"{server.base_url}/v1/chat/completions",
         json={
             "model": server.served_name,
-            "messages": [{"role": "user", "content": load_prompt_set(CONFIG, CONFIG.prompts.harmless_eval)[0].user}],
+            "messages": [
+                {"role": "user", "content": load_prompt_set(CONFIG.model, CONFIG.prompts.harmless_eval)[0].user}
+            ],
             "max_tokens": 400,
             "temperature": 0.0,
             "ignore_eos": True,
@@ -181,8 +183,8 @@ def test_swaps_equal_cold_starts_drain_in_flight_requests_and_refuse_mismatched_
 ) -> None:
     candidate = write_candidate(base, tmp_path / "candidate", _merged(resident, DOCUMENTED))
     serving = CONFIG.serving.model_copy(update={"python": str(vllm_python)})
-    draft = CONFIG.resolve(CONFIG.model.draft)
-    bf16 = CONFIG.resolve(CONFIG.model.target)
+    draft = CONFIG.model.draft
+    bf16 = CONFIG.model.target
     reconfigured = tmp_path / "reconfigured"
     shutil.copytree(candidate, reconfigured, symlinks=True)
     config = json.loads((reconfigured / "config.json").read_text())
@@ -199,7 +201,7 @@ def test_swaps_equal_cold_starts_drain_in_flight_requests_and_refuse_mismatched_
     with VllmServer(serving, str(base), draft, tmp_path / "swap.log", swappable=True) as server:
         vanilla = _measure(server)
         # Refusals cut from longer answers (the shared harmful set) == what a 100-token request returns.
-        prompts = load_prompt_set(CONFIG, CONFIG.prompts.harmful_eval)[:8]
+        prompts = load_prompt_set(CONFIG.model, CONFIG.prompts.harmful_eval)[:8]
         decode = partial(resident.model.tokenizer.decode, skip_special_tokens=True)
         cut = prefix_responder([_ask(server, p, 150) for p in prompts], decode, 100)(prompts)
         assert cut == [_ask(server, p, 100).text for p in prompts]

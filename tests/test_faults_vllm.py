@@ -37,7 +37,9 @@ def pipeline(resident, tmp_path_factory: pytest.TempPathFactory, vllm_python: Pa
     cfg = ORGANISM_CONFIG.model_copy(update={"serving": serving, "acceptance": acceptance})
     tmp = tmp_path_factory.mktemp("faults-vllm")
     base = fp8_base(cfg, resident, tmp)
-    pipeline = TrialPipeline(cfg, resident, base, SwapServing(cfg, base, tmp / "server.log"))
+    pipeline = TrialPipeline(
+        cfg, resident, base, SwapServing(cfg.serving, cfg.model.draft, cfg.name, base, tmp / "server.log")
+    )
     yield pipeline
     pipeline.serving.close()
 

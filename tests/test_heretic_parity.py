@@ -51,7 +51,7 @@ CASES = {
 
 
 def _dataset(cfg: StudyConfig, ps: PromptSet) -> dict[str, str]:
-    spec = {"dataset": cfg.resolve(ps.source)}
+    spec = {"dataset": ps.source}
     if ps.split is not None:
         spec["split"] = ps.split
     if ps.column is not None:
@@ -119,7 +119,7 @@ def test_heretic_cli_scores_the_saved_candidate_as_the_one_shot(organism: str, t
     work = tmp_path / "heretic"
     work.mkdir()
     (work / "config.toml").write_text(heretic_config(cfg))
-    body = cfg.resolve(cfg.model.target)
+    body = cfg.model.target
     launcher = [str(HERETIC)] if organism == "organism" else [sys.executable, "-c", HERETIC_WITHOUT_PROCESSOR]
     theirs = _run([*launcher, "--model", body, "--evaluate-model", str(candidate)], work)
     evaluated = theirs[theirs.index("Evaluating...") :]  # the candidate's score, after the vanilla model's

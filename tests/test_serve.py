@@ -30,7 +30,7 @@ LAYOUT = OrganismLayout()
 def _server(tmp_path: Path, **kw) -> VllmServer:
     serving = ORGANISM.serving.model_copy(update=kw)  # vLLM's own cache (~/.cache/vllm), as a study's servers use:
     # an empty one costs ~30 s per start (vLLM inspects both model classes in subprocesses)
-    return VllmServer(serving, str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log", resolve=ORGANISM.resolve)
+    return VllmServer(serving, str(LAYOUT.body), str(LAYOUT.draft), tmp_path / "server.log")
 
 
 def _arg(args: list[str], flag: str) -> str:

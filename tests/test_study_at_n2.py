@@ -68,7 +68,7 @@ def study_at_n2(tmp_path_factory: pytest.TempPathFactory, vllm_python: Path) -> 
     then the config's informed ARA trial. One failure in a row would stop it: bad candidates must not count as
     failures."""
     tmp = tmp_path_factory.mktemp("n2")
-    layers = shape_of(ORGANISM_CONFIG.resolve(ORGANISM_CONFIG.model.target)).num_layers
+    layers = shape_of(ORGANISM_CONFIG.model.target).num_layers
     corner = {"start_layer_index": 0, "end_layer_index": layers, "preserve_w": 0.0, "overcorrect_w": 1.3, "k": 1}
     enqueue = [{**corner, "steer_w": 1.0}, {**corner, "steer_w": 0.5}, ORGANISM_CONFIG.search.enqueue[0]]
     cfg = write_study_config(

@@ -13,11 +13,21 @@ from pathlib import Path
 
 import optuna
 import pytest
+import tomlkit
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from mtp_abliterate.search.cli import app
-from mtp_abliterate.search.config import OPERATIONAL, TRIAL_MEANING, StudyConfig, _class_of, load_config
+from mtp_abliterate.search.config import (
+    OPERATIONAL,
+    TRIAL_MEANING,
+    StudyConfig,
+    _class_of,
+    load_config,
+    meaning_changes,
+    trial_meaning,
+)
+from mtp_abliterate.search.config_merge import load_merged
 from mtp_abliterate.search.study.errors import StudyError
 from mtp_abliterate.search.study.storage import (
     LOCK,
@@ -100,6 +110,25 @@ def test_a_config_edited_between_runs_is_refused_with_the_diff_unless_only_budge
     assert len(errors) == 1 and "serving.num_speculative_tokens: 4 -> 3" in errors[0], proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (run_dir_of(first) / "cache").exists()  # the module I/O capture is the first thing a model load writes
+
+
+def test_a_study_that_recorded_its_paths_as_written_resumes_with_them_resolved_at_load(tmp_path: Path) -> None:
+    """Before paths were resolved when the config loads, a study recorded them as its TOML wrote them
+    (`../organism/body`); the same TOML, loaded now (every path absolute), resumes it with no reported change."""
+    raw = {**load_merged(ORGANISM_TOML).raw, "runs_dir": str(tmp_path / "runs")}
+    toml = tmp_path / "configs" / "study.toml"
+    toml.parent.mkdir()
+    toml.write_text(tomlkit.dumps(raw))
+    as_written = StudyConfig.model_validate(raw)  # validated as load_config did then: the paths kept as written
+    current = load_config(toml, check_paths=False)
+    assert as_written.model.target == "../organism/body"
+    assert current.model.target == str(tmp_path / "organism" / "body")
+    storage = open_storage(current)
+    study, created = open_study(as_written, storage)
+    assert created and study.user_attrs["config_meaning"]["model.target"] == "../organism/body"
+    assert meaning_changes(study.user_attrs["config_meaning"], trial_meaning(current)) == []
+    _, created = open_study(current, storage)  # a reported change raises StudyError
+    assert not created
 
 
 def test_a_second_study_run_of_one_study_folder_is_refused_before_anything_loads(tmp_path: Path) -> None:

@@ -46,6 +46,10 @@ def shape_of(model: str) -> ModelShape:
     return ModelShape(config.num_hidden_layers, experts or 0)
 
 
+def _spec(ps: PromptSet) -> DatasetSpecification:
+    return DatasetSpecification(dataset=ps.source, split=ps.split, column=ps.column)
+
+
 class Resident:
     """The vanilla model in memory with revertible candidates, and its two HF-side objectives."""
 
@@ -53,16 +57,15 @@ class Resident:
         """heretic's log goes to `cache_dir`'s study folder (`heretic.log`); raises CheckpointError for a model that
         cannot be found and ModelLoadError, with heretic's cause, for one that cannot be loaded."""
         quiet_heretic(cache_dir.parent / "heretic.log" if cache_dir else None)
-        self.cfg = cfg
-        self.model_id = cfg.resolve(cfg.model.target)
+        self.model_id = cfg.model.target
         self.checkpoint = locate(self.model_id)  # hub ids: the offline cache's snapshot, loaded by path
         ab = cfg.abliteration
         self.settings = heretic_settings(
             self.checkpoint.path,
-            good=self._spec(cfg.prompts.harmless_train),
-            bad=self._spec(cfg.prompts.harmful_train),
-            good_eval=self._spec(cfg.prompts.harmless_eval),
-            bad_eval=self._spec(cfg.prompts.harmful_eval),
+            good=_spec(cfg.prompts.harmless_train),
+            bad=_spec(cfg.prompts.harmful_train),
+            good_eval=_spec(cfg.prompts.harmless_eval),
+            bad_eval=_spec(cfg.prompts.harmful_eval),
             system_prompt=cfg.model.system_prompt,
             batch_size=ab.batch_size,
             max_response_length=ab.max_response_length,
@@ -80,9 +83,6 @@ class Resident:
         # scored as deployed: the merged checkpoint weights, not the adapters' BF16 forward (docs/parity.md)
         self.kld = KLDivergence(self.model, self.prompts("good_evaluation_prompts"), self.abliterator.deployed)
         self.refusal = RefusalRate(self.respond, self.prompts("bad_evaluation_prompts"))
-
-    def _spec(self, ps: PromptSet) -> DatasetSpecification:
-        return DatasetSpecification(dataset=self.cfg.resolve(ps.source), split=ps.split, column=ps.column)
 
     def prompts(self, field: str) -> list[Prompt]:
         return load_prompts(self.settings, getattr(self.settings, field))

@@ -69,7 +69,7 @@ def draft_tune(
     work = work_dir(cfg, t.number)
     say(f"rebuilding trial {t.number}'s candidate (BF16 to learn from, FP8 to serve)")
     fp8, bf16 = candidate(cfg, t, work)
-    prompts = [p for ps in cfg.draft_tune_prompts() for p in load_prompt_set(cfg, ps)]
+    prompts = [p for ps in cfg.draft_tune_prompts() for p in load_prompt_set(cfg.model, ps)]
     tuned = tune_draft(cfg, fp8, bf16, prompts, budget, work, progress, say)
     record = tune_record(tuned, records.vanilla(study), records.vanilla_per_prompt(study), budget)
     records.save_draft_tune(study, t.number, record)

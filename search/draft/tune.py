@@ -29,7 +29,7 @@ from transformers import Gemma4AssistantForCausalLM, Gemma4ForCausalLM, Gemma4Fo
 from mtp_abliterate.objectives.acceptance import AcceptanceSets
 from mtp_abliterate.objectives.served import Reply, chat
 from mtp_abliterate.search.candidate.checkpoint import locate, read_config, tensor_layout
-from mtp_abliterate.search.config import StudyConfig
+from mtp_abliterate.search.config import Serving, StudyConfig
 from mtp_abliterate.search.draft.distill import Budget, Distilled, Progress, distil
 from mtp_abliterate.search.draft.wiring import Example, text_body
 from mtp_abliterate.search.errors import UserError
@@ -63,9 +63,9 @@ class Tuned:
     differing: dict[str, int] = field(default_factory=dict)  # set -> answers that differ between the two drafts
 
 
-def server_for(cfg: StudyConfig, model: Path, draft: str, log: Path) -> VllmServer:
-    """`model` served with `draft` as the study serves its candidates."""
-    return VllmServer(cfg.serving, str(model), draft, log, resolve=cfg.resolve, label=cfg.name)
+def server_for(serving: Serving, model: Path, draft: str, log: Path, label: str) -> VllmServer:
+    """`model` served with `draft` as the study `label` serves its candidates."""
+    return VllmServer(serving, str(model), draft, log, label=label)
 
 
 def measure(cfg: StudyConfig, server: VllmServer, sets: Sequence[tuple[str, list[Prompt], float]]) -> Served:
@@ -167,11 +167,11 @@ def tune_draft(
     say: Callable[[str], None],
 ) -> Tuned:
     """Steps 1-3 of the module doc for the candidate `fp8` (served) / `bf16` (taught from); writes under `work`."""
-    vanilla_draft = locate(cfg.resolve(cfg.model.draft)).path
-    sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
+    vanilla_draft = locate(cfg.model.draft).path
+    sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
     work.mkdir(parents=True, exist_ok=True)
     say("serving the candidate with the vanilla draft: training answers and acceptance")
-    with server_for(cfg, fp8, str(vanilla_draft), work / "server-vanilla-draft.log") as server:
+    with server_for(cfg.serving, fp8, str(vanilla_draft), work / "server-vanilla-draft.log", cfg.name) as server:
         examples = answers(cfg, server, train_prompts)
         before = measure(cfg, server, sets)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +186,7 @@ def tune_draft(
     del body
     draft_dir = save_draft(draft.cpu(), vanilla_draft, dtype, work / "draft")
     say("serving the candidate with the tuned draft")
-    with server_for(cfg, fp8, str(draft_dir), work / "server-tuned-draft.log") as server:
+    with server_for(cfg.serving, fp8, str(draft_dir), work / "server-tuned-draft.log", cfg.name) as server:
         after = measure(cfg, server, sets)
     differing = {
         name: sum(a.text != b.text for a, b in zip(before.replies[name], after.replies[name], strict=True))

@@ -43,7 +43,7 @@ def base_license(cfg: StudyConfig) -> str:
     """The config's license tag, else the base model card's (a local README.md front matter), else 'other'."""
     if cfg.export.license:
         return cfg.export.license
-    card = locate(cfg.resolve(cfg.model.target)).path / "README.md"
+    card = locate(cfg.model.target).path / "README.md"
     text = card.read_text() if card.is_file() else ""
     front = text.split("---")[1] if text.startswith("---") and text.count("---") >= 2 else ""
     m = re.search(r"(?m)^license:\s*(\S+)", front)
@@ -150,7 +150,8 @@ def model_card(
 ) -> str:
     """The card of trial `t`: its numbers beside vanilla's, how they were measured, the serve command, parameters."""
     m, n = t.metrics, cfg.serving.num_speculative_tokens
-    base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.resolve(cfg.model.target)).name
+    written = StudyConfig.model_validate(cfg.as_written())  # paths as the TOML wrote them: a card names no home folder
+    base = cfg.model.target if HF_ID.match(cfg.model.target) else Path(cfg.model.target).name
     quantized = "llm-compressor FP8_DYNAMIC, BF16: " + ", ".join(cfg.quantization.ignore)
     software = ", ".join(f"{k} {v}" for k, v in t.versions.items())
     model = repo or "<this folder>"
@@ -160,7 +161,7 @@ def model_card(
 
 An abliteration of `{base}` chosen for keeping its MTP draft's speed-up: {_method(t.params)} on
 `attn.o_proj` and `mlp.down_proj`, picked from an Optuna study (trial {t.number} of study `{cfg.name}`)
-that scored every candidate, served in vLLM beside the **vanilla** MTP draft `{cfg.model.draft}` at
+that scored every candidate, served in vLLM beside the **vanilla** MTP draft `{written.model.draft}` at
 n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weights: {precision.upper()}
 ({quantized if precision == "fp8" else "BF16"}).
 
@@ -168,7 +169,7 @@ n = {n}, on refusal rate, KL divergence and per-position draft acceptance. Weigh
 
 {_measured_table(cfg, vanilla, m)}
 
-{_how_measured(cfg)}
+{_how_measured(written)}
 Per set, with a 95 % interval on the mean:
 
 | set | acceptance per position | accepted / step ± 95 % CI | verify steps |

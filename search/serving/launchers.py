@@ -34,6 +34,12 @@ class Launcher(Protocol):
     plugin_dir: str  # where the server process finds the swap extension (search/serving/vllm_plugin)
     container: str | None  # the running container's name (docker), else None
 
+    def local_inputs(self) -> dict[str, str]:
+        """Config field -> local path this launcher needs (`load_config` checks that each exists)."""
+
+    def describe(self) -> str:
+        """What it runs, for the plan (`config check`)."""
+
     def problem(self) -> str | None:
         """Why no server can be started this way here, naming the fix; None when it can."""
 
@@ -61,6 +67,12 @@ class PythonLauncher:
 
     def __init__(self, python: str) -> None:
         self.python = python
+
+    def local_inputs(self) -> dict[str, str]:
+        return {"serving.python": self.python}
+
+    def describe(self) -> str:
+        return self.python
 
     def problem(self) -> str | None:
         if not Path(self.python).exists():
@@ -94,6 +106,12 @@ class DockerLauncher:
     def __init__(self, serving: Serving, label: str) -> None:
         self.serving, self.label = serving, label  # label: the study whose containers these are
         self.container: str | None = None
+
+    def local_inputs(self) -> dict[str, str]:
+        return {}  # the image brings its own vLLM
+
+    def describe(self) -> str:
+        return self.serving.image
 
     def problem(self) -> str | None:
         client = docker_client(self.serving)
@@ -143,9 +161,9 @@ class DockerLauncher:
             self.container = None
 
 
-def launcher_for(serving: Serving, python: str, label: str) -> Launcher:
-    """serving.launcher's launcher; `python`: serving.python resolved, `label`: the study (docker containers)."""
-    return PythonLauncher(python) if serving.launcher == "python" else DockerLauncher(serving, label)
+def launcher_for(serving: Serving, label: str) -> Launcher:
+    """serving.launcher's launcher; `label`: the study (docker containers)."""
+    return PythonLauncher(serving.python) if serving.launcher == "python" else DockerLauncher(serving, label)
 
 
 @functools.cache

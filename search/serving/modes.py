@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Protocol
 
 from mtp_abliterate.search.config import Serving as ServingSettings
-from mtp_abliterate.search.config import StudyConfig
 from mtp_abliterate.search.serving.server import VllmServer
 
 MEMORY_FLAG = "--gpu-memory-utilization"
@@ -46,26 +45,25 @@ class ServingMode(Protocol):
 
 
 class ColdServing:
-    """A fresh server per candidate, stopped after its measurement: the reference behaviour."""
+    """A fresh server per candidate, stopped after its measurement: the reference behaviour. `draft`: the vanilla
+    draft (config.model.draft), `label`: the study (docker labels its containers with it)."""
 
     name = "cold"
 
-    def __init__(self, cfg: StudyConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, serving: ServingSettings, draft: str, label: str) -> None:
+        self.serving, self.draft, self.label = serving, draft, label
 
     def log_path_for(self, trial_log: Path) -> Path:
         return trial_log
 
     def open(self, candidate: Path, log_path: Path) -> VllmServer:
-        cfg = self.cfg
         server = VllmServer(
-            beside_resident(cfg.serving),
+            beside_resident(self.serving),
             str(candidate),
-            cfg.resolve(cfg.model.draft),
+            self.draft,
             log_path,
-            resolve=cfg.resolve,
             mounts=(candidate.parent,),  # a trial folder (an incremental candidate links into the FP8 base)
-            label=cfg.name,
+            label=self.label,
         )
         return server.start()
 
@@ -80,12 +78,13 @@ class SwapServing:
     """One server for the study, started on the vanilla checkpoint `base`; each candidate is swapped in place.
 
     The server is (re)started lazily: at the first candidate, and after it died or was closed (a failed trial,
-    the cold self-check, which needs the memory)."""
+    the cold self-check, which needs the memory). `draft` and `label` as for `ColdServing`."""
 
     name = "swap"
 
-    def __init__(self, cfg: StudyConfig, base: Path, log_path: Path) -> None:
-        self.cfg, self.base, self.log_path = cfg, base, log_path
+    def __init__(self, serving: ServingSettings, draft: str, label: str, base: Path, log_path: Path) -> None:
+        self.serving, self.draft, self.label = serving, draft, label
+        self.base, self.log_path = base, log_path
         self.server: VllmServer | None = None
 
     def log_path_for(self, trial_log: Path) -> Path:
@@ -94,16 +93,14 @@ class SwapServing:
     def open(self, candidate: Path, log_path: Path) -> VllmServer:
         if self.server is None or not self.server.alive():
             self.close()
-            cfg = self.cfg
             self.server = VllmServer(
-                beside_resident(cfg.serving),
+                beside_resident(self.serving),
                 str(self.base),
-                cfg.resolve(cfg.model.draft),
+                self.draft,
                 self.log_path,
-                resolve=cfg.resolve,
                 swappable=True,
                 mounts=(self.base.parent,),  # the study folder: candidates are swapped in from trials/
-                label=cfg.name,
+                label=self.label,
             ).start()
         self.server.swap(candidate)
         return self.server

@@ -95,7 +95,6 @@ class VllmServer:
         log_path: Path,
         port: int | None = None,
         served_name: str = "candidate",
-        resolve=lambda value: value,
         swappable: bool = False,
         mounts: tuple[Path, ...] = (),
         label: str = "mtp-abliterate",
@@ -111,7 +110,7 @@ class VllmServer:
         self.served_name = served_name
         self.process: subprocess.Popen | None = None
         self.views_dir = log_path.parent / "text-views"  # text-only views of multimodal checkpoints (links)
-        self.launcher = launcher_for(serving, resolve(serving.python), label)  # label: docker's containers' study
+        self.launcher = launcher_for(serving, label)  # label: docker's containers' study
 
     @property
     def container(self) -> str | None:

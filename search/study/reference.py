@@ -23,7 +23,7 @@ def score_reference(
     cfg = runner.cfg.model_copy(update={"abliteration": runner.cfg.abliteration.model_copy(update={"method": method})})
     with runner.console.status(f"scoring the {method} reference {label!r}"):
         try:
-            params = parse_parameters(method, raw, shape_of(cfg.resolve(cfg.model.target)))
+            params = parse_parameters(method, raw, shape_of(cfg.model.target))
             pipeline = TrialPipeline(cfg, Resident(cfg, cache_dir=runner.run_dir / "cache"))
         except (CheckpointError, ModelLoadError) as e:
             raise StudyError(str(e)) from None

@@ -157,9 +157,10 @@ class StudyRunner:
 
     def _parent_params(self) -> dict[str, Any]:
         c = self.cfg
+        model = c.as_written()["model"]  # recorded as the TOML wrote them, as before paths resolved at load
         return {
-            "target": c.model.target,
-            "draft": c.model.draft,
+            "target": model["target"],
+            "draft": model["draft"],
             "method": c.abliteration.method,
             "rank": c.abliteration.rank,
             "row_normalization": c.abliteration.row_normalization,

@@ -22,10 +22,12 @@ from mtp_abliterate.search.study.storage import run_dir_of
 
 def swap_key(cfg: StudyConfig, base: Path | None) -> str:
     """What a swap self-check verdict holds for: the serving settings (but how the check itself is run), the draft
-    and the base checkpoint."""
-    base_id = (base / KEY_FILE).read_text() if base else cfg.model.target
-    serving = cfg.serving.model_dump(mode="json", exclude={"self_check_beside"})
-    payload = json.dumps([serving, cfg.model.draft, base_id], sort_keys=True)
+    and the base checkpoint. Paths as the TOML wrote them: the key verdicts were recorded under before paths resolved
+    at load."""
+    written = cfg.as_written()
+    base_id = (base / KEY_FILE).read_text() if base else written["model"]["target"]
+    serving = {k: v for k, v in written["serving"].items() if k != "self_check_beside"}
+    payload = json.dumps([serving, written["model"]["draft"], base_id], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -43,8 +45,9 @@ def plan_serving(
     `base`: the FP8 base (None when candidates are quantized whole); `unquantized`: the vanilla checkpoint, the
     swap server's first model when the study does not quantize."""
     mode = cfg.serving.mode
+    cold = ColdServing(cfg.serving, cfg.model.draft, cfg.name)
     if mode == "cold":
-        return ServingPlan(ColdServing(cfg), False, None)
+        return ServingPlan(cold, False, None)
     initial = base if base else (None if cfg.quantization.scheme == "FP8_DYNAMIC" else unquantized)
     if initial is None:
         if mode == "swap":
@@ -52,21 +55,19 @@ def plan_serving(
                 "serving.mode = 'swap' needs FP8 candidates built incrementally: set "
                 "quantization.incremental = true (or serving.mode = 'auto')"
             )
-        return ServingPlan(
-            ColdServing(cfg), False, "serving: cold starts (swapping needs quantization.incremental = true)"
-        )
+        return ServingPlan(cold, False, "serving: cold starts (swapping needs quantization.incremental = true)")
     same_setup = bool(verdict) and verdict["key"] == swap_key(cfg, base)
     if mode == "auto" and same_setup and not verdict.get("passed", verdict["identical"]):
         note = f"serving: cold starts (the swap self-check failed on trial {verdict['trial']})"
-        return ServingPlan(ColdServing(cfg), False, note)
-    return ServingPlan(SwapServing(cfg, initial, run_dir / "server.log"), mode == "auto" and not same_setup, None)
+        return ServingPlan(cold, False, note)
+    swap = SwapServing(cfg.serving, cfg.model.draft, cfg.name, initial, run_dir / "server.log")
+    return ServingPlan(swap, mode == "auto" and not same_setup, None)
 
 
 def study_servers(cfg: StudyConfig) -> list[tuple[str, VllmServer]]:
     """The servers a study starts, unstarted (for `study run --dry-run`): the swap server on the FP8 base and a
     cold server for a candidate."""
     run_dir = run_dir_of(cfg)
-    draft = cfg.resolve(cfg.model.draft)
     servers = []
     if cfg.serving.mode != "cold":
         servers.append(("study server (swaps)", run_dir / "fp8-base", True, (run_dir,)))
@@ -78,9 +79,8 @@ def study_servers(cfg: StudyConfig) -> list[tuple[str, VllmServer]]:
             VllmServer(
                 beside_resident(cfg.serving),
                 str(model),
-                draft,
+                cfg.model.draft,
                 run_dir / "server.log",
-                resolve=cfg.resolve,
                 swappable=swappable,
                 mounts=mounts,
                 label=cfg.name,

@@ -37,7 +37,7 @@ POINTER = "study.json"
 
 
 def run_dir_of(cfg: StudyConfig) -> Path:
-    return Path(cfg.resolve(cfg.runs_dir)) / cfg.name
+    return Path(cfg.runs_dir) / cfg.name
 
 
 def storage_url(cfg: StudyConfig) -> str:
@@ -58,7 +58,7 @@ def tracking_uri(cfg: StudyConfig) -> str:
     beside the studies (no server needed)."""
     uri = cfg.tracking.mlflow_uri
     if uri is None:
-        return f"sqlite:///{(Path(cfg.resolve(cfg.runs_dir)) / 'mlflow.db').absolute()}"
+        return f"sqlite:///{(Path(cfg.runs_dir) / 'mlflow.db').absolute()}"
     return _with_psycopg(uri)
 
 

@@ -227,9 +227,9 @@ class TrialPipeline:
         self.cfg = cfg
         self.resident = resident
         self.base = base
-        self.serving: ServingMode = serving or ColdServing(cfg)
-        self.sets = [(s.name, load_prompt_set(cfg, s.prompts), s.weight) for s in cfg.acceptance.sets]
-        self.harmful: list[Prompt] = load_prompt_set(cfg, cfg.prompts.harmful_eval)
+        self.serving: ServingMode = serving or self._cold_serving()
+        self.sets = [(s.name, load_prompt_set(cfg.model, s.prompts), s.weight) for s in cfg.acceptance.sets]
+        self.harmful: list[Prompt] = load_prompt_set(cfg.model, cfg.prompts.harmful_eval)
         self.shared_set = self._shared_set()
         a = cfg.acceptance
         same_length = a.max_tokens == cfg.abliteration.max_response_length and len(a.seeds) == 1
@@ -250,7 +250,10 @@ class TrialPipeline:
     def use_cold_starts(self) -> None:
         """From now on a cold start per candidate (the swap self-check failed): the study server is stopped."""
         self.serving.close()
-        self.serving = ColdServing(self.cfg)
+        self.serving = self._cold_serving()
+
+    def _cold_serving(self) -> ColdServing:
+        return ColdServing(self.cfg.serving, self.cfg.model.draft, self.cfg.name)
 
     def run(
         self,
@@ -494,7 +497,7 @@ class TrialPipeline:
                 log_path,
                 lambda name: nullcontext(),  # the whole check is timed as one stage
                 lambda pid: None,
-                ColdServing(self.cfg),
+                self._cold_serving(),
             )
         except (StageError, KeyboardInterrupt):
             raise
