@@ -8,13 +8,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from mtp_abliterate.search.cli import app
-from mtp_abliterate.search.config import ConfigError, load_config
-from mtp_abliterate.search.config_merge import load_merged, standalone_text
+from mtp_abliterate.search.config import ConfigError, LocalPath, StudyConfig, load_config
+from mtp_abliterate.search.config_merge import PATH_FIELDS, load_merged, standalone_text
 from tests.conftest import CLI, GEMMA4_TOML, ORGANISM_CONFIG, ORGANISM_TOML, REPO, write_study_config
 
 N = ORGANISM_CONFIG.serving.num_speculative_tokens
@@ -180,3 +183,25 @@ def test_the_cli_and_its_study_tables_load_without_torch() -> None:
     modules = "mtp_abliterate.search.cli, mtp_abliterate.search.study.records"
     code = f"import sys, {modules}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def _local_path_fields(model: type[BaseModel], keys: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Key paths of every `LocalPath` field under `model` ("*": each item of a list)."""
+    out: set[tuple[str, ...]] = set()
+    for name, info in model.model_fields.items():
+        here = (*keys, name)
+        if any(getattr(m, "func", None) is LocalPath.__metadata__[0].func for m in info.metadata):
+            out.add(here)
+        union = get_origin(info.annotation) in (Union, UnionType)  # `X | None`: look at X
+        for arg in get_args(info.annotation) if union else [info.annotation]:
+            inner = get_args(arg)[0] if get_origin(arg) is list else arg
+            suffix = ("*",) if get_origin(arg) is list else ()
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                out |= _local_path_fields(inner, (*here, *suffix))
+    return out
+
+
+def test_every_local_path_field_is_rebased_when_a_base_is_merged():
+    """config_merge.PATH_FIELDS (a base's relative paths rebased onto the extending file) lists exactly the fields
+    that load_config makes absolute: a new path field added to one list only would resolve from the wrong folder."""
+    assert _local_path_fields(StudyConfig) == set(PATH_FIELDS)
