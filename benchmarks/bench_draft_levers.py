@@ -182,12 +182,16 @@ def main() -> None:
     console.print("generating answers (vanilla body, candidate; eval sets and training mix)")
     ref, base = {}, {}
     eval_answers = {}
+    changed: dict[str, list[bool]] = {}  # per prompt: the candidate's answer differs from the vanilla body's
     for name, enc in evals.items():
-        ref[name] = steps_per_answer(vanilla_body, draft0, answers(vanilla_body, enc, max_new, pad, 0), n, pad)
+        vanilla_answers = answers(vanilla_body, enc, max_new, pad, 0)
+        ref[name] = steps_per_answer(vanilla_body, draft0, vanilla_answers, n, pad)
         eval_answers[name] = answers(cand, enc, max_new, pad, 0)
         base[name] = steps_per_answer(cand, draft0, eval_answers[name], n, pad)
+        changed[name] = [a.ids != b.ids for a, b in zip(vanilla_answers, eval_answers[name], strict=True)]
     examples = answers(cand, train_prompts, max_new, pad, n - 1)
     rows: list[dict] = []
+    out = work / "draft-levers.json"
     for v in args.variants.split(","):
         if v == "kept":  # the draft `draft-tune` saved for this trial
             draft, seconds, loss = (
@@ -211,8 +215,16 @@ def main() -> None:
                 "halfwidth": round(half, 3),
                 "recovered": round(gain / loss_v, 3) if loss_v > 0 else None,
             }
+            for part, want in (("changed", True), ("unchanged", False)):  # where the loss and the gain lie
+                pick = [i for i, c in enumerate(changed[name]) if c == want]
+                if pick:
+                    row[name][part] = {"prompts": len(pick)} | {
+                        k: round(per_step([pairs[i] for i in pick]), 3)
+                        for k, pairs in (("vanilla_body", ref[name]), ("vanilla_draft", base[name]), ("tuned", tuned))
+                    }
         rows.append(row)
         console.print(row)
+        out.write_text(json.dumps(rows, indent=1) + "\n")  # each variant as it finishes
     table = Table(title=f"{args.study.name} trial {args.trial}: draft-tune variants, speed-true accepted/step (screen)")
     for col in ["variant", *[f"{s}: vanilla draft -> tuned, gain (recovered)" for s in evals], "train s"]:
         table.add_column(col)
@@ -224,8 +236,6 @@ def main() -> None:
         ]
         table.add_row(r["variant"], *cells, str(r["train_s"]))
     console.print(table)
-    out = work / "draft-levers.json"
-    out.write_text(json.dumps(rows, indent=1) + "\n")
     console.print(f"written: {out}")
 
 
