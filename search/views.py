@@ -30,6 +30,7 @@ from mtp_abliterate.search.serving.launchers import launcher_for
 from mtp_abliterate.search.study import records
 from mtp_abliterate.search.study.pareto import feasible, pareto_front, reference_points
 from mtp_abliterate.search.study.records import TrialRecord
+from mtp_abliterate.search.study.storage import run_dir_of
 from mtp_abliterate.search.study.winner import bounds, compare, pick_winner
 
 SHORT = {
@@ -392,9 +393,10 @@ def winner_line(cfg: StudyConfig, study: optuna.Study) -> str:
     m = w.record.metrics
     up = f"; vs runner-up trial {w.runner_up.number}: {w.vs_runner_up}" if w.runner_up and w.vs_runner_up else ""
     van = f"; vs vanilla: {w.vs_vanilla}" if w.vs_vanilla else ""
+    export = f"`mtp-abliterate export {run_dir_of(cfg)} --trial best`"
     return (
         f"winner: trial {w.record.number}, {scalar} {m[scalar]:.3f}, refusal {m[REFUSAL_RATE]:.3f}, KL "
-        f"{m[KLD]:.4g} (within {within}){up}{van}; export it with `export --trial best`"
+        f"{m[KLD]:.4g} (within {within}){up}{van}; export it with {export}"
     )
 
 

@@ -202,3 +202,15 @@ def test_a_study_written_with_another_acceptance_objective_is_refused_in_one_lin
     message = str(refused.value)
     assert "\n" not in message and "'mean_accepted_tokens'" in message and "'accepted_per_step'" in message
     assert "give the config a new `name`" in message
+
+
+def test_commands_on_a_study_that_never_ran_say_so_in_one_line_and_create_nothing(tmp_path: Path) -> None:
+    """`study status` / `study show` before the first `study run`: one line naming the fix, no traceback, and no
+    empty study database or folder left behind (opening the SQLite URL would create one, or fail on the folder)."""
+    config = organism(tmp_path)
+    for words in (["study", "status", str(config)], ["study", "show", str(config), "0"]):
+        result = CliRunner().invoke(app, words)
+        assert result.exit_code != 0, result.output
+        assert "start it with `mtp-abliterate study run CONFIG`" in result.output
+        assert "Traceback" not in result.output and "OperationalError" not in result.output
+    assert not run_dir_of(load_config(config)).exists()

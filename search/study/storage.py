@@ -340,12 +340,16 @@ def _same_store(recorded: str, configured: str) -> str:
 def load_existing_study(cfg: StudyConfig) -> optuna.Study:
     """A study that exists; raises StudyNotFound with the fix if not."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    missing = StudyNotFound(
+        f"no study {cfg.name!r} in {redact(storage_url(cfg))}; start it with `mtp-abliterate study run CONFIG`"
+    )
+    # the study's own SQLite file: absent means never run (opening it would create it, or fail on a missing folder)
+    if cfg.storage.optuna_url is None and not (run_dir_of(cfg) / "optuna.db").is_file():
+        raise missing
     try:
         return optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
     except KeyError:
-        raise StudyNotFound(
-            f"no study {cfg.name!r} in {redact(storage_url(cfg))}; start it with `mtp-abliterate study run CONFIG`"
-        ) from None
+        raise missing from None
 
 
 LOCK = "study-run.lock"
