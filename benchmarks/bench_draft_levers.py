@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -36,9 +35,13 @@ from transformers import AutoTokenizer, Gemma4AssistantForCausalLM, Gemma4ForCau
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / ".shim")) if (REPO / ".shim").is_dir() else None
 
+from mtp_abliterate.objectives.paired import paired  # noqa: E402
+from mtp_abliterate.organism.acceptance_sim import AcceptanceCounts, replay_rounds  # noqa: E402
 from mtp_abliterate.organism.generate import encode_prompt  # noqa: E402
+from mtp_abliterate.search.candidate.checkpoint import locate  # noqa: E402
 from mtp_abliterate.search.config import load_config  # noqa: E402
 from mtp_abliterate.search.draft.distill import VLLM_POSITION_OFFSET, Budget, distil  # noqa: E402
+from mtp_abliterate.search.draft.tune import load_body  # noqa: E402
 from mtp_abliterate.search.draft.wiring import Example, body_states, draft_chain, pad_batch  # noqa: E402
 
 
@@ -63,11 +66,6 @@ VARIANTS = {
         Variant("lr-3e-3", lr=3e-3),
     ]
 }
-
-
-def load_body(path: Path, device: torch.device) -> Gemma4ForCausalLM:
-    """In float32 (draft-tune's `load_body` on a CPU; on a GPU too, so that both screens agree)."""
-    return Gemma4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
 
 
 def _greedy(body: Gemma4ForCausalLM, seqs: list[list[int]], new: int, pad: int, stop: bool) -> list[list[int]]:
@@ -119,15 +117,9 @@ def steps_per_answer(body, draft, examples: list[Example], n: int, pad: int) -> 
         chain = draft_chain(draft, embed, ids, hidden, kv, n, window, position_offset=VLLM_POSITION_OFFSET)
         proposals = torch.stack([logits.argmax(-1) for logits in chain], dim=-1).tolist()
         for i, e in enumerate(chunk):
-            last, p, s = len(e.ids) - 1, e.prompt_len, 0
-            while p < last:  # a round at p: the draft's proposals for p+1..p+n, the body's own token after them
-                k = 0
-                for j, d in enumerate(proposals[i][p]):
-                    if p + 1 + j > last or d != e.ids[p + 1 + j]:
-                        break
-                    k += 1
-                s, p = s + 1, p + k + 1
-            out.append((len(e.ids) - e.prompt_len - 1, s))
+            counts = AcceptanceCounts(accepted_per_pos=[0] * n)  # its verify steps are its rounds
+            replay_rounds(e.ids, e.prompt_len, proposals[i], counts)
+            out.append((len(e.ids) - e.prompt_len - 1, counts.num_drafts))
     return out
 
 
@@ -136,14 +128,13 @@ def per_step(pairs: list[tuple[int, int]]) -> float:
     return (t - s) / s
 
 
-def paired(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> tuple[float, float]:
-    """b - a of the ratio estimator, prompts as the unit (linearised), with its 95 % half-width."""
-    ra, rb = per_step(a), per_step(b)
-    sa, sb = sum(s for _, s in a) / len(a), sum(s for _, s in b) / len(b)
-    z = [((tb - sb_ * (1 + rb)) / sb) - ((ta - sa_ * (1 + ra)) / sa) for (ta, sa_), (tb, sb_) in zip(a, b, strict=True)]
-    mean = sum(z) / len(z)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in z) / (len(z) - 1))
-    return rb - ra, 1.96 * sd / math.sqrt(len(z))
+def paired_gain(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> tuple[float, float]:
+    """b - a and its 95 % half-width on the same prompts (`objectives/paired.py`)."""
+    as_counts = lambda pairs: {  # noqa: E731
+        "x": {"index": range(len(pairs)), "steps": [s for _, s in pairs], "accepted": [t - s for t, s in pairs]}
+    }
+    d = paired(as_counts(b), as_counts(a), {"x": 1.0})
+    return d.difference, d.halfwidth
 
 
 def train(variant: Variant, body, vanilla: Path, examples: list[Example], n: int, pad: int, seed: int, bs: int):
@@ -175,8 +166,9 @@ def main() -> None:
     evals = {s.name: [encode_prompt(tok, p, system) for p in read(s.prompts.source)] for s in cfg.acceptance.sets}
     train_prompts = [encode_prompt(tok, p, system) for ps in cfg.draft_tune_prompts() for p in read(ps.source)]
     console = Console()
-    vanilla_body = load_body(Path(cfg.model.target), device)
-    cand = load_body(work / "candidate-bf16", device)
+    # float32 on a GPU too, so that a CPU and a GPU screen agree
+    vanilla_body = load_body(locate(cfg.model.target).path, device, torch.float32)
+    cand = load_body(work / "candidate-bf16", device, torch.float32)
     vanilla_draft = Path(cfg.model.draft)
     draft0 = Gemma4AssistantForCausalLM.from_pretrained(vanilla_draft, dtype=torch.float32).eval().to(device)
     console.print("generating answers (vanilla body, candidate; eval sets and training mix)")
@@ -195,7 +187,7 @@ def main() -> None:
     for v in args.variants.split(","):
         if v == "kept":  # the draft `draft-tune` saved for this trial
             draft, seconds, loss = (
-                Gemma4AssistantForCausalLM.from_pretrained(work / "draft", dtype=torch.float32),
+                Gemma4AssistantForCausalLM.from_pretrained(work / "draft", dtype=torch.float32).to(device),
                 0.0,
                 0.0,
             )
@@ -205,8 +197,8 @@ def main() -> None:
         row: dict = {"variant": v, "train_s": round(seconds, 1), "last_loss": round(loss, 5)}
         for name in evals:
             tuned = steps_per_answer(cand, draft, eval_answers[name], n, pad)
-            loss_v, _ = paired(base[name], ref[name])
-            gain, half = paired(base[name], tuned)
+            loss_v, _ = paired_gain(base[name], ref[name])
+            gain, half = paired_gain(base[name], tuned)
             row[name] = {
                 "vanilla_body": round(per_step(ref[name]), 3),
                 "vanilla_draft": round(per_step(base[name]), 3),

@@ -62,7 +62,7 @@ def plan_table(cfg: StudyConfig) -> Table:
     table.add_column("setting")
     table.add_column("resolved value", overflow="fold")
     rows = [
-        ("runs directory", str(Path(cfg.runs_dir) / cfg.name)),
+        ("runs directory", str(run_dir_of(cfg))),
         ("target (BF16 body)", cfg.model.target),
         ("draft (BF16, vanilla)", cfg.model.draft),
         ("system prompt", cfg.model.system_prompt),

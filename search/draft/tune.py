@@ -128,11 +128,12 @@ def answers(cfg: StudyConfig, server: VllmServer, prompts: Sequence[Prompt]) -> 
         return [e for e in pool.map(lambda p: ask(client, p), prompts) if e is not None]
 
 
-def load_body(path: Path, device: torch.device) -> Gemma4ForCausalLM:
-    """The candidate's text model (a release checkpoint's language model, or the text checkpoint): in its own dtype
-    on a GPU; in float32 on a CPU, where BF16 matmuls without AMX run 4-15x slower (measured on the organism)."""
+def load_body(path: Path, device: torch.device, dtype: torch.dtype | None = None) -> Gemma4ForCausalLM:
+    """The candidate's text model (a release checkpoint's language model, or the text checkpoint): in `dtype` if
+    given, else in its own dtype on a GPU and in float32 on a CPU, where BF16 matmuls without AMX run 4-15x slower
+    (measured on the organism)."""
     cls = Gemma4ForConditionalGeneration if "text_config" in read_config(path) else Gemma4ForCausalLM
-    dtype = "auto" if device.type == "cuda" else torch.float32
+    dtype = dtype or ("auto" if device.type == "cuda" else torch.float32)
     return text_body(cls.from_pretrained(path, dtype=dtype).eval()).to(device)
 
 

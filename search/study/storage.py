@@ -40,12 +40,17 @@ def run_dir_of(cfg: StudyConfig) -> Path:
     return Path(cfg.runs_dir) / cfg.name
 
 
+def default_sqlite(cfg: StudyConfig) -> Path:
+    """The study's own SQLite file, where a config names no Optuna storage."""
+    return run_dir_of(cfg) / "optuna.db"
+
+
 def storage_url(cfg: StudyConfig) -> str:
     """The config's URL, a bare postgresql:// taken with the psycopg driver (the `distributed` extra installs
     psycopg 3; SQLAlchemy's default would be psycopg2), else SQLite in the study's folder."""
     url = cfg.storage.optuna_url
     if url is None:
-        return f"sqlite:///{(run_dir_of(cfg) / 'optuna.db').absolute()}"
+        return f"sqlite:///{default_sqlite(cfg).absolute()}"
     return _with_psycopg(url)
 
 
@@ -344,7 +349,7 @@ def load_existing_study(cfg: StudyConfig) -> optuna.Study:
         f"no study {cfg.name!r} in {redact(storage_url(cfg))}; start it with `mtp-abliterate study run CONFIG`"
     )
     # the study's own SQLite file: absent means never run (opening it would create it, or fail on a missing folder)
-    if cfg.storage.optuna_url is None and not (run_dir_of(cfg) / "optuna.db").is_file():
+    if cfg.storage.optuna_url is None and not default_sqlite(cfg).is_file():
         raise missing
     try:
         return optuna.load_study(study_name=cfg.name, storage=storage_url(cfg))
