@@ -163,7 +163,7 @@ def measured_table(measured: dict) -> Table:
                 f"{m[f'{kind}_refusal_rate']:.3f}",
                 f"{m['kl_divergence']:.4f}" if name == "abliterated" and kind == "harmless" else "",
                 "/".join(f"{r:.3f}" for r in acc["per_position"]),
-                f"{acc['accepted_per_step']:.3f}",
+                f"{acc['mean_accepted_tokens']:.3f}",
                 str(acc["num_drafts"]),
             )
     return table

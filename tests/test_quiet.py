@@ -38,3 +38,18 @@ def test_library_output_goes_to_the_log_and_comes_back_after_restore_or_stays_wi
     assert not log2.exists()
     for line in ("C-library line", "a library warning", "a stderr line", "after restore"):
         assert line in verbose.stderr
+
+
+def test_the_organism_builders_report_renders_from_what_its_check_recorded() -> None:
+    """`organism build` prints the check's measurements (organism/card.json holds the shipped organism's): a key the
+    table reads and the check does not write crashed the build after it had finished."""
+    import json
+
+    from rich.console import Console
+
+    from mtp_abliterate.search.views import measured_table
+
+    measured = json.loads((Path(__file__).parents[1] / "organism" / "card.json").read_text())["measured"]
+    console = Console(record=True, width=140)
+    console.print(measured_table(measured))
+    assert f"{measured['vanilla']['acceptance']['harmful']['mean_accepted_tokens']:.3f}" in console.export_text()
