@@ -13,6 +13,9 @@ prompts) / the candidate's paired loss against the vanilla body (its own answers
     python benchmarks/bench_draft_levers.py runs/organism --config configs/organism.toml --trial 0 \\
         --variants shipped,no-tail,steps-1000
 
+`oracle` variants are a ceiling, not a setting: trained on the eval answers themselves, they say how much of the
+candidate's loss this draft can win back at all on those texts.
+
 Prints one table (median of nothing: one seeded training run per variant; the training seed is the study's) and
 writes it as JSON beside the trial's draft-tune folder. A screen, not the served figure: confirm a winner with
 `mtp-abliterate draft-tune`.
@@ -51,6 +54,8 @@ class Variant:
     steps: int = 300
     lr: float = 1e-3
     tail: bool = True  # teach the body's tokens past the stop (speed-true never credits them)
+    changed_copies: int = 1  # copies in the mix of each training answer the candidate changed (vs the vanilla body)
+    oracle: bool = False  # a ceiling, not a setting: trained on the eval sets' own answers (what this draft can fit)
 
 
 VARIANTS = {
@@ -64,6 +69,10 @@ VARIANTS = {
         Variant("lr-3e-4-steps-1000", steps=1000, lr=3e-4),
         Variant("steps-3000", steps=3000),
         Variant("lr-3e-3", lr=3e-3),
+        Variant("changed-x4", changed_copies=4),
+        Variant("changed-x4-steps-1000", steps=1000, changed_copies=4),
+        Variant("oracle", oracle=True),
+        Variant("oracle-steps-1000", steps=1000, oracle=True),
     ]
 }
 
@@ -137,9 +146,18 @@ def paired_gain(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> tuple[flo
     return d.difference, d.halfwidth
 
 
-def train(variant: Variant, body, vanilla: Path, examples: list[Example], n: int, pad: int, seed: int, bs: int):
+def mix_of(variant: Variant, examples: list[Example], changed: list[bool], oracle: list[Example]) -> list[Example]:
+    """The variant's training answers: the candidate's to the training prompts, those it changed `changed_copies`
+    times over (or the eval sets' own answers for the oracle), with or without the tail past the stop."""
+    if variant.oracle:
+        mix = oracle
+    else:
+        mix = [e for e, c in zip(examples, changed, strict=True) for _ in range(variant.changed_copies if c else 1)]
+    return [e if variant.tail else replace(e, tail=()) for e in mix]
+
+
+def train(variant: Variant, body, vanilla: Path, mix: list[Example], n: int, pad: int, seed: int, bs: int):
     draft = Gemma4AssistantForCausalLM.from_pretrained(vanilla, dtype=torch.float32).to(body.device)
-    mix = [e if variant.tail else replace(e, tail=()) for e in examples]
     budget = Budget(variant.steps, None, bs, variant.lr, 20)
     t0 = time.perf_counter()
     done = distil(draft, body, mix, budget, n, pad, seed, lambda step, loss: None)
@@ -182,6 +200,17 @@ def main() -> None:
         base[name] = steps_per_answer(cand, draft0, eval_answers[name], n, pad)
         changed[name] = [a.ids != b.ids for a, b in zip(vanilla_answers, eval_answers[name], strict=True)]
     examples = answers(cand, train_prompts, max_new, pad, n - 1)
+    variants = [VARIANTS[v] for v in args.variants.split(",") if v != "kept"]
+    train_changed = [False] * len(examples)
+    if any(v.changed_copies > 1 for v in variants):  # which training answers the candidate changed
+        said = {tuple(e.ids[: e.prompt_len]): e.ids for e in answers(vanilla_body, train_prompts, max_new, pad, 0)}
+        train_changed = [said.get(tuple(e.ids[: e.prompt_len])) != e.ids for e in examples]
+        console.print(f"training answers the candidate changed: {sum(train_changed)} of {len(examples)}")
+    oracle = (
+        [a for enc in evals.values() for a in answers(cand, enc, max_new, pad, n - 1)]
+        if any(v.oracle for v in variants)
+        else []
+    )
     rows: list[dict] = []
     out = work / "draft-levers.json"
     for v in args.variants.split(","):
@@ -193,7 +222,8 @@ def main() -> None:
             )
         else:
             bs = cfg.draft_tune.batch_size
-            draft, seconds, loss = train(VARIANTS[v], cand, vanilla_draft, examples, n, pad, cfg.search.seed, bs)
+            mix = mix_of(VARIANTS[v], examples, train_changed, oracle)
+            draft, seconds, loss = train(VARIANTS[v], cand, vanilla_draft, mix, n, pad, cfg.search.seed, bs)
         row: dict = {"variant": v, "train_s": round(seconds, 1), "last_loss": round(loss, 5)}
         for name in evals:
             tuned = steps_per_answer(cand, draft, eval_answers[name], n, pad)
