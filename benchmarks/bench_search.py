@@ -70,6 +70,7 @@ from mtp_abliterate.search.metrics import VLLM_MEAN_ACCEPTED  # noqa: E402
 from mtp_abliterate.search.quiet import quiet_libraries  # noqa: E402
 from mtp_abliterate.search.serving.modes import SwapServing  # noqa: E402
 from mtp_abliterate.search.study.pareto import constraint_values, hypervolume  # noqa: E402
+from mtp_abliterate.search.study.records import set_constraints  # noqa: E402
 from mtp_abliterate.search.study.space import FULL_WEIGHT_DIRECTIONAL, SearchSpace, candidate_of  # noqa: E402
 from mtp_abliterate.search.study.storage import make_sampler  # noqa: E402
 from mtp_abliterate.search.trial.pipeline import StageError, TrialPipeline, fp8_base, stderr_to  # noqa: E402
@@ -222,7 +223,7 @@ def run_arm(h: Harness, name: str, seed: int, trials: int, tick: Callable[[], No
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         # heretic's way decides on refusal and KL alone: its trials get no acceptance-based stop
         point = h.measure(space.suggest(trial), front(points, 3) if dims == 3 else [])
-        trial.set_user_attr("constraints", point.constraints)
+        set_constraints(trial, point.constraints)  # what the product's sampler reads
         points.append(point)
         tick()
         return (point.refusal, point.kld, point.accepted)[:dims]

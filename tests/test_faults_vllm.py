@@ -23,7 +23,7 @@ from mtp_abliterate.search.trial.pipeline import ServerLost, StageError, TrialPi
 from tests.conftest import ORGANISM_CONFIG, group_alive
 
 INFORMED = AraParameters(**ORGANISM_CONFIG.search.enqueue[0])  # refusals gone: acceptance is measured
-TIMEOUT_S = 20.0  # serving.request_timeout_s here: an organism answer takes seconds even on a crowded 2-core machine
+TIMEOUT_S = 10.0  # serving.request_timeout_s here: an organism answer takes ~1-3 s even on a crowded 2-core machine
 # What a re-measurement must reproduce (greedy on CPU: bit for bit)
 SAME = ("refusal_rate", "kld", "accepted_per_step", "per_position", "fingerprint", "adapter_digest", "merged_digest")
 

@@ -143,6 +143,8 @@ def test_study_completes_with_three_objectives(finished_study: Demo) -> None:
         refusal, kld, acceptance = t.values
         m = t.user_attrs["metrics"]
         assert 0.0 <= refusal <= 1.0 and kld > 0.0 and m["refusal_rate"] == refusal  # every candidate is an edit
+        # the samplers read the constraints from the trial (Optuna 5's core API), as the record states them
+        assert t.constraints == {str(i): c for i, c in enumerate(t.user_attrs["constraints"])}
         if "not_measured" in t.user_attrs:  # refusals over max_refusal_rate: acceptance was not needed
             assert "acceptance not measured" in t.user_attrs["not_measured"] and not t.user_attrs["feasible"]
             assert acceptance == 0.0 and "accepted_per_step" not in m

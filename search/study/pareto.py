@@ -1,9 +1,9 @@
 """Feasibility, the Pareto front and its hypervolume (all objectives compared as losses).
 
-The front is computed here rather than read from `Study.best_trials`: Optuna applies constraints there only when the
-sampler stored them (TPE's `constraints_func`); `RandomSampler` takes none, so its studies would get a front with
-infeasible trials on it. Feasibility comes from the trial record, for every sampler alike. The hypervolume is
-computed here too: Optuna has no public hypervolume function.
+The front is computed here rather than read from `Study.best_trials`: it reads feasibility from the trial record, the
+same way for every trial whatever sampled it (a trial of a random-search study that predates `set_constraint` has no
+Optuna constraints, and Optuna 5 counts such a trial as feasible). The hypervolume is computed here too: Optuna has no
+public hypervolume function.
 """
 
 from __future__ import annotations

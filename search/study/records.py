@@ -173,9 +173,12 @@ def measured_in_full(t: FrozenTrial) -> bool:
     return "not_measured" not in t.user_attrs
 
 
-def constraints_of(t: FrozenTrial) -> list[float]:
-    """The sampler's `constraints_func`: the values the objective stored (Optuna reads them for complete trials)."""
-    return t.user_attrs.get("constraints", [])
+def set_constraints(trial: optuna.Trial, values: list[float]) -> None:
+    """The trial's constraint values (<= 0: met) through Optuna's core API, which every sampler, `best_trials` and
+    Optuna's plots read. Keyed "0", "1", ...: how Optuna 5 reads the list a 4.9 `constraints_func` stored, so the
+    trials of a study begun under 4.9 and those added now have one key set (the GP sampler refuses mixed ones)."""
+    for i, value in enumerate(values):
+        trial.set_constraint(str(i), value)
 
 
 class TrialLog:

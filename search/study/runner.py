@@ -308,6 +308,7 @@ class StudyRunner:
         # the trial is infeasible or dominated either way, and the sampler learns from where it is.
         values = [o.recorded(metrics) for o in self.objectives]
         constraints = constraint_values(self.cfg, values[0], values[1], result.invalid_reason is None)
+        records.set_constraints(trial, constraints)
         log.scored(
             {
                 "metrics": metrics,

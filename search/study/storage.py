@@ -31,7 +31,8 @@ from mtp_abliterate.search.config import StudyConfig, load_config, meaning_chang
 from mtp_abliterate.search.errors import UserError
 from mtp_abliterate.search.hosts import host_id
 from mtp_abliterate.search.study.errors import StudyError
-from mtp_abliterate.search.study.records import TrialRecord, constraints_of, fail_running
+from mtp_abliterate.search.study.records import TrialRecord, fail_running
+from mtp_abliterate.search.versions import require_optuna_5
 
 POINTER = "study.json"
 
@@ -237,24 +238,21 @@ def _check_meaning(cfg: StudyConfig, study: optuna.Study) -> None:
 def make_sampler(cfg: StudyConfig, offset: int, host: str) -> optuna.samplers.BaseSampler:
     """Seeded by the config's seed, the trials already in the study and the host: a resumed process must not replay
     the first process's draws, nor two hosts starting together draw the same candidates (same seed, same RNG)."""
+    require_optuna_5()
     s = cfg.search
     seed = (s.seed + offset + zlib.crc32(host.encode())) % 2**32
-    # Model-based samplers are always constrained: an invalid candidate is infeasible (`constraint_values`).
+    # Every sampler is constrained: each complete trial carries its constraint values (`records.set_constraints`;
+    # an invalid candidate is infeasible), which Optuna 5's samplers read from the trial.
     if s.sampler == "tpe":
         return TPESampler(  # group: each method's parameters are modelled apart (a conditional space)
             seed=seed,
             multivariate=True,
             group=True,
             n_startup_trials=s.n_startup_trials,
-            constraints_func=constraints_of,
+            constant_liar=True,  # hosts sharing a study: another host's running trial counts as a poor one
         )
     if s.sampler == "gp":  # a trial's values are a deterministic function of its parameters (seeded ARA, greedy)
-        return GPSampler(
-            seed=seed,
-            n_startup_trials=s.n_startup_trials,
-            deterministic_objective=True,
-            constraints_func=constraints_of,
-        )
+        return GPSampler(seed=seed, n_startup_trials=s.n_startup_trials, deterministic_objective=True)
     return RandomSampler(seed=seed)
 
 
